@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates .venv with everything the project needs. torch 2.13.0 (a CPU build on CPU machines) goes in
+# first and stays pinned by requirements/constraints.txt, so no other package can pull a CUDA build.
+# Usage: bash scripts/setup.sh [--test]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+export PATH="$PWD/.venv/bin:$PATH"
+python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+if ! python -c "import torch" 2>/dev/null; then
+  python -m pip install -q "torch==2.13.0"
+fi
+python -m pip install -q -c requirements/constraints.txt -r requirements/requirements.txt
+if [ "${1:-}" = "--test" ]; then
+  python -m pip install -q -c requirements/constraints.txt -r requirements/requirements-test.txt
+fi
+echo "environment ready: $(python -c 'import torch, sys; print(sys.version.split()[0], "torch", torch.__version__)')"
