@@ -1,0 +1,307 @@
+"""Packed GPT samples of `seq_length + 1` tokens over an indexed dataset, with GPT-NeoX's index arrays.
+
+Three arrays decide which tokens form sample i (all identical to GPT-NeoX's for the same documents,
+sizes, sample count, sequence length and seed, so a Pythia run's sample order is reproduced):
+
+- doc_idx (int32): the documents repeated `num_epochs` times, shuffled as one array by
+  `np.random.RandomState(seed)`. All epochs, including the last partial one, are shuffled together:
+  GPT-NeoX (unlike later Megatron-LM) has no separate last-epoch shuffle.
+- sample_idx (int32, int64 when large): row i = (position in doc_idx, token offset) where sample i
+  starts; sample i covers the tokens from row i through row i+1 inclusive (`helpers.build_sample_idx`).
+- shuffle_idx (uint32, int64 when large): a permutation of the samples from the same RandomState,
+  drawn after the doc_idx shuffle.
+
+They are cached next to the data as `<prefix>_<name>_indexmap_<N>ns_<L>sl_<seed>s_{doc,sample,shuffle}_idx.npy`,
+the names GPT-NeoX uses, so its caches are reused and ours are reusable by it.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megatron.data import helpers
+
+
+def print_rank_0(message: str) -> None:
+    """Print once per job (on global rank 0, or always when torch.distributed is not started)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        print(message, flush=True)
+    elif torch.distributed.get_rank() == 0:
+        print(message, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The index arrays (pure functions)
+# --------------------------------------------------------------------------------------------------
+def num_tokens(documents: np.ndarray, sizes: np.ndarray) -> int:
+    """Tokens in one epoch over `documents`."""
+    return int(np.sum(sizes[documents], dtype=np.int64))
+
+
+def num_epochs_needed(tokens_per_epoch: int, seq_length: int, num_samples: int) -> int:
+    """Smallest number of epochs whose tokens give `num_samples` samples (samples share one token)."""
+    if tokens_per_epoch <= 0:
+        raise ValueError("the documents selected for this dataset contain no tokens")
+    # Smallest e with (e * tokens_per_epoch - 1) // seq_length >= num_samples, as GPT-NeoX's loop finds it.
+    epochs = max(1, -(-(num_samples * seq_length + 1) // tokens_per_epoch))
+    while epochs > 1 and ((epochs - 1) * tokens_per_epoch - 1) // seq_length >= num_samples:
+        epochs -= 1
+    while (epochs * tokens_per_epoch - 1) // seq_length < num_samples:
+        epochs += 1
+    return epochs
+
+
+def build_doc_idx(documents: np.ndarray, num_epochs: int, np_rng: np.random.RandomState) -> np.ndarray:
+    """`documents` repeated `num_epochs` times as int32, shuffled in place by `np_rng`."""
+    doc_idx = np.tile(np.asarray(documents, dtype=np.int64), num_epochs).astype(np.int32)
+    np_rng.shuffle(doc_idx)
+    return doc_idx
+
+
+def build_shuffle_idx(size: int, np_rng: np.random.RandomState) -> np.ndarray:
+    """A shuffled `arange(size)`: uint32, or int64 from 2**32 - 2 samples on (GPT-NeoX's dtypes)."""
+    dtype = np.uint32 if size < np.iinfo(np.uint32).max - 1 else np.int64
+    shuffle_idx = np.arange(start=0, stop=size, step=1, dtype=dtype)
+    np_rng.shuffle(shuffle_idx)
+    return shuffle_idx
+
+
+def build_index_arrays(documents, sizes, num_samples: int, seq_length: int, seed: int, impl: str = "auto"):
+    """(doc_idx, sample_idx, shuffle_idx) for `num_samples` samples, in GPT-NeoX's order of RNG use."""
+    documents = np.asarray(documents)
+    sizes = np.asarray(sizes)
+    tokens_per_epoch = num_tokens(documents, sizes)
+    epochs = num_epochs_needed(tokens_per_epoch, seq_length, num_samples)
+    np_rng = np.random.RandomState(seed=seed)
+    doc_idx = build_doc_idx(documents, epochs, np_rng)
+    sample_idx = helpers.build_sample_idx(sizes, doc_idx, seq_length, epochs, tokens_per_epoch, impl=impl)
+    # sample i spans rows i and i+1, so there is one sample fewer than rows.
+    shuffle_idx = build_shuffle_idx(sample_idx.shape[0] - 1, np_rng)
+    return doc_idx, sample_idx, shuffle_idx
+
+
+def index_file_prefix(data_prefix: str, name: str, num_samples: int, seq_length: int, seed: int) -> str:
+    """GPT-NeoX's cache name stem: `<prefix>_<name>_indexmap_<N>ns_<L>sl_<seed>s`."""
+    return f"{data_prefix}_{name}_indexmap_{num_samples}ns_{seq_length}sl_{seed}s"
+
+
+def index_file_names(data_prefix: str, name: str, num_samples: int, seq_length: int, seed: int) -> dict[str, str]:
+    stem = index_file_prefix(data_prefix, name, num_samples, seq_length, seed)
+    return {key: f"{stem}_{key}_idx.npy" for key in ("doc", "sample", "shuffle")}
+
+
+# --------------------------------------------------------------------------------------------------
+# Building on the right rank, caching, loading
+# --------------------------------------------------------------------------------------------------
+def _dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def is_index_builder(use_shared_fs: bool) -> bool:
+    """Global rank 0 builds on a shared filesystem; otherwise local rank 0 of every node does."""
+    if not _dist_ready():
+        return True
+    if use_shared_fs:
+        return torch.distributed.get_rank() == 0
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is None:
+        raise RuntimeError(
+            "use_shared_fs is False, so local rank 0 of each node builds the data index, but the "
+            "LOCAL_RANK environment variable is not set (the DeepSpeed launcher sets it)"
+        )
+    return int(local_rank) == 0
+
+
+def barrier() -> None:
+    """All ranks wait here (no-op without torch.distributed)."""
+    if not _dist_ready():
+        return
+    if torch.distributed.get_backend() == "nccl" and torch.cuda.is_available():
+        torch.distributed.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        torch.distributed.barrier()
+
+
+def _save_npy_atomic(path: str, array: np.ndarray) -> None:
+    """np.save to a temporary name in the same folder, then rename, so no half-written final file exists."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _load_index(path: str) -> np.ndarray:
+    # Plain ndarray view of the memmap: element access on np.memmap is several times slower.
+    return np.asarray(np.load(path, allow_pickle=True, mmap_mode="r"))
+
+
+def build_index_mappings(
+    name: str,
+    data_prefix: str,
+    documents,
+    sizes,
+    num_samples: int,
+    seq_length: int,
+    seed: int,
+    use_shared_fs: bool = True,
+):
+    """Build (on the builder rank) or reuse the cached index files, then load them on every rank.
+
+    Every rank must call this (it contains a barrier). Returns (doc_idx, sample_idx, shuffle_idx) as
+    read-only memory-mapped arrays.
+    """
+    files = index_file_names(data_prefix, name, num_samples, seq_length, seed)
+    if is_index_builder(use_shared_fs) and not all(os.path.isfile(p) for p in files.values()):
+        print_rank_0(f" > building the {name} index for {num_samples} samples of {seq_length} tokens ...")
+        Path(files["doc"]).parent.mkdir(parents=True, exist_ok=True)
+        start = time.time()
+        doc_idx, sample_idx, shuffle_idx = build_index_arrays(documents, sizes, num_samples, seq_length, seed)
+        # Written in this order and each one renamed into place: a set is complete only when all
+        # three final names exist, which is what the check above requires.
+        _save_npy_atomic(files["doc"], doc_idx)
+        _save_npy_atomic(files["sample"], sample_idx)
+        _save_npy_atomic(files["shuffle"], shuffle_idx)
+        print_rank_0(
+            f"    built and saved in {time.time() - start:.3f} s: {doc_idx.shape[0]} doc_idx entries, "
+            f"{shuffle_idx.shape[0]} samples"
+        )
+    barrier()
+
+    missing = [p for p in files.values() if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"data index files for {name!r} are missing after the builder rank ran: {missing}. "
+            f"If the data folder is not shared between nodes, set use_shared_fs: false"
+        )
+    doc_idx = _load_index(files["doc"])
+    sample_idx = _load_index(files["sample"])
+    shuffle_idx = _load_index(files["shuffle"])
+    _check_loaded(files, documents, doc_idx, sample_idx, shuffle_idx)
+    print_rank_0(f" > loaded the {name} index from {files['doc'][: -len('_doc_idx.npy')]}_*: "
+                 f"{sample_idx.shape[0]} sample_idx rows")
+    return doc_idx, sample_idx, shuffle_idx
+
+
+def _check_loaded(files, documents, doc_idx, sample_idx, shuffle_idx) -> None:
+    """Cheap consistency checks so a stale or foreign cache stops with the file named."""
+    n_docs = len(documents)
+    if doc_idx.ndim != 1 or n_docs == 0 or doc_idx.shape[0] % n_docs != 0:
+        raise ValueError(
+            f"{files['doc']}: {doc_idx.shape[0]} entries is not a whole number of epochs over "
+            f"{n_docs} documents; delete the stale index files and rerun"
+        )
+    if sample_idx.ndim != 2 or sample_idx.shape[1] != 2 or sample_idx.shape[0] < 1:
+        raise ValueError(f"{files['sample']}: expected shape [num_samples + 1, 2], got {sample_idx.shape}")
+    if int(sample_idx[-1, 0]) >= doc_idx.shape[0]:
+        raise ValueError(
+            f"{files['sample']}: points at doc_idx entry {int(sample_idx[-1, 0])} but "
+            f"{files['doc']} has {doc_idx.shape[0]}; delete the stale index files and rerun"
+        )
+    if shuffle_idx.ndim != 1 or shuffle_idx.shape[0] != sample_idx.shape[0] - 1:
+        raise ValueError(
+            f"{files['shuffle']}: {shuffle_idx.shape[0]} entries, expected {sample_idx.shape[0] - 1}; "
+            f"delete the stale index files and rerun"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# The dataset
+# --------------------------------------------------------------------------------------------------
+class GPT2Dataset(torch.utils.data.Dataset):
+    """Samples `{"text": int64[seq_length + 1]}` packed across document boundaries.
+
+    `indexed_dataset` is a `megatron.data.indexed_dataset` reader (`.sizes`, `.get(i, offset, length)`);
+    `documents` the document ids this split uses (a contiguous range for splits).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        data_prefix: str,
+        documents,
+        indexed_dataset,
+        num_samples: int,
+        seq_length: int,
+        seed: int,
+        build_index_mappings: bool = True,
+        use_shared_fs: bool = True,
+    ):
+        self.name = name
+        self.data_prefix = data_prefix
+        self.indexed_dataset = indexed_dataset
+        self.seq_length = int(seq_length)
+        documents = np.asarray(documents)
+        n_docs = indexed_dataset.sizes.shape[0]
+        if documents.size == 0:
+            raise ValueError(f"dataset {name!r} ({data_prefix}): no documents selected")
+        if documents.min() < 0 or documents.max() >= n_docs:
+            raise ValueError(
+                f"dataset {name!r} ({data_prefix}): document ids must lie in [0, {n_docs}), got "
+                f"[{documents.min()}, {documents.max()}]"
+            )
+        self.documents = documents
+        self._warned_wrap = False
+        self._length = 0
+        if build_index_mappings:
+            self.doc_idx, self.sample_idx, self.shuffle_idx = build_index_mappings_fn(
+                name, data_prefix, documents, indexed_dataset.sizes, num_samples, seq_length, seed,
+                use_shared_fs=use_shared_fs,
+            )
+            # GPT-NeoX's length: min(len(shuffle_idx) - 1, len(sample_idx) - 1), i.e. one less than the
+            # samples built. Kept because blending sizes (sum of lengths) and loader lengths depend on it.
+            self._length = min(self.shuffle_idx.shape[0] - 1, self.sample_idx.shape[0] - 1)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, idx: int) -> dict:
+        idx = int(idx)
+        if not 0 <= idx < self.shuffle_idx.shape[0]:
+            # GPT-NeoX wraps out-of-range indices (a blend may ask a little past one dataset's end).
+            wrapped = idx % len(self)
+            if not self._warned_wrap:
+                print(f"WARNING: {self.name}: sample index {idx} is out of range, using {wrapped} (modulo)")
+                self._warned_wrap = True
+            idx = wrapped
+        return {"text": self.get_sample(int(self.shuffle_idx[idx]))}
+
+    def get_sample(self, i: int) -> np.ndarray:
+        """Tokens of unshuffled sample i: from (doc, offset) row i through row i+1 inclusive."""
+        first, offset_first = (int(v) for v in self.sample_idx[i])
+        last, offset_last = (int(v) for v in self.sample_idx[i + 1])
+        ds = self.indexed_dataset
+        out = np.empty(self.seq_length + 1, dtype=np.int64)
+        if first == last:
+            piece = ds.get(int(self.doc_idx[first]), offset=offset_first, length=offset_last - offset_first + 1)
+            n = len(piece)
+            out[:n] = piece
+        else:
+            piece = ds.get(int(self.doc_idx[first]), offset=offset_first)
+            n = len(piece)
+            out[:n] = piece
+            for j in range(first + 1, last):
+                piece = ds.get(int(self.doc_idx[j]))
+                out[n : n + len(piece)] = piece
+                n += len(piece)
+            piece = ds.get(int(self.doc_idx[last]), length=offset_last + 1)
+            out[n : n + len(piece)] = piece
+            n += len(piece)
+        if n != self.seq_length + 1:
+            raise ValueError(
+                f"dataset {self.name!r} ({self.data_prefix}): sample {i} has {n} tokens, expected "
+                f"{self.seq_length + 1}; the index files do not match the data (delete them and rerun)"
+            )
+        return out
+
+
+# Module-level alias so the constructor argument `build_index_mappings` (GPT-NeoX's name) does not
+# shadow the function inside __init__.
+build_index_mappings_fn = build_index_mappings
