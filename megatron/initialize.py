@@ -1,0 +1,77 @@
+"""Per-rank start-up: the process group, the device, the parallel topology and the random seeds."""
+import os
+import random
+import socket
+
+import numpy as np
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _default_single_process_env() -> None:
+    """Lets ``python train.py --neox_config_file ...`` run as one rank without a launcher."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def build_topology(neox_args):
+    """DeepSpeed's pipe x data x model grid for this job.
+
+    ``pipe_parallel_size`` 0 (sequential model) and 1 both mean one pipeline stage.
+    """
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    world = torch.distributed.get_world_size()
+    pp = max(int(getattr(neox_args, "pipe_parallel_size", 0) or 0), 1)
+    mp = max(int(getattr(neox_args, "model_parallel_size", 1) or 1), 1)
+    if world % (pp * mp) != 0:
+        raise ValueError(f"world size {world} is not divisible by pipe_parallel_size ({pp}) x "
+                         f"model_parallel_size ({mp})")
+    return PipeModelDataParallelTopology(num_pp=pp, num_mp=mp, num_dp=world // (pp * mp))
+
+
+def set_random_seed(seed: int, pipe_rank: int = 0) -> int:
+    """Seeds python, numpy and torch (CPU and CUDA) as GPT-NeoX does: data-parallel replicas share a
+    seed (their dropout masks are the same), pipeline stages are offset by 100 so stages differ."""
+    if seed is None or int(seed) < 0:
+        raise ValueError(f"seed={seed!r}: must be a non-negative integer")
+    seed = int(seed) + 100 * int(pipe_rank)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    return seed
+
+
+def initialize_megatron(neox_args):
+    """Starts the process group (nccl on GPU, gloo on CPU), picks the device, builds the topology and
+    seeds every RNG. Sets ``rank``, ``local_rank`` and ``world_size`` on ``neox_args``; returns
+    ``(topology, device)``."""
+    import deepspeed
+
+    _default_single_process_env()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
+    neox_args.rank = torch.distributed.get_rank()
+    neox_args.local_rank = local_rank
+    neox_args.world_size = torch.distributed.get_world_size()
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    topology = build_topology(neox_args)
+    pipe_rank = topology.get_coord(neox_args.rank).pipe
+    set_random_seed(getattr(neox_args, "seed", 1234), pipe_rank)
+    return topology, device

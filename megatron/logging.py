@@ -1,0 +1,223 @@
+"""Training logs: one console line per ``log_interval``, TensorBoard, wandb, FLOPs and MFU.
+
+Nothing here synchronises the GPU: the trainer accumulates losses on the device and hands this module
+plain floats once per log interval. The FLOPs formula is documented in docs/training.md.
+
+Extra metrics (e.g. the SepLLM KV-retention ratio) enter through :func:`register_metrics_source`:
+a callable returning ``{name: float}`` that is called once per log interval on every rank; rank 0
+prints and records what it returns. ``neox_args.extra_metrics_fn`` (a callable, set in code) is
+called the same way.
+"""
+import math
+import os
+import resource
+import sys
+import time
+from typing import Callable, Dict
+
+import torch
+
+_METRICS_SOURCES: Dict[str, Callable[[], Dict[str, float]]] = {}
+
+
+def register_metrics_source(name: str, fn: Callable[[], Dict[str, float]]) -> None:
+    """Adds ``fn`` (no arguments -> dict of scalars) to what each log interval records under ``name/``."""
+    if not callable(fn):
+        raise TypeError(f"metrics source {name!r} is not callable: {fn!r}")
+    _METRICS_SOURCES[name] = fn
+
+
+def unregister_metrics_source(name: str) -> None:
+    _METRICS_SOURCES.pop(name, None)
+
+
+def collect_extra_metrics(neox_args=None) -> Dict[str, float]:
+    """Calls every registered source (and ``neox_args.extra_metrics_fn``) and flattens the results."""
+    out: Dict[str, float] = {}
+    sources = dict(_METRICS_SOURCES)
+    fn = getattr(neox_args, "extra_metrics_fn", None) if neox_args is not None else None
+    if callable(fn):
+        sources["extra"] = fn
+    for name, src in sources.items():
+        values = src() or {}
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                value = value.item()
+            out[f"{name}/{key}"] = float(value)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- FLOPs
+def _ffn_hidden(neox_args) -> int:
+    h = neox_args.hidden_size
+    inter = getattr(neox_args, "intermediate_size", None)
+    return int(inter) if inter else 4 * h
+
+
+def flops_per_token(neox_args, recompute: bool = False) -> float:
+    """Training FLOPs per token (forward + backward) of the GPT-NeoX model, dense attention.
+
+    Forward per token: each layer does ``2 * (4 h^2 + 2 h f)`` FLOPs in its matmuls (QKV, output
+    projection, the two MLP matmuls with hidden ``f``) plus ``4 s h`` in attention (``QK^T`` and
+    ``AV`` over ``s`` keys, counted as full attention as Megatron and PaLM do); the output layer does
+    ``2 h V``. Backward costs twice the forward. Activation recomputation re-runs the layers' forward
+    (not the output layer), adding one more forward of the layers when ``recompute`` is True.
+    """
+    h, s, L = neox_args.hidden_size, neox_args.seq_length, neox_args.num_layers
+    vocab = getattr(neox_args, "padded_vocab_size", None) or getattr(neox_args, "vocab_size", None) or 0
+    layer_fwd = L * (2 * (4 * h * h + 2 * h * _ffn_hidden(neox_args)) + 4 * s * h)
+    logits_fwd = 2 * h * vocab
+    layer_passes = 4 if recompute else 3
+    return float(layer_passes * layer_fwd + 3 * logits_fwd)
+
+
+def throughput_metrics(neox_args, iterations: int, elapsed_s: float) -> Dict[str, float]:
+    """tokens/s (whole job), TFLOP/s per GPU (hardware, incl. recomputation) and MFU (model FLOPs
+    without recomputation, divided by ``peak_tflops_per_gpu``; absent when no peak is configured)."""
+    tokens = iterations * neox_args.train_batch_size * neox_args.seq_length
+    world = max(int(getattr(neox_args, "global_num_gpus", None) or getattr(neox_args, "world_size", 1) or 1), 1)
+    elapsed_s = max(elapsed_s, 1e-9)
+    recompute = bool(getattr(neox_args, "checkpoint_activations", False))
+    out = {"tokens_per_sec": tokens / elapsed_s,
+           "tflops_per_gpu": tokens * flops_per_token(neox_args, recompute) / elapsed_s / world / 1e12}
+    peak = getattr(neox_args, "peak_tflops_per_gpu", None)
+    if peak:
+        model_tflops = tokens * flops_per_token(neox_args, False) / elapsed_s / world / 1e12
+        out["mfu"] = model_tflops / float(peak)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- formatting
+def memory_metrics() -> Dict[str, float]:
+    """Peak memory in GiB: CUDA allocated/reserved on a GPU, else the process's peak RSS."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return {"mem_alloc_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "mem_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+    # ru_maxrss is KiB on Linux.
+    return {"mem_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    hours, rem = divmod(seconds, 3600)
+    minutes, secs = divmod(rem, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+def progress_bar(iteration: int, total: int, elapsed_s: float, start_iteration: int = 0, width: int = 20) -> str:
+    """A text progress bar with ETA, safe in log files (no carriage returns)."""
+    total = max(total, 1)
+    frac = min(max(iteration / total, 0.0), 1.0)
+    filled = int(round(frac * width))
+    done_here = iteration - start_iteration
+    eta = elapsed_s / done_here * (total - iteration) if done_here > 0 else float("nan")
+    return f"|{'#' * filled}{'.' * (width - filled)}| {100 * frac:5.1f}% [{format_duration(elapsed_s)}<{format_duration(eta)}]"
+
+
+def format_log_line(iteration: int, total: int, metrics: Dict[str, float]) -> str:
+    """The console line: fixed fields first, in a fixed order, then any extra metrics."""
+    parts = [f"iteration {iteration:>8d}/{total:>8d}"]
+    fixed = [("lm_loss", "loss", "{:.6E}"), ("learning_rate", "lr", "{:.4E}"), ("grad_norm", "grad norm", "{:.4f}"),
+             ("loss_scale", "loss scale", "{:.1f}"), ("tokens_per_sec", "tokens/s", "{:.0f}"),
+             ("tflops_per_gpu", "TFLOP/s/GPU", "{:.2f}"), ("mfu", "MFU", "{:.2%}"),
+             ("samples_per_sec", "samples/s", "{:.2f}"), ("iter_time_ms", "ms/iter", "{:.1f}"),
+             ("skipped_iters", "skipped", "{:d}"), ("mem_alloc_gib", "mem GiB", "{:.2f}"),
+             ("mem_reserved_gib", "reserved GiB", "{:.2f}"), ("mem_rss_gib", "rss GiB", "{:.2f}")]
+    known = set()
+    for key, label, fmt in fixed:
+        known.add(key)
+        if key in metrics and metrics[key] is not None:
+            value = int(metrics[key]) if fmt == "{:d}" else metrics[key]
+            parts.append(f"{label} {fmt.format(value)}")
+    for key in sorted(k for k in metrics if k not in known and k not in ("progress",)):
+        parts.append(f"{key} {metrics[key]:.4g}")
+    if "progress" in metrics:
+        parts.append(str(metrics["progress"]))
+    return " | ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------- writers
+class TrainingLogger:
+    """Console, TensorBoard and wandb output of rank 0 (other ranks only feed extra metrics).
+
+    ``rank`` decides who writes; ``stream`` defaults to stdout.
+    """
+
+    def __init__(self, neox_args, rank: int = 0, stream=None):
+        self.neox_args = neox_args
+        self.rank = rank
+        self.stream = stream or sys.stdout
+        self.tb = None
+        self.wandb = None
+        self.start_time = time.perf_counter()
+        self.start_iteration = int(getattr(neox_args, "iteration", 0) or 0)
+        if rank != 0:
+            return
+        tb_dir = getattr(neox_args, "tensorboard_dir", None)
+        if tb_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            os.makedirs(tb_dir, exist_ok=True)
+            self.tb = SummaryWriter(log_dir=tb_dir)
+        if getattr(neox_args, "use_wandb", False):
+            self._init_wandb()
+
+    def _init_wandb(self) -> None:
+        import wandb
+
+        args = self.neox_args
+        # Without a key wandb would prompt or fail; offline runs can be synced later with `wandb sync`.
+        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        wandb_dir = getattr(args, "wandb_dir", None) or getattr(args, "tensorboard_dir", None) or getattr(args, "save", None)
+        config = args.to_dict() if hasattr(args, "to_dict") else None
+        self.wandb = wandb.init(project=getattr(args, "wandb_project", None) or "sepllm-neox",
+                                group=getattr(args, "wandb_group", None), mode=mode, dir=wandb_dir,
+                                config=config, reinit=True)
+
+    def print(self, text: str) -> None:
+        if self.rank == 0:
+            print(text, file=self.stream, flush=True)
+
+    def log_scalars(self, iteration: int, scalars: Dict[str, float], prefix: str = "train") -> None:
+        if self.rank != 0:
+            return
+        clean = {k: float(v) for k, v in scalars.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tb is not None:
+            for key, value in clean.items():
+                self.tb.add_scalar(f"{prefix}/{key}", value, iteration)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({f"{prefix}/{k}": v for k, v in clean.items()}, step=iteration)
+
+    def log_training(self, iteration: int, metrics: Dict[str, float], interval_iters: int, interval_s: float) -> str:
+        """Prints and records one training log line; returns it (tests read it)."""
+        total = int(self.neox_args.train_iters)
+        metrics = dict(metrics)
+        metrics.update(throughput_metrics(self.neox_args, interval_iters, interval_s))
+        metrics["iter_time_ms"] = 1000.0 * interval_s / max(interval_iters, 1)
+        metrics["samples_per_sec"] = interval_iters * self.neox_args.train_batch_size / max(interval_s, 1e-9)
+        metrics.update(memory_metrics())
+        elapsed = time.perf_counter() - self.start_time
+        line = format_log_line(iteration, total, dict(metrics, progress=progress_bar(
+            iteration, total, elapsed, self.start_iteration)))
+        self.print(line)
+        self.log_scalars(iteration, metrics, prefix="train")
+        return line
+
+    def log_evaluation(self, iteration: int, split: str, loss: float) -> str:
+        ppl = math.exp(min(loss, 20.0))
+        line = f"{split} results at iteration {iteration} | lm_loss {loss:.6E} | lm_loss_ppl {ppl:.6E}"
+        self.print(line)
+        self.log_scalars(iteration, {"lm_loss": loss, "lm_loss_ppl": ppl}, prefix=split)
+        return line
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+

@@ -1,0 +1,415 @@
+"""The training loop: model, optimizer and DeepSpeed engine set-up, train / evaluate / save.
+
+``pretrain(neox_args)`` is what ``train.py`` runs on every rank. Two execution paths share everything
+but the step itself:
+
+* pipeline (``pipe_parallel_size >= 1``): the model is a DeepSpeed ``PipelineModule`` and
+  ``engine.train_batch`` runs the micro-batches of one step through the pipeline schedule;
+* sequential (``pipe_parallel_size == 0``): ``model.to_sequential()`` and one forward / backward /
+  ``engine.step`` per micro-batch (DeepSpeed applies the optimizer at the accumulation boundary).
+
+Bad steps: a step whose gradients are not finite is skipped (the optimizer is not applied, its state
+is untouched) and counted; ``max_consecutive_bad_steps`` such steps in a row stop the run with exit
+code 1 and nothing is saved past the last good checkpoint. With fp16 the loss scaler's own overflow
+skips are normal and only a non-finite *loss* counts as bad.
+
+Signals: SIGTERM / SIGINT are recorded; at the next step boundary every rank agrees (one small
+all-reduce per step), saves a checkpoint and ``pretrain`` returns 0.
+"""
+import time
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron import checkpointing
+from megatron.initialize import initialize_megatron
+from megatron.learning_rates import build_lr_scheduler, learning_rate
+from megatron.logging import TrainingLogger, collect_extra_metrics
+from megatron.utils import (StopSignal, all_reduce_max, get_ltor_masks_and_position_ids,
+                            get_params_for_weight_decay_optimization, print_rank_0)
+
+EXIT_OK = 0
+EXIT_BAD_STEPS = 1
+
+
+# ------------------------------------------------------------------------------------------- batches
+def get_batch(batch: dict, eod_token: Optional[int], eod_mask_loss: bool, device):
+    """Splits ``{"text": [B, S+1]}`` into ``tokens`` (inputs), ``labels`` (next tokens), the loss mask
+    and position ids, on ``device``."""
+    if not isinstance(batch, dict) or "text" not in batch:
+        raise ValueError(f"a training batch must be a dict with key 'text', got {type(batch).__name__}")
+    text = batch["text"].to(device=device, dtype=torch.long, non_blocking=True)
+    tokens = text[:, :-1].contiguous()
+    labels = text[:, 1:].contiguous()
+    loss_mask, position_ids = get_ltor_masks_and_position_ids(tokens, eod_token, eod_mask_loss)
+    return tokens, labels, loss_mask, position_ids
+
+
+def model_inputs(tokens, position_ids):
+    """The model's input tuple ``(input_ids, position_ids, attention_mask)``.
+
+    Causality is implied by the attention layers, so no ``[B,1,S,S]`` mask is built; the pipeline
+    engine only moves tensors, so the "no mask" marker is an empty tensor rather than ``None``.
+    """
+    return tokens, position_ids, torch.empty(0, dtype=torch.bool, device=tokens.device)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy over unmasked positions, computed in fp32."""
+    losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="none")
+    mask = loss_mask.reshape(-1).to(losses.dtype)
+    # A micro-batch with every position masked contributes 0 rather than 0/0 = NaN.
+    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def pipe_loss_fn(outputs, targets):
+    """``PipelineModule.loss_fn``: ``targets`` is ``(labels, loss_mask)`` as :func:`get_batch_pipe` gives."""
+    labels, loss_mask = targets
+    return lm_loss(outputs, labels, loss_mask)
+
+
+class PipeBatchFn:
+    """``engine.set_batch_fn`` callable: raw ``{"text": ...}`` -> ``(inputs, (labels, loss_mask))``."""
+
+    def __init__(self, eod_token, eod_mask_loss, device):
+        self.eod_token, self.eod_mask_loss, self.device = eod_token, eod_mask_loss, device
+
+    def __call__(self, batch):
+        tokens, labels, loss_mask, position_ids = get_batch(batch, self.eod_token, self.eod_mask_loss, self.device)
+        return model_inputs(tokens, position_ids), (labels, loss_mask)
+
+
+# ----------------------------------------------------------------------------------------- optimizer
+class NonFiniteStepGuard:
+    """Wraps the basic optimizer's ``step`` so a step with non-finite gradients is not applied.
+
+    DeepSpeed calls the basic optimizer's ``step`` from every wrapper (ZeRO, bf16, fp16), so the guard
+    sees the gradients the update would use. A NaN loss makes every gradient NaN (and the data-parallel
+    all-reduce spreads it), so all ranks reach the same decision without an extra collective.
+    """
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self._step = optimizer.step
+        optimizer.step = self.step
+        self.skipped = False
+        self.grad_norm: Optional[torch.Tensor] = None
+
+    def reset(self) -> None:
+        self.skipped = False
+
+    @torch.no_grad()
+    def step(self, *args, **kwargs):
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            self.grad_norm = norm
+            # One host sync per step: the decision to skip must be taken on the host.
+            if not bool(torch.isfinite(norm)):
+                self.skipped = True
+                return None
+        return self._step(*args, **kwargs)
+
+
+def optimizer_spec(neox_args):
+    opt = getattr(neox_args, "optimizer", None) or {}
+    if not isinstance(opt, dict):
+        raise ValueError(f"optimizer={opt!r}: expected a mapping {{type: ..., params: {{...}}}}")
+    kind = str(opt.get("type", getattr(neox_args, "optimizer_type", "adam"))).lower()
+    params = dict(opt.get("params", {}) or {})
+    return kind, params
+
+
+def build_optimizer(neox_args, model: torch.nn.Module, device):
+    """The trainer's optimizer: ``Adam``/``AdamW`` -> torch AdamW (decoupled weight decay, as GPT-NeoX's
+    apex FusedAdam in adam_w_mode), fused kernels on CUDA."""
+    kind, params = optimizer_spec(neox_args)
+    if kind not in ("adam", "adamw"):
+        raise ValueError(f"optimizer.type={kind!r}: the trainer builds Adam/AdamW; other types must be "
+                         "handed to DeepSpeed through the config's optimizer section")
+    groups = get_params_for_weight_decay_optimization(model, float(getattr(neox_args, "weight_decay", 0.0) or 0.0))
+    betas = tuple(params.get("betas", (0.9, 0.999)))
+    eps = float(params.get("eps", 1e-8))
+    kwargs = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=learning_rate(neox_args), betas=betas, eps=eps, **kwargs)
+
+
+def deepspeed_config_dict(neox_args) -> dict:
+    cfg = neox_args.deepspeed_config() if callable(getattr(neox_args, "deepspeed_config", None)) \
+        else getattr(neox_args, "deepspeed_config")
+    cfg = dict(cfg)
+    if "scheduler" in cfg:
+        raise ValueError("the DeepSpeed config has a 'scheduler' section; the learning-rate schedule is the "
+                         "trainer's (lr_decay_style, warmup, lr_decay_iters, min_lr)")
+    return cfg
+
+
+def build_model(neox_args, topology):
+    from megatron.model import GPT2ModelPipe
+
+    model = GPT2ModelPipe(neox_args, topology=topology, parallel_output=False)
+    if int(getattr(neox_args, "pipe_parallel_size", 0) or 0) == 0:
+        return model.to_sequential(), False
+    model.loss_fn = pipe_loss_fn
+    return model, True
+
+
+def setup_model_and_optimizer(neox_args, topology, device):
+    """Builds the model, the optimizer, the DeepSpeed engine and the LR scheduler.
+
+    Returns ``(engine, scheduler, guard, is_pipe)``.
+    """
+    import deepspeed
+
+    model, is_pipe = build_model(neox_args, topology)
+    ds_config = deepspeed_config_dict(neox_args)
+    if "optimizer" in ds_config:
+        # DeepSpeed builds it (DeepSpeed-only types, or use_deepspeed_optimizer).
+        groups = get_params_for_weight_decay_optimization(model, float(getattr(neox_args, "weight_decay", 0.0) or 0.0))
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config,
+                                               dist_init_required=False)
+    else:
+        optimizer = build_optimizer(neox_args, model, device)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                               dist_init_required=False)
+    basic = engine.basic_optimizer if getattr(engine, "basic_optimizer", None) is not None else engine.optimizer
+    guard = NonFiniteStepGuard(basic)
+    scheduler = build_lr_scheduler(neox_args, basic)
+    return engine, scheduler, guard, is_pipe
+
+
+# ----------------------------------------------------------------------------------------------- steps
+def train_step_sequential(engine, data_iter: Iterator, neox_args, eod_token, device) -> torch.Tensor:
+    """One optimizer step as ``gradient_accumulation_steps`` forward/backward passes; returns the
+    mean micro-batch loss (a device tensor, not synchronised)."""
+    losses = []
+    for _ in range(neox_args.gradient_accumulation_steps):
+        tokens, labels, loss_mask, position_ids = get_batch(next(data_iter), eod_token,
+                                                            getattr(neox_args, "eod_mask_loss", False), device)
+        logits = engine(model_inputs(tokens, position_ids))
+        loss = lm_loss(logits, labels, loss_mask)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach())
+    return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def evaluate(engine, data_source, neox_args, eod_token, device, is_pipe: bool) -> Optional[float]:
+    """Mean loss over ``eval_iters`` steps' worth of micro-batches (averaged over data-parallel ranks)."""
+    if data_source is None or not neox_args.eval_iters:
+        return None
+    data_iter = data_source if hasattr(data_source, "__next__") else iter(data_source)
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    count = 0
+    if is_pipe:
+        for _ in range(neox_args.eval_iters):
+            total += engine.eval_batch(data_iter=data_iter).detach().float().to(device)
+            count += 1
+        return float(total / max(count, 1))
+    engine.eval()
+    try:
+        for _ in range(neox_args.eval_iters):
+            for _ in range(neox_args.gradient_accumulation_steps):
+                tokens, labels, loss_mask, position_ids = get_batch(
+                    next(data_iter), eod_token, getattr(neox_args, "eod_mask_loss", False), device)
+                total += lm_loss(engine(model_inputs(tokens, position_ids)), labels, loss_mask).float()
+                count += 1
+    finally:
+        engine.train()
+    mean = total / max(count, 1)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(mean)
+        mean /= torch.distributed.get_world_size()
+    return float(mean)
+
+
+def _loss_scale(engine) -> Optional[float]:
+    opt = engine.optimizer
+    for attr in ("cur_scale", "loss_scale"):
+        value = getattr(opt, attr, None)
+        if isinstance(value, (int, float)) or torch.is_tensor(value):
+            return float(value)
+    return None
+
+
+def _grad_norm(engine, guard: NonFiniteStepGuard, is_pipe: bool, pipe_stages: int) -> Optional[float]:
+    norm = engine.get_global_grad_norm()
+    if norm is not None:
+        return float(norm)
+    # The guard sees this rank's whole gradient only without ZeRO partitioning and pipeline stages.
+    if guard.grad_norm is not None and engine.zero_optimization_stage() == 0 and (not is_pipe or pipe_stages == 1):
+        return float(guard.grad_norm)
+    return None
+
+
+# -------------------------------------------------------------------------------------------- driver
+class Trainer:
+    """Holds the state of one training run on one rank."""
+
+    def __init__(self, neox_args, engine, scheduler, guard, is_pipe, device, eod_token, logger: TrainingLogger):
+        self.args = neox_args
+        self.engine, self.scheduler, self.guard = engine, scheduler, guard
+        self.is_pipe, self.device, self.eod = is_pipe, device, eod_token
+        self.logger = logger
+        self.fp16 = getattr(neox_args, "precision", "fp32") == "fp16"
+        self.pipe_stages = max(int(getattr(neox_args, "pipe_parallel_size", 0) or 0), 1)
+
+    def save(self, iteration: int, consumed: int) -> None:
+        start = time.perf_counter()
+        path = checkpointing.save_checkpoint(self.args, iteration, self.engine, consumed,
+                                             {"lr_scheduler": self.scheduler.state_dict()})
+        self.logger.print(f"saved checkpoint {path} at iteration {iteration} ({time.perf_counter() - start:.1f} s)")
+
+    def run_eval(self, iteration: int, data_source, split: str) -> Optional[float]:
+        loss = evaluate(self.engine, data_source, self.args, self.eod, self.device, self.is_pipe)
+        if loss is not None:
+            self.logger.log_evaluation(iteration, split, loss)
+        return loss
+
+    def train(self, train_iter, valid_iter, iteration: int, consumed: int) -> int:
+        """Runs until ``train_iters``, a stop signal, ``exit_interval`` or too many bad steps.
+
+        Returns the process exit code.
+        """
+        args, engine = self.args, self.engine
+        stop = StopSignal().install()
+        if self.is_pipe:
+            engine.set_batch_fn(PipeBatchFn(self.eod, getattr(args, "eod_mask_loss", False), self.device))
+        engine.train()
+        log_interval = max(int(getattr(args, "log_interval", 1) or 1), 1)
+        eval_interval = int(getattr(args, "eval_interval", 0) or 0)
+        exit_interval = int(getattr(args, "exit_interval", 0) or 0)
+        max_bad = int(getattr(args, "max_consecutive_bad_steps", 10) or 0)
+        # Losses stay on the device between log lines; only the log interval synchronises them.
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        good_in_interval, iters_in_interval, skipped_in_interval, consecutive_bad = 0, 0, 0, 0
+        interval_start = time.perf_counter()
+        try:
+            while iteration < args.train_iters:
+                lr = self.scheduler.step(iteration)
+                self.guard.reset()
+                if self.is_pipe:
+                    loss = engine.train_batch(data_iter=train_iter).detach().float().to(self.device)
+                else:
+                    loss = train_step_sequential(engine, train_iter, args, self.eod, self.device).float()
+                iteration += 1
+                args.iteration = iteration
+                consumed += args.train_batch_size
+                if self.fp16:
+                    bad = not bool(torch.isfinite(loss))
+                else:
+                    bad = self.guard.skipped or not engine.was_step_applied()
+                bad_any, stop_any = all_reduce_max([float(bad), float(stop.received is not None)], self.device)
+                iters_in_interval += 1
+                if bad_any:
+                    consecutive_bad += 1
+                    skipped_in_interval += 1
+                    self.logger.print(f"iteration {iteration}: non-finite loss/gradients, step skipped "
+                                      f"({consecutive_bad} in a row)")
+                    if max_bad and consecutive_bad >= max_bad:
+                        self.logger.print(f"stopping: {consecutive_bad} consecutive bad steps "
+                                          f"(max_consecutive_bad_steps={max_bad}); nothing saved after the last "
+                                          "good checkpoint")
+                        return EXIT_BAD_STEPS
+                else:
+                    consecutive_bad = 0
+                    loss_sum += loss
+                    good_in_interval += 1
+
+                if iteration % log_interval == 0:
+                    self._log(iteration, lr, loss_sum, good_in_interval, skipped_in_interval,
+                              iters_in_interval, time.perf_counter() - interval_start)
+                    loss_sum.zero_()
+                    good_in_interval, iters_in_interval, skipped_in_interval = 0, 0, 0
+                    interval_start = time.perf_counter()
+
+                stopping = bool(stop_any) or (exit_interval and iteration % exit_interval == 0)
+                if args.save and (stopping or checkpointing.should_save(args, iteration)
+                                  or iteration == args.train_iters):
+                    self.save(iteration, consumed)
+                if stopping:
+                    why = f"signal {stop.name}" if stop_any else f"exit_interval={exit_interval}"
+                    if stop_any and stop.received is None:
+                        why = "a stop signal on another rank"
+                    self.logger.print(f"exiting at iteration {iteration} on {why}"
+                                      + ("" if args.save else " (no 'save' directory: nothing saved)"))
+                    return EXIT_OK
+                if eval_interval and iteration % eval_interval == 0 and valid_iter is not None:
+                    self.run_eval(iteration, valid_iter, "validation")
+                    interval_start = time.perf_counter()
+        finally:
+            stop.restore()
+        return EXIT_OK
+
+    def _log(self, iteration, lr, loss_sum, good, skipped, iters, elapsed) -> None:
+        loss = loss_sum.clone()
+        if not self.is_pipe and torch.distributed.is_initialized():
+            # The pipeline engine already averages over data-parallel ranks; the sequential path does not.
+            torch.distributed.all_reduce(loss)
+            loss /= torch.distributed.get_world_size()
+        metrics = {"lm_loss": float(loss) / good if good else float("nan"), "learning_rate": lr,
+                   "skipped_iters": skipped}
+        norm = _grad_norm(self.engine, self.guard, self.is_pipe, self.pipe_stages)
+        if norm is not None:
+            metrics["grad_norm"] = norm
+        scale = _loss_scale(self.engine)
+        if scale is not None:
+            metrics["loss_scale"] = scale
+        metrics.update(collect_extra_metrics(self.args))
+        self.logger.log_training(iteration, metrics, iters, elapsed)
+
+
+def _eod_token(tokenizer) -> Optional[int]:
+    eod = getattr(tokenizer, "eod", None)
+    return None if eod is None else int(eod)
+
+
+def pretrain(neox_args) -> int:
+    """Trains the model ``neox_args`` describes; returns the exit code (0 done or stopped cleanly,
+    1 stopped after too many bad steps)."""
+    topology, device = initialize_megatron(neox_args)
+    from megatron.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(neox_args)
+    engine, scheduler, guard, is_pipe = setup_model_and_optimizer(neox_args, topology, device)
+    iteration, consumed = 0, 0
+    if getattr(neox_args, "load", None):
+        load_iter, load_consumed = checkpointing.load_checkpoint(
+            neox_args, engine, load_optimizer_states=not getattr(neox_args, "no_load_optim", False)
+            and not getattr(neox_args, "finetune", False))
+        if not getattr(neox_args, "finetune", False):
+            iteration, consumed = load_iter, load_consumed
+        print_rank_0(f"loaded checkpoint from {neox_args.load} at iteration {load_iter}")
+    neox_args.iteration = iteration
+    if consumed != iteration * neox_args.train_batch_size:
+        raise ValueError(f"the checkpoint consumed {consumed} samples in {iteration} iterations, which does not "
+                         f"match train_batch_size={neox_args.train_batch_size}; resuming with a different global "
+                         "batch size would replay or skip data")
+
+    from megatron.data.data_utils import build_train_valid_test_data_iterators
+
+    train_iter, valid_iter, test_iter = build_train_valid_test_data_iterators(neox_args)
+    rank = torch.distributed.get_rank()
+    logger = TrainingLogger(neox_args, rank=rank)
+    trainer = Trainer(neox_args, engine, scheduler, guard, is_pipe, device, _eod_token(tokenizer), logger)
+    try:
+        if iteration == 0 and 0 in checkpointing.checkpoint_iterations(neox_args) and neox_args.save:
+            trainer.save(0, 0)
+        if iteration >= neox_args.train_iters:
+            logger.print(f"nothing to train: iteration {iteration} >= train_iters {neox_args.train_iters}")
+            code = EXIT_OK
+        else:
+            if train_iter is None:
+                raise ValueError("no training data: the train split is empty (check data paths and 'split')")
+            code = trainer.train(train_iter, valid_iter, iteration, consumed)
+        if code == EXIT_OK and neox_args.iteration >= neox_args.train_iters:
+            if valid_iter is not None and getattr(neox_args, "eval_interval", 0) \
+                    and neox_args.iteration % neox_args.eval_interval != 0:
+                trainer.run_eval(neox_args.iteration, valid_iter, "validation")
+            trainer.run_eval(neox_args.iteration, test_iter, "test")
+    finally:
+        logger.close()
+    return code
+
