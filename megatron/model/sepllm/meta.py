@@ -7,6 +7,8 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
+from megatron.model.sepllm.rule import adaptive_init_start, bipe_positions, separator_flags
+
 
 class AttnMeta(NamedTuple):
     """Tensors every attention layer of one micro-batch needs (see docs/internals.md)."""
@@ -18,11 +20,7 @@ class AttnMeta(NamedTuple):
 
 def token_flags(input_ids: torch.Tensor, token_ids: Optional[Sequence[int]]) -> torch.Tensor:
     """Boolean mask of positions whose id is in ``token_ids``; ``None``/``[-1]`` means no such token."""
-    ids = [int(t) for t in (token_ids or []) if int(t) >= 0]
-    if not ids:
-        return torch.zeros_like(input_ids, dtype=torch.bool)
-    table = torch.tensor(ids, dtype=input_ids.dtype, device=input_ids.device)
-    return torch.isin(input_ids, table)
+    return separator_flags(input_ids, token_ids)
 
 
 def _sepllm_active(neox_args) -> bool:
@@ -40,16 +38,12 @@ def build_attn_meta(input_ids: torch.Tensor, position_ids: Optional[torch.Tensor
         position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(bsz, seq)
     rope_pos = position_ids
     if getattr(neox_args, "USE_BiPE", False):
-        from megatron.model.sepllm.rule import bipe_positions
-
         _, rope_pos = bipe_positions(input_ids, neox_args.BiPE_seps)
     if _sepllm_active(neox_args) and not getattr(neox_args, "streamingLLM", False):
         sep_flags = token_flags(input_ids, getattr(neox_args, "separator_token_ids", None))
     else:
         sep_flags = torch.zeros_like(input_ids, dtype=torch.bool)
     if _sepllm_active(neox_args) and getattr(neox_args, "BATCH_ADAPTIVE_INIT_POS", False):
-        from megatron.model.sepllm.rule import adaptive_init_start
-
         init_start = adaptive_init_start(input_ids, neox_args.PADDING_ID)
     else:
         init_start = torch.zeros(bsz, dtype=torch.long, device=input_ids.device)

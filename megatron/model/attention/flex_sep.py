@@ -1,0 +1,134 @@
+"""Sep-Attention kernel mode (``USE_SEP_ATTN_KERNEL_ACCELERATOR: True``), the FlexAttention path.
+
+The ``mask_mod`` evaluates the SepLLM rule from per-token separator flags and per-row initial positions
+(:func:`megatron.model.sepllm.rule.make_mask_mod`), with this layer's window bound when the BlockMask is
+built: no ``B x S x S`` tensor and no closure that late-binds another layer's mask. ALiBi (plain or
+BiPE inter-segment) enters through a ``score_mod`` reading ``meta.rope_pos``, again without a dense bias.
+
+Dispatch, per call:
+1. CUDA, rotary (no ALiBi) and ``megatron.model.sepllm.kernel`` present: the fast Sep-Attention kernel.
+2. CUDA otherwise (ALiBi / BiPE-ALiBi, or no kernel package): ``torch.compile``-d FlexAttention with a BlockMask shared by layers of equal window
+   (``RECOMPILE_SEP_ATTN_KERNEL`` compiles the BlockMask construction too).
+3. CPU without gradients: eager FlexAttention (tests compare it with the rule).
+4. CPU with gradients (FlexAttention has no CPU backward): the mask-based path, announced once.
+Attention dropout is not applied on the Flex/kernel paths (as in the reference).
+"""
+import importlib
+import warnings
+
+import torch
+
+from megatron.model.attention.sepllm_mask import SepLLMMaskAttention
+from megatron.model.sepllm import rule
+from megatron.model.sepllm.mask_cache import PerBatchCache
+
+_BLOCK_MASKS = PerBatchCache()
+_COMPILED_FLEX = None
+_CPU_BACKWARD_NOTICE_SHOWN = False
+_KERNEL_LOOKUP = {}
+
+
+def _flex_functions():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    return create_block_mask, flex_attention
+
+
+def _compiled_flex():
+    """FlexAttention compiled once per process (static shapes: one compile per sequence length)."""
+    global _COMPILED_FLEX
+    if _COMPILED_FLEX is None:
+        _, flex_attention = _flex_functions()
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+def fast_kernel():
+    """The Sep-Attention kernel package ``megatron.model.sepllm.kernel`` if present, else None (cached).
+
+    Its ``sep_attention(q, k, v, sep_flags, init_start, n_init, window, exclude_diagonal, meta=...)``
+    and ``build_sep_metadata(sep_flags, init_start, n_init)`` are used (no ALiBi support there).
+    """
+    if "module" not in _KERNEL_LOOKUP:
+        try:
+            module = importlib.import_module("megatron.model.sepllm.kernel")
+        except ImportError as err:
+            # Only the kernel package itself may be missing; a broken import inside it must surface.
+            if getattr(err, "name", None) != "megatron.model.sepllm.kernel":
+                raise
+            module = None
+        if module is not None and not (hasattr(module, "sep_attention") and hasattr(module, "build_sep_metadata")):
+            module = None
+        _KERNEL_LOOKUP["module"] = module
+    return _KERNEL_LOOKUP["module"]
+
+
+def _notice_cpu_backward():
+    global _CPU_BACKWARD_NOTICE_SHOWN
+    if not _CPU_BACKWARD_NOTICE_SHOWN:
+        _CPU_BACKWARD_NOTICE_SHOWN = True
+        print("> USE_SEP_ATTN_KERNEL_ACCELERATOR: FlexAttention has no backward on CPU; training on CPU "
+              "uses the logically identical mask-based SepLLM attention", flush=True)
+
+
+def make_alibi_score_mod(slopes: torch.Tensor, rope_pos: torch.Tensor):
+    """``score_mod`` adding ``-slope_h * (pos[q] - pos[k])``; tensors bound explicitly at creation."""
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        dist = (rope_pos[b, q_idx] - rope_pos[b, kv_idx]).to(score.dtype)
+        return score - slopes[h].to(score.dtype) * dist
+
+    return score_mod
+
+
+class SepKernelAttention(SepLLMMaskAttention):
+    """``"sep_kernel"``: SepLLM with FlexAttention (or the fast kernel when it is available)."""
+
+    def __init__(self, neox_args, layer_number: int):
+        super().__init__(neox_args, layer_number)
+        self.block_size = int(getattr(neox_args, "_DEFAULT_SPARSE_BLOCK_SIZE", 128))
+        self.compile_block_mask = bool(getattr(neox_args, "RECOMPILE_SEP_ATTN_KERNEL", False))
+
+    def block_mask(self, meta, q_len: int, kv_len: int):
+        """This layer's BlockMask for the micro-batch (shared with every layer of the same window)."""
+        s = self.settings
+        create_block_mask, _ = _flex_functions()
+
+        def build():
+            mask_mod = rule.make_mask_mod(meta.sep_flags, meta.init_start, s.num_init, s.window,
+                                          s.exclude_diagonal)
+            return create_block_mask(mask_mod, meta.sep_flags.shape[0], None, q_len, kv_len,
+                                     device=meta.sep_flags.device, BLOCK_SIZE=self.block_size,
+                                     _compile=self.compile_block_mask)
+
+        key = ("block", s.window, s.num_init, s.exclude_diagonal, q_len, kv_len, self.block_size)
+        return _BLOCK_MASKS.get((meta.sep_flags, meta.init_start), key, build)
+
+    def score_mod(self, q, meta):
+        """ALiBi ``score_mod`` (plain or BiPE, from ``meta.rope_pos``), or None with rotary."""
+        slopes = self.alibi_slopes(q)
+        return None if slopes is None else make_alibi_score_mod(slopes, meta.rope_pos)
+
+    def forward(self, q, k, v, meta):
+        s = self.settings
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        if q.is_cuda:
+            kernel = fast_kernel()
+            if kernel is not None and not s.use_alibi:
+                # Kernel metadata is built once per micro-batch and shared by all layers.
+                sep_meta = _BLOCK_MASKS.get((meta.sep_flags, meta.init_start), ("kernel_meta", s.num_init),
+                                            lambda: kernel.build_sep_metadata(meta.sep_flags, meta.init_start,
+                                                                              s.num_init))
+                return kernel.sep_attention(q, k, v, meta.sep_flags, meta.init_start, s.num_init, s.window,
+                                            s.exclude_diagonal, meta=sep_meta)
+            flex = _compiled_flex()
+        elif needs_grad:
+            _notice_cpu_backward()
+            return super().forward(q, k, v, meta)
+        else:
+            _, flex = _flex_functions()
+        block_mask = self.block_mask(meta, q.shape[-2], k.shape[-2])
+        with warnings.catch_warnings():
+            # Eager CPU flex warns that it is unfused; that is expected on the CPU test path.
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            return flex(q, k, v, score_mod=self.score_mod(q, meta), block_mask=block_mask)

@@ -1,0 +1,62 @@
+"""Self-Adjusting softmax attention (``USE_SA_SOFTMAX`` / ``USE_SA_SOFTMAX_NO_DENO``).
+
+Per head and query row i, with scaled scores ``s`` (ALiBi bias included, before masking) and the
+SepLLM mask of the layer (the reference applies it in SA mode too, whatever its README says):
+
+- ``P = masked_softmax(s)``; ``T = tril(s)`` (zeros above the diagonal, sparse-masked entries kept);
+- normalised (``USE_SA_SOFTMAX``): ``m = min(0, min_j T)``, ``M = max(0, max_j T + eps_d) + eps_d``,
+  ``P' = tril(P * (s - m + eps_n) / (M - m))`` with eps_n = ``SA_Numerator_Bias``,
+  eps_d = ``SA_Denominator_Bias`` (added twice, as in the reference);
+- no denominator (``USE_SA_SOFTMAX_NO_DENO``): ``P' = tril(P * s)``.
+
+Rows are not renormalised. Scores, softmax and the SA factor are computed in float32 (at least) and ``P'`` is cast
+to the run's dtype before ``P' V`` (the reference casts to fp16 unconditionally, which breaks bf16).
+"""
+import torch
+import torch.nn.functional as F
+
+from megatron.model.attention.sepllm_mask import SepLLMMaskAttention
+
+
+def sa_probabilities(scores: torch.Tensor, allowed: torch.Tensor, normalised: bool,
+                     numerator_bias: float = 0.0, denominator_bias: float = 1e-10) -> torch.Tensor:
+    """SA attention weights ``P'`` from scores ``[..., Sq, Sk]`` and a broadcastable allowed-mask.
+
+    Computed in the dtype of ``scores``; the diagonal convention is the prefill one (query i at key i).
+    """
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    lower = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+    if not normalised:
+        return (probs * scores).masked_fill(~lower, 0.0)
+    tri = scores.masked_fill(~lower, 0.0)
+    low = tri.amin(dim=-1, keepdim=True).clamp(max=0.0)
+    high = (tri.amax(dim=-1, keepdim=True) + denominator_bias).clamp(min=0.0) + denominator_bias
+    adjusted = probs * (scores - low + numerator_bias) / (high - low)
+    return adjusted.masked_fill(~lower, 0.0)
+
+
+class SASoftmaxAttention(SepLLMMaskAttention):
+    """``"sa_softmax"``: both SA variants, combined with the layer's SepLLM mask."""
+
+    def __init__(self, neox_args, layer_number: int):
+        super().__init__(neox_args, layer_number)
+        plain = bool(getattr(neox_args, "USE_SA_SOFTMAX", False))
+        no_deno = bool(getattr(neox_args, "USE_SA_SOFTMAX_NO_DENO", False))
+        if plain == no_deno:
+            raise ValueError("sa_softmax attention needs exactly one of USE_SA_SOFTMAX and "
+                             f"USE_SA_SOFTMAX_NO_DENO set (got {plain} and {no_deno})")
+        self.normalised = plain
+        self.numerator_bias = float(getattr(neox_args, "SA_Numerator_Bias", 0.0))
+        self.denominator_bias = float(getattr(neox_args, "SA_Denominator_Bias", 1e-10))
+
+    def forward(self, q, k, v, meta):
+        scale = q.shape[-1] ** -0.5
+        work = torch.promote_types(q.dtype, torch.float32)  # fp16/bf16 -> fp32; fp64 stays fp64
+        scores = torch.matmul(q.to(work), k.to(work).transpose(-1, -2)) * scale
+        bias = self.bias(q, meta)
+        if bias is not None:
+            scores = scores + bias.to(work)
+        probs = sa_probabilities(scores, self.allowed_mask(meta), self.normalised,
+                                 self.numerator_bias, self.denominator_bias)
+        probs = F.dropout(probs.to(v.dtype), p=self.dropout_p(), training=self.training)
+        return torch.matmul(probs, v)
