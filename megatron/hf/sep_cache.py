@@ -1,0 +1,468 @@
+"""SepCache: a ``transformers`` KV cache that physically keeps only initial, separator and local-window KVs.
+
+Per layer the cache holds four regions, left to right (SEPLLM_REFERENCE.md §12.2):
+
+1. initial ``[0, a + p)``: the first ``a`` tokens plus ``p`` = the largest left padding of any row;
+2. separators harvested from evicted text (up to ``s``, or growing when ``USE_MAX_SEP_CACHE`` is off);
+3. the past window: tokens that left the local window and are not compressed yet;
+4. the local window: the newest ``w`` tokens.
+
+When a step would make the layer longer than ``cache_size`` (``c``), the past window is compressed to its
+separators *before* the new tokens are appended (so the new query is rotated at, and sees, the final layout).
+Prefill never compresses. A token-id tensor (and a padding-valid tensor) runs alongside the KVs so separators
+can be recognised later; the ids of each step come from :meth:`SepCache.prepare_step`, which the
+``sepllm_gpt_neox`` model calls itself and :func:`use_sep_cache` calls for stock ``GPTNeoXForCausalLM``.
+
+PE shifting (``APPLY_PE_SHIFT``): positions are slots inside the cache, not text positions. Keys arrive already
+rotated at their slot; after a compression every kept key is rotated by ``new_slot - old_slot`` (rotations
+compose), so keys always sit at ``0 .. len - 1``. The rotation tables come from ``base``/``pe_dim`` inside the
+cache (``APPLY_PES_INSIDE``) or from ``cache_kwargs['cos'/'sin']`` tables indexed by position.
+
+This file depends only on torch and transformers: the HF export copies it next to the modeling code.
+"""
+from contextlib import contextmanager
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+IntOrList = Union[int, Sequence[int]]
+
+# Separator / padding presets of the training-free setting (SEPLLM_REFERENCE.md §12.1).
+MODEL_TYPE_PRESETS: Dict[str, Dict[str, object]] = {
+    "llama": {
+        "separator_token_ids": [128000, 13, 11, 30, 0, 26, 25, 198, 220, 662, 1174, 949, 758, 2652, 551, 720,
+                                256, 262],
+        "PADDING_ID": 128009,
+    },
+    "pythia": {
+        "separator_token_ids": [15, 13, 32, 2, 28, 27, 209, 186, 187, 964, 1157, 3736, 2195, 3706, 1163, 2490,
+                                50276, 586, 4928, 50275],
+        "PADDING_ID": 0,
+    },
+    "falcon": {
+        "separator_token_ids": [25, 23, 42, 12, 38, 37, 193, 4610, 204, 258, 1212, 23787, 466],
+        "PADDING_ID": 11,
+    },
+}
+MODEL_TYPE_PRESETS["gpt_neox"] = MODEL_TYPE_PRESETS["pythia"]
+MODEL_TYPE_PRESETS["sepllm_gpt_neox"] = MODEL_TYPE_PRESETS["pythia"]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """GPT-NeoX / HF rotary convention: ``[x1, x2] -> [-x2, x1]`` over the last dim."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_inv_freq(rot_dim: int, base: float, device=None) -> torch.Tensor:
+    """``inv_freq = base^(-2i/rot_dim)`` for ``i < rot_dim/2`` (fp32)."""
+    return 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=device) / rot_dim))
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
+    """cos/sin ``[..., rot_dim]`` for integer ``positions`` (any shape), in fp32."""
+    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates the first ``cos.shape[-1]`` dims of ``x [B, H, L, D]`` by ``cos/sin [B, L, r]``."""
+    rot = cos.shape[-1]
+    cos = cos.unsqueeze(1).to(x.dtype)
+    sin = sin.unsqueeze(1).to(x.dtype)
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+def _per_layer(name: str, value: IntOrList, num_layers: int) -> List[int]:
+    if isinstance(value, (list, tuple)):
+        if len(value) != num_layers:
+            raise ValueError(f"SepCache: {name} has {len(value)} entries but layer_num is {num_layers}")
+        return [int(v) for v in value]
+    return [int(value)] * num_layers
+
+
+class SepCacheLayer(DynamicLayer):
+    """One layer's KVs plus the aligned token ids, padding flags and rotation positions."""
+
+    def __init__(self, init_size: int, sep_size: int, local_size: int, cache_size: int):
+        super().__init__()
+        self.init_size, self.sep_size, self.local_size = init_size, sep_size, local_size
+        self.base_cache_size = cache_size
+        self.cache_size = cache_size  # grows by the separator overflow when USE_MAX_SEP_CACHE is off
+        self.ids: Optional[torch.Tensor] = None  # [B, L] int64
+        self.valid: Optional[torch.Tensor] = None  # [B, L] bool, False at padding
+        self.rot_pos: Optional[torch.Tensor] = None  # [B, L] int64, position each key is rotated at
+        self.text_pos: Optional[torch.Tensor] = None  # [B, L] int64, index of the token in the stream
+        self.sep_len = 0
+        self.compressions = 0
+
+    def length(self) -> int:
+        return 0 if self.ids is None else int(self.ids.shape[1])
+
+    def get_seq_length(self, *args, **kwargs) -> int:  # physical length; the Cache reports seen tokens
+        return self.length()
+
+    def get_mask_sizes(self, query, *args, **kwargs):
+        q = int(query.shape[0]) if isinstance(query, torch.Tensor) else int(query)
+        return self.length() + q, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def append(self, keys, values, ids, valid, rot_pos, text_pos):
+        if self.keys is None or not self.is_initialized or self.keys.numel() == 0:
+            self.lazy_initialization(keys, values)
+            self.keys, self.values = keys, values
+            self.ids, self.valid, self.rot_pos, self.text_pos = ids, valid, rot_pos, text_pos
+        else:
+            self.keys = torch.cat([self.keys, keys], dim=-2)
+            self.values = torch.cat([self.values, values], dim=-2)
+            self.ids = torch.cat([self.ids, ids], dim=-1)
+            self.valid = torch.cat([self.valid, valid], dim=-1)
+            self.rot_pos = torch.cat([self.rot_pos, rot_pos], dim=-1)
+            self.text_pos = torch.cat([self.text_pos, text_pos], dim=-1)
+
+    def gather(self, index: torch.Tensor) -> None:
+        """Keeps the slots ``index [B, L']`` (per row) of every aligned tensor."""
+        b, h, _, d = self.keys.shape
+        kv_index = index.view(b, 1, -1, 1).expand(b, h, index.shape[1], d)
+        self.keys = torch.gather(self.keys, 2, kv_index)
+        self.values = torch.gather(self.values, 2, kv_index)
+        self.ids = torch.gather(self.ids, 1, index)
+        self.valid = torch.gather(self.valid, 1, index)
+        self.rot_pos = torch.gather(self.rot_pos, 1, index)
+        self.text_pos = torch.gather(self.text_pos, 1, index)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.length() > 0:
+            idx = beam_idx.to(self.keys.device)
+            self.keys, self.values = self.keys.index_select(0, idx), self.values.index_select(0, idx)
+            self.ids, self.valid = self.ids.index_select(0, idx), self.valid.index_select(0, idx)
+            self.rot_pos, self.text_pos = self.rot_pos.index_select(0, idx), self.text_pos.index_select(0, idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError("SepCache cannot be cropped (evicted tokens are gone); assisted decoding is unsupported")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise ValueError("SepCache cannot be expanded after prefill; create it per batch before generate()")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(indices)
+
+
+class SepCache(Cache):
+    """KV cache of SepLLM (training-free or trained): initial + separator + past window + local window.
+
+    Args (each size an int or a per-layer list):
+        init_cache_size (a), sep_cache_size (s), local_size (w), cache_size (c): ``a + s + w < c``.
+        SEP_ACCUMULATION: keep earlier harvested separators (else only the newest harvest).
+        USE_MAX_SEP_CACHE: keep at most ``s`` separators (else the separator region and ``c`` grow).
+        SEP_PADDING_IN_BATCH: rows with fewer new separators are padded with the newest tokens of their past
+            window (else every row keeps its oldest ``min`` count).
+        separator_token_ids, PADDING_ID: or a ``model_type`` preset (llama, pythia/gpt_neox, falcon).
+        APPLY_PE_SHIFT, APPLY_PES_INSIDE, pe_dim (rotary dims), partial_rotation_size (alias), base,
+        max_position_embeddings: position shifting (see the module docstring).
+        layer_num: number of attention layers (required).
+    """
+
+    is_compileable = False
+
+    def __init__(self, init_cache_size: IntOrList = 4, sep_cache_size: IntOrList = 64,
+                 local_size: IntOrList = 256, cache_size: IntOrList = 512, SEP_ACCUMULATION: bool = True,
+                 USE_MAX_SEP_CACHE: bool = False, SEP_PADDING_IN_BATCH: bool = False,
+                 separator_token_ids: Optional[Sequence[int]] = None, PADDING_ID: Optional[int] = None,
+                 model_type: Optional[str] = None, APPLY_PE_SHIFT: bool = False, APPLY_PES_INSIDE: bool = True,
+                 pe_dim: Optional[int] = None, partial_rotation_size: Optional[int] = None,
+                 base: float = 10000.0, max_position_embeddings: Optional[int] = None,
+                 layer_num: Optional[int] = None):
+        if layer_num is None or int(layer_num) < 1:
+            raise ValueError(f"SepCache: layer_num must be the number of layers (>= 1), got {layer_num!r}")
+        layer_num = int(layer_num)
+        if model_type is not None:
+            if model_type not in MODEL_TYPE_PRESETS:
+                raise ValueError(f"SepCache: unknown model_type {model_type!r}; presets: "
+                                 f"{sorted(MODEL_TYPE_PRESETS)}")
+            preset = MODEL_TYPE_PRESETS[model_type]
+            separator_token_ids = separator_token_ids if separator_token_ids is not None \
+                else preset["separator_token_ids"]
+            PADDING_ID = PADDING_ID if PADDING_ID is not None else preset["PADDING_ID"]
+        if separator_token_ids is None:
+            raise ValueError("SepCache: separator_token_ids is required (or pass model_type=...)")
+        sizes = [_per_layer(n, v, layer_num) for n, v in (("init_cache_size", init_cache_size),
+                                                            ("sep_cache_size", sep_cache_size),
+                                                            ("local_size", local_size),
+                                                            ("cache_size", cache_size))]
+        for i, (a, s, w, c) in enumerate(zip(*sizes)):
+            if min(a, s, w) < 0 or w < 1:
+                raise ValueError(f"SepCache layer {i}: sizes must be >= 0 and local_size >= 1 "
+                                 f"(init={a}, sep={s}, local={w})")
+            if a + s + w >= c:
+                raise ValueError(f"SepCache layer {i}: init_cache_size + sep_cache_size + local_size = "
+                                 f"{a}+{s}+{w} = {a + s + w} must be < cache_size = {c}")
+        super().__init__(layers=[SepCacheLayer(a, s, w, c) for a, s, w, c in zip(*sizes)])
+        self.layer_num = layer_num
+        self.separator_token_ids = [int(t) for t in separator_token_ids if int(t) >= 0]
+        self.PADDING_ID = PADDING_ID
+        self.SEP_ACCUMULATION = bool(SEP_ACCUMULATION)
+        self.USE_MAX_SEP_CACHE = bool(USE_MAX_SEP_CACHE)
+        self.SEP_PADDING_IN_BATCH = bool(SEP_PADDING_IN_BATCH)
+        self.APPLY_PE_SHIFT = bool(APPLY_PE_SHIFT)
+        self.APPLY_PES_INSIDE = bool(APPLY_PES_INSIDE)
+        self.pe_dim = partial_rotation_size if partial_rotation_size is not None else pe_dim
+        self.base = float(base)
+        self.max_position_embeddings = max_position_embeddings
+        if self.APPLY_PE_SHIFT and self.APPLY_PES_INSIDE and not self.pe_dim:
+            raise ValueError("SepCache: APPLY_PE_SHIFT with APPLY_PES_INSIDE needs pe_dim / partial_rotation_size "
+                             "(the number of rotary dims)")
+        self._ext_cos: Optional[torch.Tensor] = None  # external tables [P, r] (APPLY_PES_INSIDE=False)
+        self._ext_sin: Optional[torch.Tensor] = None
+        self._pad_offset = 0
+        self._seen = 0
+        self._next_text_pos: Optional[torch.Tensor] = None  # [B] position of the next real token per row
+        self._pending: Optional[dict] = None
+
+    # ------------------------------------------------------------------ configuration from a model
+    @classmethod
+    def from_model_config(cls, config, **kwargs) -> "SepCache":
+        """Fills ``layer_num`` and the rotary settings (pe_dim, base) from a GPT-NeoX-style HF config."""
+        layers = getattr(config, "num_hidden_layers")
+        head_dim = config.hidden_size // config.num_attention_heads
+        rope = getattr(config, "rope_parameters", None) or {}
+        pct = getattr(config, "rotary_pct", None) or rope.get("partial_rotary_factor", 1.0)
+        base = getattr(config, "rotary_emb_base", None) or rope.get("rope_theta", 10000.0)
+        kwargs.setdefault("layer_num", layers)
+        kwargs.setdefault("pe_dim", int(head_dim * pct))
+        kwargs.setdefault("base", base)
+        if "separator_token_ids" not in kwargs and "model_type" not in kwargs:
+            kwargs["model_type"] = getattr(config, "model_type", None)
+        return cls(**kwargs)
+
+    # ------------------------------------------------------------------ statistics
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens seen so far (what ``generate`` treats as the past length), not the physical length."""
+        return self._seen
+
+    def physical_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].length()
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.physical_length(layer_idx)
+
+    def get_mask_sizes(self, query_length, layer_idx: int = 0):
+        return self.layers[layer_idx].get_mask_sizes(query_length)
+
+    def kept_and_seen(self) -> List[tuple]:
+        """Per layer ``(kept KV slots, tokens seen)`` (the reference's kept/seen statistics)."""
+        return [(layer.length(), self._seen) for layer in self.layers]
+
+    def kv_ratio(self) -> float:
+        kept = sum(k for k, _ in self.kept_and_seen())
+        seen = self._seen * self.layer_num
+        return (kept + 1e-6) / (seen + 1e-6)
+
+    # ------------------------------------------------------------------ the step protocol
+    def prepare_step(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> None:
+        """Registers the ids of the coming forward and compresses layers that would overflow.
+
+        attention_mask: ``[B, q]`` for the new tokens, or the full ``[B, seen + q]`` mask (its tail is used).
+        """
+        if input_ids is None:
+            raise ValueError("SepCache needs input_ids for every step (separators are recognised by id)")
+        bsz, q = input_ids.shape
+        if q == 0:
+            raise ValueError("SepCache.prepare_step: empty input_ids")
+        device = input_ids.device
+        if attention_mask is not None:
+            valid = attention_mask[:, -q:].to(device=device).bool()
+        else:
+            valid = torch.ones_like(input_ids, dtype=torch.bool)
+        prefill = self._seen == 0
+        if prefill:
+            if attention_mask is not None:
+                self._pad_offset = int((~valid).sum(dim=-1).max().item())
+            elif self.PADDING_ID is not None:
+                self._pad_offset = int((input_ids == int(self.PADDING_ID)).sum(dim=-1).max().item())
+            self._next_text_pos = torch.zeros(bsz, dtype=torch.long, device=device)
+        else:
+            for layer in self.layers:
+                if layer.length() + q > layer.cache_size:
+                    self._compress(layer)
+        text_pos = (self._next_text_pos.unsqueeze(-1) + torch.cumsum(valid.long(), -1) - 1).clamp(min=0)
+        text_pos = torch.where(valid, text_pos, torch.ones_like(text_pos))
+        self._next_text_pos = self._next_text_pos + valid.long().sum(-1)
+        self._pending = {"ids": input_ids.long(), "valid": valid, "text_pos": text_pos, "done": set()}
+
+    def step_positions(self, layer_idx: int = 0) -> torch.Tensor:
+        """Rotary positions ``[B, q]`` of the pending tokens in this layer (cache slots when PE shifting)."""
+        pending = self._require_pending()
+        if not self.APPLY_PE_SHIFT:
+            return pending["text_pos"]
+        q = pending["ids"].shape[1]
+        start = self.layers[layer_idx].length()
+        pos = torch.arange(start, start + q, device=pending["ids"].device)
+        return pos.unsqueeze(0).expand(pending["ids"].shape[0], q)
+
+    def step_key_valid(self, layer_idx: int = 0) -> torch.Tensor:
+        """``[B, L + q]`` bool: which keys of this step's attention are real tokens (not padding)."""
+        pending = self._require_pending()
+        layer = self.layers[layer_idx]
+        if layer.length() == 0:
+            return pending["valid"]
+        return torch.cat([layer.valid, pending["valid"]], dim=-1)
+
+    def step_attention_mask(self, layer_idx: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive 4D mask ``[B, 1, q, L + q]``: causal among the new tokens, padding keys hidden."""
+        pending = self._require_pending()
+        q = pending["ids"].shape[1]
+        past = self.layers[layer_idx].length()
+        device = pending["ids"].device
+        k_idx = torch.arange(past + q, device=device)
+        q_idx = torch.arange(past, past + q, device=device)
+        allowed = (k_idx.view(1, 1, -1) <= q_idx.view(1, -1, 1)) & self.step_key_valid(layer_idx).unsqueeze(1)
+        allowed = allowed | (k_idx.view(1, 1, -1) == q_idx.view(1, -1, 1))  # keep padding rows non-empty
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
+        return mask.unsqueeze(1)
+
+    def _require_pending(self) -> dict:
+        if self._pending is None:
+            raise ValueError("SepCache: call prepare_step(input_ids, attention_mask) before the forward "
+                             "(use_sep_cache(model, cache) does it for stock models)")
+        return self._pending
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               cache_kwargs: Optional[dict] = None, *args, **kwargs):
+        """Appends this step's (already rotated) KVs of ``layer_idx``; returns the layer's full KVs."""
+        cache_kwargs = cache_kwargs or {}
+        if self._pending is None and cache_kwargs.get("input_ids") is not None:
+            self.prepare_step(cache_kwargs["input_ids"], cache_kwargs.get("attention_mask"))
+        pending = self._require_pending()
+        if cache_kwargs.get("cos") is not None and not self.APPLY_PES_INSIDE:
+            self._ext_cos, self._ext_sin = cache_kwargs["cos"], cache_kwargs["sin"]
+        if layer_idx in pending["done"]:
+            raise ValueError(f"SepCache: layer {layer_idx} updated twice in one step; call prepare_step first")
+        layer = self.layers[layer_idx]
+        rot = self.step_positions(layer_idx) if self.APPLY_PE_SHIFT else pending["text_pos"]
+        layer.append(key_states, value_states, pending["ids"], pending["valid"], rot, pending["text_pos"])
+        pending["done"].add(layer_idx)
+        if len(pending["done"]) == self.layer_num:
+            self._seen += pending["ids"].shape[1]
+            self._pending = None
+        return layer.keys, layer.values
+
+    # ------------------------------------------------------------------ compression
+    def _is_sep(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.separator_token_ids:
+            return torch.zeros_like(ids, dtype=torch.bool)
+        table = torch.tensor(self.separator_token_ids, dtype=ids.dtype, device=ids.device)
+        return torch.isin(ids, table)
+
+    def keep_index(self, layer: SepCacheLayer):
+        """``(slots [B, L'], separator count)`` a compression of ``layer`` keeps: initial, separators, local
+        window, in slot order."""
+        bsz, length = layer.ids.shape
+        device = layer.ids.device
+        init_end = min(layer.init_size + self._pad_offset, length)
+        if layer.init_size + layer.sep_size + layer.local_size + self._pad_offset >= layer.base_cache_size:
+            raise ValueError(f"SepCache: init_cache_size + sep_cache_size + local_size + padding offset = "
+                             f"{layer.init_size}+{layer.sep_size}+{layer.local_size}+{self._pad_offset} must be "
+                             f"< cache_size = {layer.base_cache_size}")
+        sep_end = min(init_end + layer.sep_len, length)
+        local_start = max(length - layer.local_size, sep_end)
+        arange = torch.arange(length, device=device)
+        # New separators from the past window, aligned across rows.
+        past = (arange >= sep_end) & (arange < local_start)
+        is_new_sep = self._is_sep(layer.ids) & layer.valid & past.unsqueeze(0)
+        counts = is_new_sep.sum(-1)
+        if self.SEP_PADDING_IN_BATCH:
+            n_new = int(counts.max().item()) if bsz else 0
+            # Fill short rows with the newest non-separator tokens of their past window.
+            filler_rank = torch.cumsum((past.unsqueeze(0) & ~is_new_sep).flip(-1).long(), -1).flip(-1)
+            need = (n_new - counts).unsqueeze(-1)
+            chosen = is_new_sep | (past.unsqueeze(0) & ~is_new_sep & (filler_rank <= need))
+        else:
+            n_new = int(counts.min().item()) if bsz else 0
+            rank = torch.cumsum(is_new_sep.long(), -1)
+            chosen = is_new_sep & (rank <= n_new)  # each row's oldest n_new separators
+        # Slot order of the chosen ones: sort by (not chosen, slot) keeps slot order.
+        new_idx = torch.sort(torch.where(chosen, arange.unsqueeze(0), arange.unsqueeze(0) + length), -1)
+        new_idx = new_idx.values[:, :n_new]
+        old_idx = arange[init_end:sep_end].unsqueeze(0).expand(bsz, -1)
+        sep_idx = torch.cat([old_idx, new_idx], -1) if self.SEP_ACCUMULATION else new_idx
+        if self.USE_MAX_SEP_CACHE and sep_idx.shape[1] > layer.sep_size:
+            sep_idx = sep_idx[:, sep_idx.shape[1] - layer.sep_size:]  # keep the most recent s
+        init_idx = arange[:init_end].unsqueeze(0).expand(bsz, -1)
+        local_idx = arange[local_start:].unsqueeze(0).expand(bsz, -1)
+        return torch.cat([init_idx, sep_idx, local_idx], -1), sep_idx.shape[1]
+
+    def _compress(self, layer: SepCacheLayer) -> None:
+        index, sep_len = self.keep_index(layer)
+        layer.gather(index)
+        layer.sep_len = sep_len
+        layer.compressions += 1
+        if not self.USE_MAX_SEP_CACHE and sep_len > layer.sep_size:
+            # The separator region outgrew s: the budget grows with it (reference behaviour).
+            layer.cache_size = layer.base_cache_size + sep_len - layer.sep_size
+        if self.APPLY_PE_SHIFT:
+            self._shift_keys(layer)
+
+    def _shift_keys(self, layer: SepCacheLayer) -> None:
+        """Re-rotates every kept key from the slot it was rotated at to its new slot."""
+        bsz, length = layer.ids.shape
+        target = torch.arange(length, device=layer.ids.device).unsqueeze(0).expand(bsz, -1)
+        delta = target - layer.rot_pos
+        if bool((delta == 0).all()):
+            return
+        if self.APPLY_PES_INSIDE:
+            inv_freq = rope_inv_freq(int(self.pe_dim), self.base, layer.keys.device)
+            cos, sin = rope_cos_sin(delta, inv_freq)
+        else:
+            if self._ext_cos is None:
+                raise ValueError("SepCache: APPLY_PES_INSIDE=False needs cache_kwargs['cos'] and ['sin'] tables "
+                                 "[positions, rot_dim] passed to update()")
+            table_cos = self._ext_cos.reshape(-1, self._ext_cos.shape[-1])
+            table_sin = self._ext_sin.reshape(-1, self._ext_sin.shape[-1])
+            cos = table_cos[delta.abs()].float()
+            sin = table_sin[delta.abs()].float() * torch.sign(delta).unsqueeze(-1).float()
+        layer.keys = apply_rotary(layer.keys, cos, sin)
+        layer.rot_pos = target.clone()
+
+
+@contextmanager
+def use_sep_cache(model, cache: SepCache):
+    """Lets a stock ``transformers`` model (e.g. ``GPTNeoXForCausalLM``) decode with ``cache``.
+
+    A forward pre-hook hands each step's ids to the cache and replaces the model's attention mask and
+    positions by ones that match the cache's physical layout. Stock models build one mask for all layers,
+    so every layer must have the same sizes.
+    """
+    sizes = {(l.init_size, l.sep_size, l.local_size, l.cache_size) for l in cache.layers}
+    if len(sizes) > 1:
+        raise ValueError("use_sep_cache: a stock model needs the same SepCache sizes in every layer; "
+                         "per-layer sizes are supported by the sepllm_gpt_neox model")
+
+    def hook(module, args, kwargs):
+        step_cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if step_cache is not cache:
+            return None
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache.prepare_step(input_ids, kwargs.get("attention_mask"))
+        dtype = next(module.parameters()).dtype
+        kwargs["attention_mask"] = cache.step_attention_mask(0, dtype)
+        kwargs["position_ids"] = cache.step_positions(0)
+        if "cache_position" in kwargs and kwargs["cache_position"] is not None:
+            start = cache.physical_length(0)
+            kwargs["cache_position"] = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        if args:
+            kwargs["input_ids"] = input_ids
+            args = ()
+        return args, kwargs
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield cache
+    finally:
+        handle.remove()
