@@ -1,0 +1,252 @@
+"""Derived values, computed in one place (`derive_all`), in dependency order.
+
+Each step reads user keys and fills the derived/internal fields: optimizer type and lr, precision,
+ZeRO stage, model defaults, attention layout, world size, data-parallel size, batch sizes, schedule
+lengths, padded vocabulary, distributed backend. A step raises ConfigError when the inputs admit no
+consistent value (e.g. batch sizes that do not multiply out).
+"""
+import collections
+import os
+
+from .deepspeed_args import BF16_KEYS, FP16_KEYS, PRECISION_ALIASES, PRECISIONS
+from .errors import ConfigError
+from .hostfile import parse_hostfile, select_resources
+from .loading import suggest_key
+from .model_args import ATTENTION_TYPES
+from .optimizer_args import OPTIMIZER_TYPES
+
+
+def derive_optimizer(args, given):
+    opt = args.optimizer
+    if opt is None:
+        return
+    unknown = [k for k in opt if k not in ("type", "params")]
+    if unknown:
+        raise ConfigError(f"key 'optimizer' has unknown entries {unknown}; expected {{type, params}}")
+    if "type" in opt:
+        kind = str(opt["type"]).lower()
+        if kind not in OPTIMIZER_TYPES:
+            raise ConfigError(f"key 'optimizer.type' is {opt['type']!r}; expected one of {list(OPTIMIZER_TYPES)} "
+                              f"(case-insensitive)")
+        args.optimizer_type = kind
+    params = opt.get("params") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"key 'optimizer.params' must be a mapping, got {params!r}")
+    if "lr" in params:
+        try:
+            lr = float(params["lr"])
+        except (TypeError, ValueError):
+            raise ConfigError(f"key 'optimizer.params.lr' is {params['lr']!r}; expected a number") from None
+        if "lr" in given and args.lr is not None and args.lr != lr:
+            raise ConfigError(f"key 'lr' ({args.lr}) disagrees with 'optimizer.params.lr' ({lr}); give one of them")
+        args.lr = lr
+
+
+def _section_enabled(name, section):
+    """Is a fp16/bf16 section on? A section given as a mapping is on unless it says enabled: false."""
+    if section is None:
+        return False
+    if isinstance(section, bool):
+        return section
+    allowed = (FP16_KEYS if name == "fp16" else BF16_KEYS) + (name,)
+    for key in section:
+        if key not in allowed:
+            raise ConfigError(f"key '{name}.{key}' is unknown{suggest_key(key, allowed)}; "
+                              f"accepted: {list(allowed)}")
+    return bool(section.get("enabled", section.get(name, True)))
+
+
+def derive_precision(args, given):
+    fp16_on = _section_enabled("fp16", args.fp16)
+    bf16_on = _section_enabled("bf16", args.bf16)
+    if fp16_on and bf16_on:
+        raise ConfigError("keys 'fp16' and 'bf16' are both enabled; enable at most one")
+    from_sections = "fp16" if fp16_on else "bfloat16" if bf16_on else None
+    if args.precision is not None:
+        requested = PRECISION_ALIASES.get(str(args.precision), str(args.precision))
+        if requested not in PRECISIONS:
+            raise ConfigError(f"key 'precision' is {args.precision!r}; expected one of {list(PRECISIONS)} (or bf16)")
+        if from_sections is not None and from_sections != requested:
+            raise ConfigError(f"key 'precision' is {args.precision!r} but the "
+                              f"'{'fp16' if fp16_on else 'bf16'}' section is enabled")
+        args.precision = requested
+    else:
+        args.precision = from_sections or "fp32"
+    # A precision chosen by name alone still needs its DeepSpeed section.
+    if args.precision == "fp16" and not fp16_on:
+        args.fp16 = dict(args.fp16 or {}, enabled=True)
+    if args.precision == "bfloat16" and not bf16_on:
+        args.bf16 = {"enabled": True} if not isinstance(args.bf16, dict) else dict(args.bf16, enabled=True)
+
+
+def derive_zero(args, given):
+    zero = args.zero_optimization
+    if zero is None:
+        args.zero_stage = 0 if args.zero_stage is None else args.zero_stage
+        return
+    if not isinstance(zero, dict):
+        raise ConfigError(f"key 'zero_optimization' must be a mapping, got {zero!r}")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage <= 3:
+        raise ConfigError(f"key 'zero_optimization.stage' is {stage!r}; expected 0, 1, 2 or 3")
+    args.zero_stage = stage
+
+
+def expand_attention_config(config, num_layers):
+    """[[["global"], 12]] -> ["global"] * 12, checking types and the total against num_layers."""
+    if config is None:
+        return ["global"] * num_layers
+    layers = []
+    for entry in config:
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], (list, tuple))
+                and isinstance(entry[1], int)):
+            raise ConfigError(f"key 'attention_config' entry {entry!r} must look like [[\"global\"], N]")
+        types, repeat = entry
+        for t in types:
+            if t not in ATTENTION_TYPES:
+                raise ConfigError(f"key 'attention_config' has attention type {t!r}; this project supports "
+                                  f"{list(ATTENTION_TYPES)} (SepLLM modes are chosen by the SepLLM keys)")
+        layers.extend(list(types) * repeat)
+    if len(layers) != num_layers:
+        raise ConfigError(f"key 'attention_config' describes {len(layers)} layers but num_layers is {num_layers}")
+    return layers
+
+
+def derive_model(args, given):
+    if args.max_position_embeddings is None and args.seq_length is not None:
+        args.max_position_embeddings = args.seq_length
+    if args.intermediate_size is None and args.hidden_size is not None:
+        args.intermediate_size = 4 * args.hidden_size
+    if args.num_layers is not None:
+        config = args.attention_config
+        # Already-expanded lists (a resolved config read back on a rank) are kept as they are.
+        if not (isinstance(config, list) and config and all(isinstance(t, str) for t in config)):
+            args.attention_config = expand_attention_config(config, args.num_layers)
+        elif len(config) != args.num_layers:
+            raise ConfigError(f"key 'attention_config' has {len(config)} entries but num_layers is {args.num_layers}")
+    args.is_pipe_parallel = args.pipe_parallel_size >= 1
+
+
+def launch_resources(args, env):
+    """Host -> slot list the launcher will use (hostfile, local GPUs, or local CPU processes)."""
+    if args.hostfile:
+        pool = parse_hostfile(args.hostfile)
+        return select_resources(pool, args.include, args.exclude, args.num_nodes, args.num_gpus,
+                                source=f"hostfile {args.hostfile}")
+    if args.num_nodes not in (None, -1, 1):
+        raise ConfigError(f"key 'num_nodes' is {args.num_nodes} but no 'hostfile' is given (one node only)")
+    if env.has_cuda:
+        if args.num_gpus is not None and args.num_gpus > env.cuda_device_count:
+            raise ConfigError(f"key 'num_gpus' is {args.num_gpus} but only {env.cuda_device_count} GPU(s) are visible")
+        pool = collections.OrderedDict(localhost=env.cuda_device_count)
+        return select_resources(pool, args.include, args.exclude, -1, args.num_gpus, source="local GPUs")
+    # No GPU: DeepSpeed starts `num_gpus` CPU processes (gloo).
+    pool = collections.OrderedDict(localhost=args.num_gpus or 1)
+    return select_resources(pool, args.include, args.exclude, -1, None, source="local CPU processes")
+
+
+def derive_world(args, given, env, on_rank):
+    world = env.int_env("WORLD_SIZE")
+    if on_rank or world is not None:
+        args.world_size = world if world is not None else (args.global_num_gpus or 1)
+        args.rank = env.int_env("RANK") if env.int_env("RANK") is not None else (args.rank or 0)
+        args.local_rank = env.int_env("LOCAL_RANK") if env.int_env("LOCAL_RANK") is not None else (args.local_rank or 0)
+        args.global_num_gpus = args.world_size
+    else:
+        resources = launch_resources(args, env)
+        args._resources = resources
+        args.global_num_gpus = sum(len(slots) for slots in resources.values())
+    model_ranks = max(args.pipe_parallel_size, 1) * args.model_parallel_size
+    if args.global_num_gpus % model_ranks:
+        raise ConfigError(f"world size {args.global_num_gpus} (global_num_gpus) is not divisible by "
+                          f"pipe_parallel_size x model_parallel_size = {max(args.pipe_parallel_size, 1)} x "
+                          f"{args.model_parallel_size}")
+    args.data_parallel_size = args.global_num_gpus // model_ranks
+
+
+def derive_batch(args, given):
+    """Any two of (global, micro, accumulation) give the third; all three must multiply out."""
+    dp = args.data_parallel_size
+    glob, micro, accum = args.train_batch_size, args.train_micro_batch_size_per_gpu, args.gradient_accumulation_steps
+    for key, value in (("train_batch_size", glob), ("train_micro_batch_size_per_gpu", micro),
+                       ("gradient_accumulation_steps", accum)):
+        if value is not None and value < 1:
+            raise ConfigError(f"key '{key}' must be >= 1, got {value}")
+    if glob is not None and micro is not None and accum is not None:
+        if glob != micro * accum * dp:
+            raise ConfigError(f"inconsistent batch sizes: train_batch_size={glob} but train_micro_batch_size_per_gpu"
+                              f"={micro} x gradient_accumulation_steps={accum} x data_parallel_size={dp} = "
+                              f"{micro * accum * dp}")
+    elif glob is not None and micro is not None:
+        if glob % (micro * dp):
+            raise ConfigError(f"train_batch_size={glob} is not divisible by train_micro_batch_size_per_gpu={micro} "
+                              f"x data_parallel_size={dp}")
+        accum = glob // (micro * dp)
+    elif glob is not None and accum is not None:
+        if glob % (accum * dp):
+            raise ConfigError(f"train_batch_size={glob} is not divisible by gradient_accumulation_steps={accum} "
+                              f"x data_parallel_size={dp}")
+        micro = glob // (accum * dp)
+    elif glob is not None:
+        accum = 1
+        if glob % dp:
+            raise ConfigError(f"train_batch_size={glob} is not divisible by data_parallel_size={dp}")
+        micro = glob // dp
+    else:
+        micro = micro if micro is not None else 1
+        accum = accum if accum is not None else 1
+        glob = micro * accum * dp
+    args.train_batch_size, args.train_micro_batch_size_per_gpu, args.gradient_accumulation_steps = glob, micro, accum
+
+
+def derive_schedule(args, given):
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if "warmup_iters" in given and args.warmup_iters is not None:
+        if "warmup" in given:
+            raise ConfigError(f"keys 'warmup' ({args.warmup}) and 'warmup_iters' ({args.warmup_iters}) are both "
+                              f"given; give one of them")
+    elif args.lr_decay_iters is not None:
+        args.warmup_iters = int(round(args.warmup * args.lr_decay_iters))
+
+
+def _tokenizer_files_exist(args):
+    from .tokenizer_args import NEEDS_MERGE_FILE, NEEDS_VOCAB_FILE
+
+    if args.tokenizer_type in NEEDS_VOCAB_FILE and not (args.vocab_file and os.path.isfile(args.vocab_file)):
+        return False
+    if args.tokenizer_type in NEEDS_MERGE_FILE and not (args.merge_file and os.path.isfile(args.merge_file)):
+        return False
+    return True
+
+
+def derive_vocab(args, given):
+    """padded_vocab_size from megatron.tokenizer.build_tokenizer (lazy) when the tokenizer can be built."""
+    if not _tokenizer_files_exist(args):
+        return
+    try:
+        from megatron.tokenizer import build_tokenizer
+    except ImportError as err:
+        # Only the tokenizer package itself being absent (or not yet providing build_tokenizer) is tolerated.
+        if err.name != "megatron.tokenizer":
+            raise
+        return
+    build_tokenizer(args)
+
+
+def derive_backend(args, env):
+    if args.distributed_backend == "nccl" and not env.has_cuda:
+        args.distributed_backend = "gloo"
+
+
+def derive_all(args, given, env, on_rank=False):
+    """Fill every derived value of `args` (a NeoXArgs) from the user keys and the environment."""
+    derive_optimizer(args, given)
+    derive_precision(args, given)
+    derive_zero(args, given)
+    derive_model(args, given)
+    derive_world(args, given, env, on_rank)
+    derive_batch(args, given)
+    derive_schedule(args, given)
+    derive_vocab(args, given)
+    derive_backend(args, env)

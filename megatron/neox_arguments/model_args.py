@@ -1,0 +1,78 @@
+"""Model shape and layer options (GPT-NeoX names and defaults)."""
+from dataclasses import dataclass
+from typing import Optional
+
+from .field import arg
+
+ATTENTION_TYPES = ("global", "flash")
+"""Attention types accepted in `attention_config`. Both mean full causal attention through SDPA (flash or
+cuDNN kernels on GPU); the SepLLM modes are selected by the SepLLM keys, not here."""
+
+INIT_METHODS = ("normal", "scaled_normal", "orthogonal", "scaled_orthogonal", "xavier_uniform",
+                "xavier_normal", "wang_init", "small_init")
+
+
+@dataclass
+class ModelArgs:
+    """Transformer shape, positional encoding, normalisation, initialisation and fusion flags."""
+
+    num_layers: Optional[int] = arg(None, "Number of transformer layers (required).")
+    hidden_size: Optional[int] = arg(None, "Transformer hidden size (required).")
+    num_attention_heads: Optional[int] = arg(
+        None, "Number of attention heads (required); must divide `hidden_size`.")
+    intermediate_size: Optional[int] = arg(
+        None, "MLP inner size. None means 4 * hidden_size (GPT-NeoX's GELU MLP).")
+    seq_length: Optional[int] = arg(None, "Training sequence length in tokens (required).")
+    max_position_embeddings: Optional[int] = arg(
+        None, "Size of the position table / longest supported position. None means `seq_length`; "
+              "`seq_length` may not exceed it.")
+    pos_emb: str = arg("learned", "Positional encoding: learned, rotary, alibi or none.",
+                       choices=("learned", "rotary", "alibi", "none"))
+    rotary_pct: float = arg(1.0, "Fraction of each head's dimensions that rotary embeddings rotate (0, 1].")
+    rotary_emb_base: int = arg(10000, "Base of the rotary embedding frequencies.")
+    norm: str = arg("layernorm", "Normalisation layer: layernorm or rmsnorm.", choices=("layernorm", "rmsnorm"))
+    layernorm_epsilon: float = arg(1.0e-5, "LayerNorm epsilon.")
+    rms_norm_epsilon: float = arg(1.0e-8, "RMSNorm epsilon.")
+    use_bias_in_norms: bool = arg(True, "Give the norm layers a bias (LayerNorm only).")
+    use_bias_in_attn_linear: bool = arg(True, "Give the QKV and attention output projections a bias.")
+    no_weight_tying: bool = arg(False, "Untie the input embedding and the output projection (Pythia: true).")
+    gpt_j_residual: bool = arg(
+        False, "Parallel residual x + Attn(LN1(x)) + MLP(LN2(x)) (Pythia) instead of the sequential one.")
+    gpt_j_tied: bool = arg(False, "With gpt_j_residual, use one LayerNorm for both branches.")
+    activation: str = arg("gelu", "MLP activation.", choices=("gelu", "relu", "silu", "swish"))
+    init_method: str = arg("normal", "Init of all weights except residual outputs.", choices=INIT_METHODS)
+    output_layer_init_method: str = arg(
+        "scaled_normal", "Init of the residual output projections (attention dense, MLP 4h->h).",
+        choices=INIT_METHODS)
+    init_method_std: float = arg(0.02, "Standard deviation of the normal / scaled_normal inits.")
+    attention_config: Optional[list] = arg(
+        None, "GPT-NeoX attention layout, e.g. [[[\"global\"], 12]]: lists of types each repeated N times. "
+              "Resolved to one entry per layer. Accepted types: global, flash (both full attention). "
+              "None means global for every layer.")
+    output_layer_parallelism: str = arg(
+        "column", "How the output layer would be split under tensor parallelism (GPT-NeoX key).",
+        choices=("row", "column"))
+    hidden_dropout: float = arg(0.1, "Dropout on the residual branches.")
+    attention_dropout: float = arg(0.1, "Dropout on the attention probabilities.")
+    apply_query_key_layer_scaling: bool = arg(False, "Scale Q.K^T by 1/layer_number (Megatron option).")
+    attention_softmax_in_fp32: bool = arg(False, "Compute the attention softmax in fp32 under fp16/bf16.")
+    scaled_upper_triang_masked_softmax_fusion: bool = arg(
+        False, "GPT-NeoX CUDA fused causal softmax switch. Accepted for config compatibility; attention here "
+               "uses SDPA / FlexAttention, which fuse the softmax anyway.")
+    scaled_masked_softmax_fusion: bool = arg(
+        False, "GPT-NeoX CUDA fused masked softmax switch (set by the reference's SepLLM configs). Accepted "
+               "for compatibility; no effect (see scaled_upper_triang_masked_softmax_fusion).")
+    bias_gelu_fusion: bool = arg(False, "Fuse the MLP bias add with GELU (Triton kernel where available).")
+    bias_dropout_fusion: bool = arg(False, "Fuse bias add, dropout and residual add.")
+    rope_fusion: bool = arg(False, "Use the fused rotary kernel. Must be False with USE_BiPE (checker).")
+    layernorm_fusion: bool = arg(False, "Use the fused LayerNorm kernel where available.")
+    fp16_lm_cross_entropy: bool = arg(False, "Compute the LM cross entropy in fp16 instead of fp32.")
+    checkpoint_activations: bool = arg(False, "Recompute transformer layers in backward (activation checkpointing).")
+    checkpoint_num_layers: int = arg(1, "Layers per activation-checkpoint chunk.")
+    partition_activations: bool = arg(
+        False, "Partition checkpointed activations across model-parallel ranks (DeepSpeed); no effect at "
+               "model_parallel_size 1.")
+    synchronize_each_layer: bool = arg(False, "Synchronise the device at the start and end of each checkpointed layer.")
+    contiguous_checkpointing: bool = arg(False, "Keep checkpointed activations in one contiguous buffer (DeepSpeed).")
+    checkpoint_in_cpu: bool = arg(False, "Move activation checkpoints to CPU memory (DeepSpeed).")
+    torch_compile: bool = arg(False, "Project key: wrap the model in torch.compile (GPU).")

@@ -1,0 +1,18 @@
+"""Pipeline / tensor parallelism and the distributed backend."""
+from dataclasses import dataclass
+
+from .field import arg
+
+
+@dataclass
+class ParallelismArgs:
+    """Parallel layout. Data parallelism fills whatever pp x mp leaves of the world."""
+
+    pipe_parallel_size: int = arg(
+        0, "Pipeline stages. 0: plain sequential model; >= 1: DeepSpeed PipelineModule with that many stages.")
+    model_parallel_size: int = arg(1, "Tensor-parallel size (this project supports 1).")
+    pipe_partition_method: str = arg(
+        "type:transformer|mlp", "How layers are split over pipeline stages (DeepSpeed partition_method).")
+    distributed_backend: str = arg(
+        "nccl", "torch.distributed backend; nccl falls back to gloo where CUDA is absent.",
+        choices=("nccl", "gloo", "mpi"))

@@ -1,0 +1,24 @@
+"""Text generation (generate.py) and evaluation (eval.py)."""
+from dataclasses import dataclass
+from typing import Optional
+
+from .field import arg
+
+
+@dataclass
+class TextGenArgs:
+    """Sampling settings of generate.py and the task list of eval.py (GPT-NeoX names)."""
+
+    text_gen_type: Optional[str] = arg(
+        None, "How generate.py samples.", choices=("unconditional", "input-file", "interactive"))
+    maximum_tokens: int = arg(64, "Maximum number of generated tokens.")
+    prompt_end: str = arg("\n", "String that ends a prompt in interactive / input-file mode.")
+    temperature: float = arg(0.0, "Sampling temperature (0: greedy).")
+    top_p: float = arg(0.0, "Nucleus sampling threshold (0: off).")
+    top_k: int = arg(0, "Top-k sampling (0: off).")
+    recompute: bool = arg(False, "Recompute all attention at each step instead of using the KV cache.")
+    sample_input_file: Optional[str] = arg(None, "Prompts, one per line (text_gen_type input-file).")
+    sample_output_file: str = arg("samples.txt", "Where generated samples are written.")
+    num_samples: int = arg(1, "Number of unconditional samples.")
+    eval_tasks: Optional[list] = arg(None, "lm-eval task names for eval.py.")
+    eval_results_prefix: str = arg("", "Prefix of the eval.py results file.")

@@ -1,0 +1,39 @@
+"""Batch sizes, iterations, evaluation and checkpointing."""
+from dataclasses import dataclass
+from typing import Optional
+
+from .field import arg
+
+
+@dataclass
+class TrainingArgs:
+    """How long to train, with what batch, and when to evaluate and save."""
+
+    train_batch_size: Optional[int] = arg(
+        None, "Global batch in sequences = micro batch x accumulation x data-parallel size. Give any two of "
+              "the three; the third is derived and all three are checked.")
+    train_micro_batch_size_per_gpu: Optional[int] = arg(None, "Sequences per rank per forward pass (alias `batch_size`).")
+    gradient_accumulation_steps: Optional[int] = arg(None, "Micro batches accumulated per step (alias `gas`).")
+    train_iters: Optional[int] = arg(None, "Number of optimizer steps (required for training).")
+    eval_interval: int = arg(1000, "Run validation every this many iterations.")
+    eval_iters: int = arg(100, "Validation / test micro-batch iterations per evaluation.")
+    seed: int = arg(1234, "Random seed for python, numpy and torch.")
+    save: Optional[str] = arg(None, "Directory checkpoints are written to.")
+    load: Optional[str] = arg(
+        None, "Directory to resume from; must hold a `latest` file or a global_step* directory.")
+    checkpoint_factor: Optional[int] = arg(
+        None, "Save every this many iterations (alias `save_interval`). None: only at the end / on signal.")
+    extra_save_iters: Optional[list] = arg(None, "Additional iterations at which to save.")
+    keep_last_n_checkpoints: Optional[int] = arg(None, "Delete older global_step* directories beyond this many.")
+    no_save_optim: bool = arg(False, "Do not save optimizer states.")
+    no_save_rng: bool = arg(False, "Do not save RNG states.")
+    no_load_optim: bool = arg(False, "Do not load optimizer states.")
+    no_load_rng: bool = arg(False, "Do not load RNG states.")
+    finetune: bool = arg(False, "Load weights only and restart at iteration 0.")
+    checkpoint_validation_with_forward_pass: bool = arg(
+        False, "Save a forward pass's input/output with the checkpoint and compare after loading.")
+    exit_interval: Optional[int] = arg(None, "Exit (after saving) when the iteration is divisible by this.")
+    max_consecutive_bad_steps: int = arg(
+        10, "Project key: stop training after this many consecutive steps with NaN/inf loss (skipped steps).")
+    deepspeed_activation_checkpointing: bool = arg(
+        True, "Use DeepSpeed's activation checkpointing (else torch.utils.checkpoint).")

@@ -1,0 +1,217 @@
+"""Validation in one place (`validate_all`): every message names the key and the value.
+
+Runs after derivation, in deepy.py before any rank starts and again on every rank
+(`NeoXArgs.consume_neox_args`). Also calls the SepLLM argument checker, which may rewrite SepLLM fields.
+"""
+import glob
+import os
+
+from .errors import ConfigError
+from .optimizer_args import LR_DECAY_STYLES
+from .tokenizer_args import NEEDS_MERGE_FILE, NEEDS_VOCAB_FILE
+
+TRAINING_SCRIPTS = ("train.py",)
+
+
+def _is_training(args):
+    return args.user_script is not None and os.path.basename(args.user_script) in TRAINING_SCRIPTS
+
+
+def _positive(args, *keys, allow_none=False):
+    for key in keys:
+        value = getattr(args, key)
+        if value is None and allow_none:
+            continue
+        if value is None:
+            raise ConfigError(f"key '{key}' is required")
+        if value < 1:
+            raise ConfigError(f"key '{key}' must be >= 1, got {value}")
+
+
+def validate_model(args):
+    _positive(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "max_position_embeddings")
+    if args.hidden_size % args.num_attention_heads:
+        raise ConfigError(f"num_attention_heads={args.num_attention_heads} does not divide "
+                          f"hidden_size={args.hidden_size}")
+    if args.seq_length > args.max_position_embeddings:
+        raise ConfigError(f"seq_length={args.seq_length} exceeds max_position_embeddings="
+                          f"{args.max_position_embeddings}")
+    if not 0.0 < args.rotary_pct <= 1.0:
+        raise ConfigError(f"key 'rotary_pct' must be in (0, 1], got {args.rotary_pct}")
+    if args.pos_emb == "rotary":
+        rot_dims = int(args.hidden_size // args.num_attention_heads * args.rotary_pct)
+        if rot_dims < 2 or rot_dims % 2:
+            raise ConfigError(f"rotary_pct={args.rotary_pct} of head size {args.hidden_size // args.num_attention_heads}"
+                              f" gives {rot_dims} rotary dims; need an even number >= 2")
+    for key in ("hidden_dropout", "attention_dropout"):
+        if not 0.0 <= getattr(args, key) < 1.0:
+            raise ConfigError(f"key '{key}' must be in [0, 1), got {getattr(args, key)}")
+    _positive(args, "checkpoint_num_layers", "intermediate_size")
+    if args.padded_vocab_size is not None and args.padded_vocab_size < 1:
+        raise ConfigError(f"key 'padded_vocab_size' must be >= 1, got {args.padded_vocab_size}")
+
+
+def validate_parallelism(args):
+    if args.pipe_parallel_size < 0:
+        raise ConfigError(f"key 'pipe_parallel_size' must be >= 0, got {args.pipe_parallel_size}")
+    if args.model_parallel_size != 1:
+        raise ConfigError(f"key 'model_parallel_size' is {args.model_parallel_size}; this project runs "
+                          f"tensor-parallel size 1 only (use pipe_parallel_size and data parallelism)")
+    if args.pipe_parallel_size > args.num_layers:
+        raise ConfigError(f"pipe_parallel_size={args.pipe_parallel_size} exceeds num_layers={args.num_layers}")
+    if args.is_pipe_parallel and args.zero_stage >= 2:
+        raise ConfigError(f"zero_optimization.stage={args.zero_stage} cannot be used with pipe_parallel_size="
+                          f"{args.pipe_parallel_size} (DeepSpeed's pipeline engine supports ZeRO stage 0 and 1); "
+                          f"set pipe_parallel_size: 0 for ZeRO 2/3")
+
+
+def validate_schedule(args):
+    training = _is_training(args)
+    if training:
+        _positive(args, "train_iters")
+        if args.lr is None:
+            raise ConfigError("no learning rate: set optimizer.params.lr (or 'lr')")
+    _positive(args, "train_iters", "lr_decay_iters", allow_none=True)
+    if args.lr is not None and args.lr < 0:
+        raise ConfigError(f"learning rate must be >= 0, got lr={args.lr}")
+    if args.lr is not None and args.min_lr > args.lr:
+        raise ConfigError(f"min_lr={args.min_lr} exceeds lr={args.lr}")
+    if not 0.0 <= args.warmup <= 1.0:
+        raise ConfigError(f"key 'warmup' is a fraction of lr_decay_iters in [0, 1], got {args.warmup}")
+    if args.warmup_iters is not None and args.warmup_iters < 0:
+        raise ConfigError(f"key 'warmup_iters' must be >= 0, got {args.warmup_iters}")
+    if args.lr_decay_style not in LR_DECAY_STYLES:
+        raise ConfigError(f"key 'lr_decay_style' is {args.lr_decay_style!r}; expected one of {list(LR_DECAY_STYLES)}")
+    _positive(args, "eval_interval", "log_interval", "steps_per_print")
+    _positive(args, "checkpoint_factor", "exit_interval", "keep_last_n_checkpoints", allow_none=True)
+    if args.eval_iters < 0:
+        raise ConfigError(f"key 'eval_iters' must be >= 0, got {args.eval_iters}")
+    if args.extra_save_iters is not None and not all(isinstance(i, int) and i >= 0 for i in args.extra_save_iters):
+        raise ConfigError(f"key 'extra_save_iters' must be a list of iterations >= 0, got {args.extra_save_iters}")
+    if args.max_consecutive_bad_steps < 1:
+        raise ConfigError(f"key 'max_consecutive_bad_steps' must be >= 1, got {args.max_consecutive_bad_steps}")
+    if args.gradient_clipping < 0:
+        raise ConfigError(f"key 'gradient_clipping' must be >= 0, got {args.gradient_clipping}")
+    if args.peak_tflops_per_gpu <= 0:
+        raise ConfigError(f"key 'peak_tflops_per_gpu' must be > 0, got {args.peak_tflops_per_gpu}")
+
+
+def _check_dataset_prefix(key, prefix):
+    missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+    if missing:
+        raise ConfigError(f"key '{key}': dataset {prefix!r} is missing {', '.join(missing)}")
+
+
+def _parse_split(split):
+    try:
+        parts = [float(p) for p in str(split).replace("/", ",").split(",") if p.strip()]
+    except ValueError:
+        parts = []
+    if not parts or len(parts) > 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+        raise ConfigError(f"key 'split' is {split!r}; expected up to three non-negative numbers like '969, 30, 1'")
+    return parts
+
+
+def validate_data(args):
+    if args.data_path is not None and args.train_data_paths is not None:
+        raise ConfigError("keys 'data_path' and 'train_data_paths' are both given; use data_path (split by "
+                          "'split') or train/valid/test_data_paths, not both")
+    if _is_training(args) and args.data_path is None and not args.train_data_paths:
+        raise ConfigError("no training data: set 'data_path' or 'train_data_paths'")
+    if args.data_path is not None:
+        _check_dataset_prefix("data_path", args.data_path)
+        _parse_split(args.split)
+    for split in ("train", "valid", "test"):
+        paths = getattr(args, f"{split}_data_paths")
+        weights = getattr(args, f"{split}_data_weights")
+        if paths is None:
+            if weights is not None:
+                raise ConfigError(f"key '{split}_data_weights' is given without '{split}_data_paths'")
+            continue
+        for prefix in paths:
+            if not isinstance(prefix, str):
+                raise ConfigError(f"key '{split}_data_paths' entry {prefix!r} is not a path")
+            _check_dataset_prefix(f"{split}_data_paths", prefix)
+        if weights is not None:
+            if len(weights) != len(paths):
+                raise ConfigError(f"key '{split}_data_weights' has {len(weights)} entries but '{split}_data_paths' "
+                                  f"has {len(paths)}")
+            if any(not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0 for w in weights) \
+                    or sum(weights) <= 0:
+                raise ConfigError(f"key '{split}_data_weights' must be non-negative numbers with a positive sum, "
+                                  f"got {weights}")
+    if args.num_workers < 0:
+        raise ConfigError(f"key 'num_workers' must be >= 0, got {args.num_workers}")
+
+
+def validate_tokenizer(args):
+    needs_files = _is_training(args) or args.data_path is not None or bool(args.train_data_paths)
+    for key, types in (("vocab_file", NEEDS_VOCAB_FILE), ("merge_file", NEEDS_MERGE_FILE)):
+        path = getattr(args, key)
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"key '{key}': tokenizer file not found: {path}")
+        if path is None and needs_files and args.tokenizer_type in types:
+            raise ConfigError(f"tokenizer_type {args.tokenizer_type} needs key '{key}'")
+    if args.make_vocab_size_divisible_by < 1:
+        raise ConfigError(f"key 'make_vocab_size_divisible_by' must be >= 1, got {args.make_vocab_size_divisible_by}")
+
+
+def validate_checkpoints(args):
+    if args.load is None:
+        return
+    if not os.path.isdir(args.load):
+        raise ConfigError(f"key 'load': checkpoint directory not found: {args.load} (remove 'load' to start fresh)")
+    has_latest = os.path.isfile(os.path.join(args.load, "latest"))
+    has_steps = bool(glob.glob(os.path.join(args.load, "global_step*")))
+    if not (has_latest or has_steps):
+        raise ConfigError(f"key 'load': {args.load} holds no checkpoint (no 'latest' file and no global_step* "
+                          f"directory); remove 'load' to start fresh")
+
+
+def validate_precision(args, env, on_rank):
+    # On the launcher only a local run tells us about the devices the ranks will see.
+    local = on_rank or args.hostfile is None
+    if args.precision == "fp16" and local and not env.has_cuda:
+        raise ConfigError("precision fp16 (key 'fp16' / 'precision') needs a CUDA GPU; on CPU use bf16 or fp32")
+    if args.precision == "fp16":
+        section = args.fp16 or {}
+        if section.get("loss_scale", 0) < 0:
+            raise ConfigError(f"key 'fp16.loss_scale' must be >= 0 (0 = dynamic), got {section['loss_scale']}")
+
+
+def validate_launcher(args, on_rank, host_resolver=None):
+    if on_rank or not args.hostfile or not args.check_hostfile_hosts:
+        return
+    from .hostfile import check_hosts_known, host_is_known
+
+    resources = getattr(args, "_resources", None) or {}
+    check_hosts_known(list(resources), args.hostfile, resolver=host_resolver or host_is_known)
+
+
+def run_sepllm_checker(args):
+    """Call the SepLLM argument checker (owned by the SepLLM attention module) if it exists yet."""
+    try:
+        from megatron.model.sepllm.checker import check_sepllm_args
+    except ImportError as err:
+        if err.name != "megatron.model.sepllm.checker":
+            raise
+        return []
+    try:
+        return check_sepllm_args(args) or []
+    except ConfigError:
+        raise
+    except (AssertionError, ValueError) as err:
+        raise ConfigError(f"SepLLM argument check failed: {err}") from err
+
+
+def validate_all(args, env, on_rank=False, host_resolver=None):
+    """Every check, in order; raises ConfigError on the first problem. Returns the SepLLM checker's change lines."""
+    validate_model(args)
+    validate_parallelism(args)
+    validate_schedule(args)
+    validate_data(args)
+    validate_tokenizer(args)
+    validate_checkpoints(args)
+    validate_precision(args, env, on_rank)
+    validate_launcher(args, on_rank, host_resolver)
+    return run_sepllm_checker(args)
