@@ -102,10 +102,12 @@ class AnnealingLR:
 
 def build_lr_scheduler(neox_args, optimizer) -> AnnealingLR:
     """The scheduler the configuration describes (``lr``, ``min_lr``, ``warmup``, ``lr_decay_style``,
-    ``lr_decay_iters`` defaulting to ``train_iters``)."""
+    ``lr_decay_iters`` defaulting to ``train_iters``; a derived ``warmup_iters`` wins over ``warmup``)."""
     decay_iters = getattr(neox_args, "lr_decay_iters", None) or neox_args.train_iters
-    warmup = warmup_iterations(getattr(neox_args, "warmup", 0.0), decay_iters)
-    return AnnealingLR(optimizer, start_lr=learning_rate(neox_args), warmup_iter=warmup,
+    warmup = getattr(neox_args, "warmup_iters", None)
+    if warmup is None:
+        warmup = warmup_iterations(getattr(neox_args, "warmup", 0.0), decay_iters)
+    return AnnealingLR(optimizer, start_lr=learning_rate(neox_args), warmup_iter=int(warmup),
                        total_iters=decay_iters, decay_style=getattr(neox_args, "lr_decay_style", "cosine"),
                        min_lr=float(getattr(neox_args, "min_lr", 0.0) or 0.0),
                        last_iter=int(getattr(neox_args, "iteration", 0) or 0))

@@ -1,0 +1,95 @@
+"""LR schedules against a direct transcription of GPT-NeoX's AnnealingLR formulas."""
+import math
+import random
+
+import pytest
+import torch
+
+from megatron.learning_rates import AnnealingLR, build_lr_scheduler, warmup_iterations
+
+
+def reference_lr(it, start, min_lr, warmup, end, style):
+    if warmup > 0 and it <= warmup:
+        return start * it / warmup
+    it = min(it, end) - warmup
+    span = end - warmup
+    if style == "linear":
+        lr = start * (span - it) / span
+    elif style == "cosine":
+        lr = min_lr + (start - min_lr) / 2.0 * (math.cos(math.pi * it / span) + 1)
+    else:
+        lr = start
+    return max(lr, min_lr)
+
+
+@pytest.mark.parametrize("style", ["constant", "linear", "cosine"])
+def test_schedule_matches_reference_on_random_settings(style):
+    rng = random.Random(0)
+    for _ in range(20):
+        end = rng.randint(10, 500)
+        warmup = rng.randint(0, end // 2)
+        start = rng.uniform(1e-5, 1e-2)
+        min_lr = rng.uniform(0, start)
+        sched = AnnealingLR(None, start, warmup, end, style, min_lr)
+        for it in list(range(0, end + 20, 3)) + [end, end + 1000]:
+            assert sched.get_lr(it) == pytest.approx(reference_lr(it, start, min_lr, warmup, end, style), rel=1e-12, abs=1e-15)
+
+
+def test_warmup_fraction_and_iterations():
+    assert warmup_iterations(0.01, 143000) == 1430  # the Pythia schedule
+    assert warmup_iterations(0.0, 100) == 0
+    assert warmup_iterations(25, 100) == 25
+    with pytest.raises(ValueError, match="warmup"):
+        warmup_iterations(-0.1, 100)
+    with pytest.raises(ValueError, match="whole"):
+        warmup_iterations(2.5, 100)
+
+
+def test_endpoints_floor_and_clamp():
+    s = AnnealingLR(None, 6e-4, 10, 110, "cosine", 6e-5)
+    assert s.get_lr(0) == 0.0
+    assert s.get_lr(5) == pytest.approx(3e-4)
+    assert s.get_lr(10) == pytest.approx(6e-4)
+    assert s.get_lr(110) == pytest.approx(6e-5)
+    assert s.get_lr(10_000) == pytest.approx(6e-5)  # clamped after lr_decay_iters, no cosine wrap-around
+    lin = AnnealingLR(None, 1e-3, 0, 100, "linear", 1e-4)
+    assert lin.get_lr(99) == pytest.approx(1e-4)  # 1e-5 from the line, floored at min_lr
+    assert all(lin.get_lr(i) >= lin.get_lr(i + 1) for i in range(150))
+
+
+def test_bad_settings_name_the_key():
+    with pytest.raises(ValueError, match="lr_decay_style"):
+        AnnealingLR(None, 1e-3, 0, 10, "triangular")
+    with pytest.raises(ValueError, match="lr_decay_iters"):
+        AnnealingLR(None, 1e-3, 0, 0)
+    with pytest.raises(ValueError, match="min_lr"):
+        AnnealingLR(None, 1e-3, 0, 10, "cosine", 1e-2)
+
+
+def test_writes_param_groups_and_resumes():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([{"params": [p]}, {"params": [], "lr_mult": 0.5}], lr=1.0)
+    s = AnnealingLR(opt, 1e-3, 4, 20, "cosine", 1e-4)
+    for it in range(12):
+        lr = s.step(it)
+    assert opt.param_groups[0]["lr"] == lr and opt.param_groups[1]["lr"] == pytest.approx(lr * 0.5)
+    resumed = AnnealingLR(torch.optim.AdamW([p], lr=1.0), 1e-3, 4, 20, "cosine", 1e-4)
+    resumed.load_state_dict(s.state_dict())
+    assert [resumed.step() for _ in range(10)] == [s.step() for _ in range(10)]
+
+
+def test_build_from_args_uses_optimizer_params_and_iteration():
+    class Args:
+        optimizer = {"type": "Adam", "params": {"lr": 6e-4}}
+        train_iters, lr_decay_iters, warmup, lr_decay_style, min_lr, iteration = 200, 100, 0.1, "linear", 0.0, 30
+    s = build_lr_scheduler(Args(), None)
+    assert s.warmup_iter == 10 and s.end_iter == 100 and s.num_iters == 30
+    assert s.get_lr() == pytest.approx(6e-4 * 70 / 90)
+
+
+def test_derived_warmup_iters_wins():
+    class Args:
+        optimizer, lr = None, 1e-3
+        train_iters, lr_decay_iters, warmup, warmup_iters, lr_decay_style, min_lr, iteration = 50, None, 0.5, 7, "cosine", 0.0, 0
+    s = build_lr_scheduler(Args(), None)
+    assert s.warmup_iter == 7 and s.end_iter == 50

@@ -1,0 +1,104 @@
+"""Console line, progress bar, FLOPs formula, TensorBoard events and the extra-metrics hook."""
+import io
+import glob
+import types
+
+import pytest
+
+from megatron import logging as tlog
+
+
+def tiny_args(**over):
+    d = dict(hidden_size=64, seq_length=32, num_layers=2, padded_vocab_size=512, train_batch_size=4,
+             train_iters=10, global_num_gpus=1, checkpoint_activations=False, peak_tflops_per_gpu=1e-3,
+             tensorboard_dir=None, use_wandb=False, iteration=0)
+    d.update(over)
+    return types.SimpleNamespace(**d)
+
+
+def test_flops_formula_counts_matmuls_attention_logits_and_recompute():
+    a = tiny_args()
+    h, s, L, V = 64, 32, 2, 512
+    # Count each matmul of one token's forward pass explicitly.
+    qkv, dense, mlp = 2 * h * 3 * h, 2 * h * h, 2 * (2 * h * 4 * h)
+    attn = 2 * s * h * 2  # QK^T and AV
+    fwd_layers = L * (qkv + dense + mlp + attn)
+    logits = 2 * h * V
+    assert tlog.flops_per_token(a) == 3 * fwd_layers + 3 * logits
+    assert tlog.flops_per_token(a, recompute=True) == 4 * fwd_layers + 3 * logits
+    # Megatron's closed form with recomputation: 96 L h^2 (1 + s/6h + V/16Lh) per token.
+    assert tlog.flops_per_token(a, True) == pytest.approx(96 * L * h * h * (1 + s / (6 * h) + V / (16 * L * h)))
+
+
+def test_throughput_and_mfu():
+    a = tiny_args(checkpoint_activations=True)
+    m = tlog.throughput_metrics(a, iterations=5, elapsed_s=2.0)
+    tokens = 5 * 4 * 32
+    assert m["tokens_per_sec"] == pytest.approx(tokens / 2.0)
+    assert m["tflops_per_gpu"] == pytest.approx(tokens * tlog.flops_per_token(a, True) / 2.0 / 1e12)
+    # MFU uses model FLOPs (no recomputation) against the configured peak.
+    assert m["mfu"] == pytest.approx(tokens * tlog.flops_per_token(a, False) / 2.0 / 1e12 / 1e-3)
+    assert "mfu" not in tlog.throughput_metrics(tiny_args(peak_tflops_per_gpu=None), 1, 1.0)
+
+
+def test_progress_bar_and_duration():
+    assert tlog.format_duration(3725) == "1:02:05"
+    assert tlog.format_duration(65) == "01:05"
+    bar = tlog.progress_bar(25, 100, elapsed_s=50.0, width=10)
+    assert bar.startswith("|###.......|") or bar.startswith("|##........|")
+    assert "25.0%" in bar and "[00:50<02:30]" in bar  # 2 s/iter x 75 left
+    assert "<?]" in tlog.progress_bar(0, 100, 1.0)
+
+
+def test_log_line_tensorboard_and_extra_metrics(tmp_path):
+    tb = tmp_path / "tb"
+    a = tiny_args(tensorboard_dir=str(tb), extra_metrics_fn=lambda: {"from_args": 2.0})
+    tlog.register_metrics_source("sepllm", lambda: {"kv_ratio": 0.25})
+    try:
+        out = io.StringIO()
+        logger = tlog.TrainingLogger(a, rank=0, stream=out)
+        metrics = {"lm_loss": 3.5, "learning_rate": 1e-3, "grad_norm": 0.75, "loss_scale": 1.0, "skipped_iters": 1}
+        metrics.update(tlog.collect_extra_metrics(a))
+        line = logger.log_training(5, metrics, interval_iters=5, interval_s=1.0)
+        logger.log_evaluation(5, "validation", 2.0)
+        logger.close()
+    finally:
+        tlog.unregister_metrics_source("sepllm")
+    text = out.getvalue()
+    assert line in text and "validation results at iteration 5" in text
+    for part in ("iteration        5/      10", "loss 3.500000E+00", "lr 1.0000E-03", "grad norm 0.7500",
+                 "loss scale 1.0", "tokens/s 640", "TFLOP/s/GPU", "MFU", "skipped 1", "rss GiB",
+                 "sepllm/kv_ratio 0.25", "extra/from_args 2", "50.0%"):
+        assert part in line, (part, line)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(glob.glob(str(tb / "events.*"))[0])
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/lm_loss", "train/tokens_per_sec", "train/mfu", "train/sepllm/kv_ratio", "validation/lm_loss"} <= tags
+    assert acc.Scalars("train/lm_loss")[0].value == pytest.approx(3.5)
+    assert acc.Scalars("train/lm_loss")[0].step == 5
+
+
+def test_non_zero_rank_writes_nothing(tmp_path):
+    out = io.StringIO()
+    logger = tlog.TrainingLogger(tiny_args(tensorboard_dir=str(tmp_path / "tb")), rank=1, stream=out)
+    logger.log_training(1, {"lm_loss": 1.0}, 1, 1.0)
+    assert out.getvalue() == "" and not (tmp_path / "tb").exists()
+
+
+def test_bad_metrics_source_is_rejected():
+    with pytest.raises(TypeError, match="not callable"):
+        tlog.register_metrics_source("x", 3)
+
+
+def test_wandb_offline_without_key(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    a = tiny_args(use_wandb=True, wandb_dir=str(tmp_path), wandb_project="t", wandb_group=None)
+    logger = tlog.TrainingLogger(a, rank=0, stream=io.StringIO())
+    assert logger.wandb is not None and logger.wandb.settings.mode == "offline"
+    logger.log_training(1, {"lm_loss": 1.0}, 1, 1.0)
+    logger.close()
+    assert glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
