@@ -1,0 +1,55 @@
+"""KV-retention ratio and attention-map density: hand-computed values and the tracker."""
+import pytest
+import torch
+
+from megatron.model.sepllm import rule
+from megatron.model.sepllm.stats import KVRatioTracker, kv_statistics
+from tests.sepllm import brute
+
+
+def test_known_input_hand_computed():
+    # S = 8, a = 1, W = 2 (E = 1), separator at position 4 (id 3). Row by row (q: visible keys):
+    # q0:{0} q1:{0,1} q2:{0,1,2} q3:{0,2,3} q4:{0,3,4} q5:{0,4,5} q6:{0,4,5,6} q7:{0,4,6,7}
+    # map kept = 1+2+3+3+3+3+4+4 = 23 of (1+8)*8/2 = 36 causal entries; last row keeps 4 of 8.
+    ids = torch.tensor([[5, 5, 5, 5, 3, 5, 5, 5]])
+    args = brute.args(num_layers=2, init_tok_max_idx=0, prefill_local_window_size=2,
+                      USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS=True, prefill_loc_win_size_list=[2, 8])
+    out = kv_statistics(ids, args)
+    assert out["sepllm/kv_ratio/layer_00"] == pytest.approx(4 / 8)
+    assert out["sepllm/attn_density/layer_00"] == pytest.approx(23 / 36)
+    assert out["sepllm/kv_ratio/layer_01"] == pytest.approx(1.0)  # W = 8 >= S: full causal
+    assert out["sepllm/attn_density/layer_01"] == pytest.approx(1.0)
+    assert out["sepllm/kv_ratio"] == pytest.approx((4 + 8 + 1e-6) / (16 + 1e-6))
+    assert out["sepllm/attn_density"] == pytest.approx((23 + 36 + 1e-6) / (72 + 1e-6))
+    assert rule.kv_ratio_totals(1, 8) == (8, 36)
+
+
+def test_tracker_accumulates_without_lag():
+    args = brute.args(num_layers=1, prefill_local_window_size=4, PRINT_KV_RATIO=True, print_ratio_intervals=2,
+                      USE_SEP_ATTN_KERNEL_ACCELERATOR=False)
+    gen = torch.Generator().manual_seed(0)
+    batches = [brute.random_ids(2, 30, gen) for _ in range(3)]
+    tracker = KVRatioTracker(args)
+    tracker.observe(batches[0])
+    assert not tracker.due(1) and tracker.due(2)
+    first = tracker.summary()
+    masks = brute.prefill_mask(batches[0], 3, 4)
+    assert first["sepllm/kv_ratio"] == pytest.approx(float(masks[:, -1].sum()) / 60, rel=1e-6)
+    assert first["sepllm/attn_density"] == pytest.approx(float(masks.sum()) / (2 * 31 * 30 / 2), rel=1e-6)
+    tracker.observe(batches[1])
+    tracker.observe(batches[2])
+    second = tracker.summary()
+    both = torch.cat([brute.prefill_mask(b, 3, 4) for b in batches[1:]])
+    assert second["sepllm/attn_density"] == pytest.approx(float(both.sum()) / (4 * 465), rel=1e-6)
+    every = torch.cat([masks, both])
+    assert second["sepllm_cum/kv_ratio"] == pytest.approx(float(every[:, -1].sum()) / 180, rel=1e-6)
+    assert tracker.summary() == {}
+
+
+def test_tracker_streaming_and_disabled():
+    ids = torch.tensor([[3, 3, 3, 3, 3, 3]])
+    stream = kv_statistics(ids, brute.args(num_layers=1, streamingLLM=True, init_tok_max_idx=0,
+                                           prefill_local_window_size=2))
+    assert stream["sepllm/kv_ratio"] == pytest.approx(3 / 6)  # separators do not count in StreamingLLM
+    assert not KVRatioTracker(brute.args()).enabled  # PRINT_KV_RATIO off
+    assert not KVRatioTracker(brute.args(PRINT_KV_RATIO=True, USE_ORIGINAL_FULL_ATTEN=True)).enabled
