@@ -198,6 +198,16 @@ def _check_loaded(files, documents, doc_idx, sample_idx, shuffle_idx) -> None:
             f"{files['doc']}: {doc_idx.shape[0]} entries is not a whole number of epochs over "
             f"{n_docs} documents; delete the stale index files and rerun"
         )
+    # GPT-NeoX's names do not encode the document range (a changed `split` keeps the names), so check
+    # that the cached doc_idx stays inside this dataset's documents; a strided probe of at most ~1M
+    # entries keeps this cheap on Pile-sized indices.
+    probe = doc_idx[:: max(1, doc_idx.shape[0] // 1_000_000)]
+    lo, hi = int(np.min(documents)), int(np.max(documents))
+    if probe.size and (int(probe.min()) < lo or int(probe.max()) > hi):
+        raise ValueError(
+            f"{files['doc']}: holds document ids in [{int(probe.min())}, {int(probe.max())}] but this "
+            f"dataset uses [{lo}, {hi}] (was the split or the data changed?); delete the stale index files and rerun"
+        )
     if sample_idx.ndim != 2 or sample_idx.shape[1] != 2 or sample_idx.shape[0] < 1:
         raise ValueError(f"{files['sample']}: expected shape [num_samples + 1, 2], got {sample_idx.shape}")
     if int(sample_idx[-1, 0]) >= doc_idx.shape[0]:
