@@ -217,11 +217,8 @@ class SepLLMGPTNeoXModel(SepLLMGPTNeoXPreTrainedModel):
             self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.layers = nn.ModuleList([SepLLMGPTNeoXLayer(config, i) for i in range(config.num_hidden_layers)])
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        head = config.hidden_size // config.num_attention_heads
-        self.register_buffer("inv_freq", rope_inv_freq(config.rotary_ndims, float(config.rotary_emb_base))
-                             if config.rotary_ndims else torch.zeros(0), persistent=False)
-        self.register_buffer("alibi", alibi_slopes(config.num_attention_heads), persistent=False)
-        self._head = head
+        # No buffers for the rotary / ALiBi tables: from_pretrained may build the module on the meta device
+        # and leave non-persistent buffers uninitialised. They are recomputed per forward (tiny).
         self.post_init()
 
     def get_input_embeddings(self):
@@ -296,8 +293,10 @@ class SepLLMGPTNeoXModel(SepLLMGPTNeoXPreTrainedModel):
         hidden = self.embed_in(input_ids)
         if hasattr(self, "position_embeddings"):
             hidden = hidden + self.position_embeddings(meta.embed_pos) * self.config.mup_rp_embedding_mult
-        inv_freq = self.inv_freq if self.config.pos_emb == "rotary" and self.inv_freq.numel() else None
-        slopes = self.alibi.to(hidden.device) if self.config.pos_emb == "alibi" else None
+        cfg = self.config
+        inv_freq = rope_inv_freq(cfg.rotary_ndims, float(cfg.rotary_emb_base), hidden.device) \
+            if cfg.pos_emb == "rotary" and cfg.rotary_ndims else None
+        slopes = alibi_slopes(cfg.num_attention_heads).to(hidden.device) if cfg.pos_emb == "alibi" else None
         masks: Dict = {}
         for layer in self.layers:
             hidden = layer(hidden, meta, cache if use_cache or cache is not None else None, masks, inv_freq,
