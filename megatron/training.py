@@ -47,12 +47,9 @@ def get_batch(batch: dict, eod_token: Optional[int], eod_mask_loss: bool, device
 
 
 def model_inputs(tokens, position_ids):
-    """The model's input tuple ``(input_ids, position_ids, attention_mask)``.
-
-    Causality is implied by the attention layers, so no ``[B,1,S,S]`` mask is built; the pipeline
-    engine only moves tensors, so the "no mask" marker is an empty tensor rather than ``None``.
-    """
-    return tokens, position_ids, torch.empty(0, dtype=torch.bool, device=tokens.device)
+    """The model's input tuple ``(input_ids, position_ids)``: causality is implied by the attention
+    layers, so no ``[B,1,S,S]`` mask is built or sent through the pipeline."""
+    return tokens, position_ids
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -155,6 +152,21 @@ def build_model(neox_args, topology):
     return model, True
 
 
+def _record_fp32_clip_norm(engine) -> None:
+    """Keeps the pre-clipping gradient norm DeepSpeed computes when it clips fp32 gradients without ZeRO
+    (it discards it there; the ZeRO/bf16/fp16 optimizers keep theirs). The norm stays a device tensor."""
+    if engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization() \
+            or not engine.gradient_clipping() > 0.0:
+        return
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_fp32_gradients():
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
+
+
 def setup_model_and_optimizer(neox_args, topology, device):
     """Builds the model, the optimizer, the DeepSpeed engine and the LR scheduler.
 
@@ -173,6 +185,7 @@ def setup_model_and_optimizer(neox_args, topology, device):
         optimizer = build_optimizer(neox_args, model, device)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                                dist_init_required=False)
+    _record_fp32_clip_norm(engine)
     basic = engine.basic_optimizer if getattr(engine, "basic_optimizer", None) is not None else engine.optimizer
     guard = NonFiniteStepGuard(basic)
     scheduler = build_lr_scheduler(neox_args, basic)

@@ -1,0 +1,67 @@
+"""Helpers of the launch tests: a tiny byte-level corpus, run configs, and deepy.py launches."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+WORDS = ("the cat sat on the mat. a dog ran to the park, and the bird sang! why? because it could; "
+         "one two three four five six seven eight nine ten.").split(" ")
+
+
+def write_tiny_corpus(prefix: str, num_docs: int = 400, seed: int = 0) -> str:
+    """Byte-level (CharLevelTokenizer) documents of shuffled words in the mmap format; 0 ends a document."""
+    from megatron.data.indexed_dataset import MMapIndexedDatasetBuilder
+
+    rng = np.random.default_rng(seed)
+    builder = MMapIndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for _ in range(num_docs):
+        n = int(rng.integers(8, 40))
+        text = " ".join(WORDS[i] for i in rng.integers(0, len(WORDS), n))
+        builder.add_item(np.frombuffer(text.encode(), dtype=np.uint8).astype(np.uint16).tolist() + [0])
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+def write_run_config(path: Path, **keys) -> str:
+    import yaml
+
+    path.write_text(yaml.safe_dump(keys, sort_keys=True))
+    return str(path)
+
+
+def launch_env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+def deepy_command(configs, num_procs: int, script: str = "train.py") -> list:
+    return [sys.executable, str(REPO / "deepy.py"), "--num_gpus", str(num_procs), script, *map(str, configs)]
+
+
+def run_deepy(configs, num_procs: int, script: str = "train.py", timeout: int = 300, log_path=None):
+    """Runs ``deepy.py`` to completion; returns (returncode, combined output)."""
+    proc = subprocess.run(deepy_command(configs, num_procs, script), cwd=REPO, env=launch_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    if log_path is not None:
+        Path(log_path).write_text(proc.stdout)
+    return proc.returncode, proc.stdout
+
+
+LOSS_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \| loss (\S+)")
+
+
+def losses_by_iteration(output: str) -> dict:
+    """{iteration: loss string as printed} from the console lines (log_interval 1 gives every step)."""
+    return {int(m.group(1)): m.group(2) for m in LOSS_LINE.finditer(output)}
