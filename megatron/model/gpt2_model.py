@@ -1,0 +1,67 @@
+"""``GPT2ModelPipe``: the GPT-NeoX model as a DeepSpeed ``PipelineModule`` (docs/internals.md, "Model")."""
+import torch
+import torch.nn.functional as F
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+
+from megatron.model.layer_list import activation_checkpoint_interval, compile_layers, gpt2_layer_specs
+from megatron.model.utils import CHECKPOINTABLE_LAYERS, Lambda, SequentialWrapper, non_reentrant_checkpoint
+
+
+def cross_entropy(output: torch.Tensor, labels) -> torch.Tensor:
+    """Mean token loss over ``loss_mask``: ``labels = (label_ids [B,S], loss_mask [B,S])``.
+
+    Logits are upcast to fp32 for the softmax, as GPT-NeoX does. This is the pipeline engine's ``loss_fn``.
+    """
+    label_ids, loss_mask = labels[0], labels[1]
+    losses = F.cross_entropy(output.float().view(-1, output.shape[-1]), label_ids.reshape(-1), reduction="none")
+    loss_mask = loss_mask.reshape(-1).float()
+    return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+
+
+def _to_deepspeed_spec(spec):
+    if spec.function is not None:
+        return spec.function
+    if spec.tie_key is not None:
+        return TiedLayerSpec(spec.tie_key, spec.typename, *spec.args, forward_fn=spec.forward_fn,
+                             tied_weight_attr=["word_embeddings.weight"], **spec.kwargs)
+    return LayerSpec(spec.typename, *spec.args, **spec.kwargs)
+
+
+class GPT2ModelPipe(PipelineModule):
+    """GPT-NeoX for pipeline (and, through :meth:`to_sequential`, plain) execution.
+
+    Input ``(input_ids [B,S], position_ids [B,S][, attention_mask])``; output logits ``[B,S,V]``. Layer
+    indices and parameter names are GPT-NeoX's, so its checkpoints' ``layer_XX-model_00-model_states.pt``
+    files map one to one.
+    """
+
+    def __init__(self, neox_args, topology=None, parallel_output: bool = False):
+        self.neox_args = neox_args
+        self.parallel_output = parallel_output
+        self.specs = gpt2_layer_specs(neox_args, parallel_output)
+        kwargs = {"topology": topology} if topology is not None else {
+            "num_stages": max(1, int(getattr(neox_args, "pipe_parallel_size", 0) or 0))}
+        super().__init__(
+            layers=[_to_deepspeed_spec(s) for s in self.specs],
+            loss_fn=cross_entropy,
+            partition_method=getattr(neox_args, "pipe_partition_method", None) or "type:transformer|mlp",
+            activation_checkpoint_interval=activation_checkpoint_interval(neox_args),
+            activation_checkpoint_func=non_reentrant_checkpoint,
+            checkpointable_layers=list(CHECKPOINTABLE_LAYERS),
+            **kwargs,
+        )
+        if getattr(neox_args, "torch_compile", False):
+            compile_layers(self.forward_funcs)
+
+    def to_sequential(self) -> SequentialWrapper:
+        """The same modules (same parameters) as a plain ``nn.Module`` for ``pipe_parallel_size == 0``.
+
+        Only a single-stage pipeline holds every layer, so only it can be made sequential.
+        """
+        if self.num_stages != 1:
+            raise ValueError(f"to_sequential needs a single-stage pipeline; this one has {self.num_stages} stages "
+                             "(pipe_parallel_size must be 0 or 1)")
+        layers = []
+        for func in self.forward_funcs:
+            layers.append(func if isinstance(func, torch.nn.Module) else Lambda(func))
+        return SequentialWrapper(layers, self.activation_checkpoint_interval, non_reentrant_checkpoint)

@@ -1,0 +1,53 @@
+"""Normalisation layers: LayerNorm (torch) and GPT-NeoX's RMSNorm (parameter ``scale``)."""
+from typing import Tuple
+
+import torch
+from torch import nn
+from torch.nn import LayerNorm
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm as GPT-NeoX implements it: ``scale * x / (rms(x) + eps)``.
+
+    ``eps`` is added to the RMS (not inside the square root) and the weight is called ``scale``, so GPT-NeoX
+    checkpoints load unchanged. ``p`` in (0, 1) gives partial RMSNorm (RMS over the first ``p * dim`` features).
+    """
+
+    def __init__(self, dim: int, p: float = -1.0, eps: float = 1e-8, bias: bool = False):
+        super().__init__()
+        self.eps, self.d, self.p = eps, dim, p
+        self.scale = nn.Parameter(torch.ones(dim))
+        if bias:
+            self.offset = nn.Parameter(torch.zeros(dim))
+        else:
+            self.register_parameter("offset", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        # Reduce in fp32: the sum of squares over 2k+ features overflows/loses precision in half types.
+        xf = x.float()
+        if 0.0 < self.p < 1.0:
+            partial = int(self.d * self.p)
+            norm_x = xf[..., :partial].norm(2, dim=-1, keepdim=True)
+            d_x = partial
+        else:
+            norm_x = xf.norm(2, dim=-1, keepdim=True)
+            d_x = self.d
+        rms_x = norm_x * d_x ** (-0.5)
+        out = (xf / (rms_x + self.eps)).to(dtype) * self.scale.to(dtype)
+        if self.offset is not None:
+            out = out + self.offset.to(dtype)
+        return out
+
+
+NORMS = ("layernorm", "rmsnorm")
+
+
+def get_norm(neox_args) -> Tuple[type, float]:
+    """``(norm_class, eps)`` for ``neox_args.norm`` (GPT-NeoX's key names for the epsilons)."""
+    name = getattr(neox_args, "norm", "layernorm")
+    if name == "layernorm":
+        return LayerNorm, float(getattr(neox_args, "layernorm_epsilon", 1e-5))
+    if name == "rmsnorm":
+        return RMSNorm, float(getattr(neox_args, "rms_norm_epsilon", 1e-8))
+    raise ValueError(f"norm {name!r} is not supported; choose one of {', '.join(NORMS)}")

@@ -1,0 +1,183 @@
+"""GPT-NeoX transformer layer: fused per-head QKV, partial rotary, pluggable core attention, GELU MLP,
+parallel (GPT-J) or sequential residual. Tensors stay batch-first ``[B, S, H]`` end to end.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron import mpu
+from megatron.model.attention import build_core_attention
+from megatron.model.norms import get_norm
+from megatron.model.positional_embeddings import RotaryEmbedding, apply_rotary_pos_emb
+from megatron.model.word_embeddings import unpack_meta
+
+ACTIVATIONS = ("gelu", "relu", "silu", "swish")
+
+
+def get_activation(neox_args):
+    """Elementwise MLP activation. ``gelu`` is the exact (erf) GELU that HF's GPT-NeoX uses."""
+    name = getattr(neox_args, "activation", "gelu")
+    if name == "gelu":
+        return F.gelu
+    if name == "relu":
+        return F.relu
+    if name in ("silu", "swish"):
+        return F.silu
+    raise ValueError(f"activation {name!r} is not supported; choose one of {', '.join(ACTIVATIONS)}")
+
+
+def _rotary_fn(neox_args):
+    """The rotary implementation: the Triton kernel when ``rope_fusion`` is set (CUDA, eager), else PyTorch."""
+    if getattr(neox_args, "rope_fusion", False) and not getattr(neox_args, "torch_compile", False):
+        from megatron.fused_kernels import fused_rotary_available, fused_apply_rotary
+
+        if fused_rotary_available():
+            return fused_apply_rotary
+    return None
+
+
+class ParallelSelfAttention(nn.Module):
+    """Fused QKV projection (GPT-NeoX per-head ``[heads, 3, d]`` row layout), rotary, core attention, output dense."""
+
+    def __init__(self, neox_args, init_method, output_layer_init_method, layer_number: int):
+        super().__init__()
+        self.hidden_size = int(neox_args.hidden_size)
+        self.num_heads = int(neox_args.num_attention_heads)
+        if self.hidden_size % self.num_heads != 0:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
+                             f"num_attention_heads={self.num_heads}")
+        self.head_dim = self.hidden_size // self.num_heads
+        self.layer_number = layer_number
+        use_bias = bool(getattr(neox_args, "use_bias_in_attn_linear", True))
+        self.query_key_value = mpu.ColumnParallelLinear(neox_args, self.hidden_size, 3 * self.hidden_size,
+                                                        bias=use_bias, gather_output=False,
+                                                        init_method=init_method)
+        pos_emb = getattr(neox_args, "pos_emb", "rotary")
+        if pos_emb == "rotary":
+            rotary_pct = float(getattr(neox_args, "rotary_pct", 1.0))
+            if not 0.0 < rotary_pct <= 1.0:
+                raise ValueError(f"rotary_pct must be in (0, 1], got {rotary_pct}")
+            self.rotary_ndims = int(self.head_dim * rotary_pct)
+            self.rotary_emb = RotaryEmbedding(self.rotary_ndims, float(getattr(neox_args, "rotary_emb_base", 10000)))
+            self.fused_rotary = _rotary_fn(neox_args)
+        else:
+            self.rotary_emb = None
+        self.core_attention = build_core_attention(neox_args, layer_number)
+        self.dense = mpu.RowParallelLinear(neox_args, self.hidden_size, self.hidden_size, bias=use_bias,
+                                           input_is_parallel=True, init_method=output_layer_init_method)
+
+    def forward(self, x: torch.Tensor, meta) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        qkv, _ = self.query_key_value(x)
+        qkv = qkv.view(bsz, seq, self.num_heads, 3, self.head_dim)
+        q, k, v = qkv.unbind(dim=3)  # each [B, S, heads, d], views into the fused output
+        if self.rotary_emb is not None:
+            if self.fused_rotary is not None and q.is_cuda:
+                q, k = self.fused_rotary(q, k, meta.rope_pos, self.rotary_emb.inv_freq)
+            else:
+                cos, sin = self.rotary_emb(meta.rope_pos, q.dtype)
+                q = apply_rotary_pos_emb(q, cos, sin)
+                k = apply_rotary_pos_emb(k, cos, sin)
+        out = self.core_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), meta)
+        out = out.transpose(1, 2).reshape(bsz, seq, self.hidden_size)
+        out, _ = self.dense(out)
+        return out
+
+
+class ParallelMLP(nn.Module):
+    """h -> ffn (default 4h) -> activation -> h."""
+
+    def __init__(self, neox_args, init_method, output_layer_init_method):
+        super().__init__()
+        hidden = int(neox_args.hidden_size)
+        ffn = int(getattr(neox_args, "intermediate_size", None) or 4 * hidden)
+        use_bias = bool(getattr(neox_args, "use_bias_in_mlp", True))
+        self.activation_func = get_activation(neox_args)
+        self.dense_h_to_4h = mpu.ColumnParallelLinear(neox_args, hidden, ffn, bias=use_bias, gather_output=False,
+                                                      init_method=init_method)
+        self.dense_4h_to_h = mpu.RowParallelLinear(neox_args, ffn, hidden, bias=use_bias, input_is_parallel=True,
+                                                   init_method=output_layer_init_method)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.dense_h_to_4h(x)
+        out, _ = self.dense_4h_to_h(self.activation_func(h))
+        return out
+
+
+class ParallelTransformerLayer(nn.Module):
+    """One block. Parallel residual: ``x + attn(ln1(x)) + mlp(ln2(x))`` (``ln2 = ln1`` when ``gpt_j_tied``);
+    sequential: ``y = x + attn(ln1(x)); y + mlp(ln2(y))``."""
+
+    def __init__(self, neox_args, init_method, output_layer_init_method, layer_number: int):
+        super().__init__()
+        norm, eps = get_norm(neox_args)
+        hidden = int(neox_args.hidden_size)
+        self.layer_number = layer_number
+        self.gpt_j_residual = bool(getattr(neox_args, "gpt_j_residual", False))
+        self.gpt_j_tied = bool(getattr(neox_args, "gpt_j_tied", False))
+        self.input_layernorm = norm(hidden, eps=eps)
+        self.post_attention_layernorm = norm(hidden, eps=eps)
+        self.attention = ParallelSelfAttention(neox_args, init_method, output_layer_init_method, layer_number)
+        self.mlp = ParallelMLP(neox_args, init_method, output_layer_init_method)
+        self.hidden_dropout = nn.Dropout(float(getattr(neox_args, "hidden_dropout", 0.0) or 0.0))
+
+    def forward(self, x: torch.Tensor, meta) -> torch.Tensor:
+        if self.gpt_j_residual:
+            x1 = self.input_layernorm(x)
+            x2 = x1 if self.gpt_j_tied else self.post_attention_layernorm(x)
+            attn = self.hidden_dropout(self.attention(x1, meta))
+            mlp = self.hidden_dropout(self.mlp(x2))
+            return x + attn + mlp
+        y = x + self.hidden_dropout(self.attention(self.input_layernorm(x), meta))
+        return y + self.hidden_dropout(self.mlp(self.post_attention_layernorm(y)))
+
+
+class ParallelTransformerLayerPipe(ParallelTransformerLayer):
+    """Pipeline form: tuple in, tuple out (the class name is what DeepSpeed's activation checkpointing
+    looks for in a ``GPT2ModelPipe``)."""
+
+    def forward(self, args):
+        hidden, meta = unpack_meta(args)
+        return (super().forward(hidden, meta), *args[1:])
+
+
+def pre_transformer_block(args):
+    """Layer 1 (no parameters): kept for GPT-NeoX's layer indices; the tuple is already batch-first."""
+    return args
+
+
+def post_transformer_block(args):
+    """Layer L+2 (no parameters): drops the metadata, keeping the hidden states."""
+    return args[0]
+
+
+class NormPipe(nn.Module):
+    """Layer L+3: final norm (parameters ``norm.*`` as in GPT-NeoX checkpoints)."""
+
+    def __init__(self, norm_class, hidden_size: int, eps: float):
+        super().__init__()
+        self.norm = norm_class(hidden_size, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_tensor(x):
+            raise ValueError("NormPipe expects the hidden-state tensor after _post_transformer_block")
+        return self.norm(x)
+
+
+class ParallelLinearPipe(nn.Module):
+    """Layer L+4 when untied: ``final_linear`` (hidden -> padded vocab), no bias, logits ``[B, S, V]``."""
+
+    def __init__(self, neox_args, init_method, parallel_output: bool = False):
+        super().__init__()
+        self.final_linear = mpu.ColumnParallelLinear(neox_args, int(neox_args.hidden_size),
+                                                     int(neox_args.padded_vocab_size), bias=False,
+                                                     gather_output=not parallel_output, init_method=init_method)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.final_linear(x)
+        return logits
+
+
+def tied_logits(embedding, x: torch.Tensor) -> torch.Tensor:
+    """Layer L+4 when tied: logits against the (shared) word-embedding matrix."""
+    return F.linear(x, embedding.word_embeddings_weight)

@@ -1,0 +1,84 @@
+"""Megatron-style parallel layers at model-parallel size 1.
+
+The constructors keep Megatron/GPT-NeoX signatures (``neox_args, input_size, output_size, gather_output,
+init_method, skip_bias_add`` ...) and return ``(output, bias)`` like Megatron, so tensor parallelism can later be
+added here without touching the model. Parameters are ``weight`` / ``bias`` as GPT-NeoX checkpoints store them.
+"""
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .initialize import check_model_parallel_size
+
+
+def _params_dtype(neox_args) -> torch.dtype:
+    # Parameters are created in fp32; DeepSpeed / the training loop casts them for bf16/fp16 runs.
+    return torch.float32
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = X A^T + b with A split by output columns across model-parallel ranks (one rank here)."""
+
+    def __init__(self, neox_args, input_size: int, output_size: int, bias: bool = True, gather_output: bool = True,
+                 init_method: Callable = nn.init.xavier_normal_, stride: int = 1,
+                 keep_master_weight_for_test: bool = False, skip_bias_add: bool = False,
+                 mup_rescale_parameters: bool = False):
+        super().__init__()
+        check_model_parallel_size(getattr(neox_args, "model_parallel_size", 1))
+        self.input_size, self.output_size = input_size, output_size
+        self.gather_output = gather_output
+        self.skip_bias_add = skip_bias_add
+        self.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=_params_dtype(neox_args)))
+        init_method(self.weight)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(output_size, dtype=_params_dtype(neox_args)))
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if self.skip_bias_add:
+            return F.linear(x, self.weight), self.bias
+        return F.linear(x, self.weight, self.bias), None
+
+
+class RowParallelLinear(nn.Module):
+    """Y = X A^T + b with A split by input rows across model-parallel ranks (one rank here)."""
+
+    def __init__(self, neox_args, input_size: int, output_size: int, bias: bool = True,
+                 input_is_parallel: bool = False, init_method: Callable = nn.init.xavier_normal_, stride: int = 1,
+                 keep_master_weight_for_test: bool = False, skip_bias_add: bool = False,
+                 parallel_output: bool = False, mup_rescale_parameters: bool = False):
+        super().__init__()
+        check_model_parallel_size(getattr(neox_args, "model_parallel_size", 1))
+        self.input_size, self.output_size = input_size, output_size
+        self.input_is_parallel = input_is_parallel
+        self.skip_bias_add = skip_bias_add
+        self.parallel_output = parallel_output
+        self.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=_params_dtype(neox_args)))
+        init_method(self.weight)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(output_size, dtype=_params_dtype(neox_args)))
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if self.skip_bias_add:
+            return F.linear(x, self.weight), self.bias
+        return F.linear(x, self.weight, self.bias), None
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embedding with the vocabulary split across model-parallel ranks (one rank here)."""
+
+    def __init__(self, neox_args, num_embeddings: int, embedding_dim: int,
+                 init_method: Callable = nn.init.xavier_normal_):
+        super().__init__()
+        check_model_parallel_size(getattr(neox_args, "model_parallel_size", 1))
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, dtype=_params_dtype(neox_args)))
+        init_method(self.weight)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
