@@ -150,3 +150,15 @@ def test_only_the_builder_rank_builds(tmp_path):
         r0 = np.load(tmp_path / f"shared{shared}_rank0_batch.npy")
         r1 = np.load(tmp_path / f"shared{shared}_rank1_batch.npy")
         assert r0.shape == r1.shape == (2, 17) and not np.array_equal(r0, r1)
+
+
+def test_data_parallel_rank_follows_gpt_neox_topology():
+    from megatron.data.data_utils import data_parallel_rank_and_size
+
+    # Ranks laid out (pipe, data, model) with model fastest: rank = (pipe * dp + data) * mp + model.
+    for pipe in range(2):
+        for data in range(3):
+            for model in range(2):
+                rank = (pipe * 3 + data) * 2 + model
+                args = SimpleNamespace(data_parallel_size=3, model_parallel_size=2, pipe_parallel_size=2, rank=rank)
+                assert data_parallel_rank_and_size(args) == (data, 3)
