@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""Launcher: `python deepy.py train.py a.yml b.yml ...` (also eval.py / generate.py).
+
+1. Load the YAML files (merged in order), derive and validate everything -- including the hostfile and
+   the DeepSpeed config -- before any rank starts; bad input stops here with the key / file / host named.
+2. Write the resolved configuration to a file (the ranks read it with `--neox_config_file`).
+3. Run DeepSpeed's runner: all local GPUs by default, CPU processes (gloo) on a machine without GPUs,
+   several nodes through a hostfile over pdsh / openmpi / mvapich / slurm.
+
+Command-line options override the launcher keys of the configs (see `python deepy.py --help`).
+"""
+import argparse
+import os
+import sys
+import time
+
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# Command-line options that override the config key of the same name.
+_LAUNCH_OPTIONS = ("num_gpus", "num_nodes", "hostfile", "include", "exclude", "master_port", "master_addr",
+                   "launcher", "force_multi")
+
+
+def parse_cli(argv):
+    parser = argparse.ArgumentParser(
+        prog="deepy.py", description="Validate GPT-NeoX-style YAML configs and launch a script on every rank.")
+    parser.add_argument("user_script", help="per-rank script: train.py, eval.py or generate.py")
+    parser.add_argument("conf_files", nargs="+", help="YAML config files, merged in order")
+    parser.add_argument("-d", "--conf_dir", default=None, help="directory prefixed to relative config paths")
+    parser.add_argument("--num_gpus", type=int, default=None,
+                        help="devices per node; on a machine without GPUs the number of CPU processes")
+    parser.add_argument("--num_nodes", type=int, default=None, help="use the first N hosts of the hostfile")
+    parser.add_argument("--hostfile", default=None, help="hostfile with 'host slots=N' lines")
+    parser.add_argument("--include", default=None, help="NODE_SPEC[@NODE_SPEC...], NODE_SPEC=host[:slot,...]")
+    parser.add_argument("--exclude", default=None, help="resources to leave out (include's format)")
+    parser.add_argument("--master_port", type=int, default=None, help="torch.distributed port")
+    parser.add_argument("--master_addr", default=None, help="address of node 0")
+    parser.add_argument("--launcher", default=None, choices=("pdsh", "openmpi", "mvapich", "slurm"),
+                        help="multi-node launcher backend")
+    parser.add_argument("--force_multi", action="store_true", default=None,
+                        help="use the multi-node launcher even for one node")
+    parser.add_argument("--resolved_config", default=None,
+                        help="where to write the resolved config (default runs/resolved/<name>.yml in the repo; "
+                             "must be readable at the same path on every node)")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="validate and write the resolved config, print the runner command, launch nothing")
+    return parser.parse_intermixed_args(argv)
+
+
+def prepare_environment(environ=None):
+    """Children inherit this process's environment: keep the venv's bin/ first on PATH (DeepSpeed's JIT
+    build runs ninja from PATH) and cache JIT-built ops inside the checkout."""
+    environ = os.environ if environ is None else environ
+    bin_dir = os.path.dirname(os.path.abspath(sys.executable))
+    parts = [p for p in environ.get("PATH", "").split(os.pathsep) if p]
+    environ["PATH"] = os.pathsep.join([bin_dir] + [p for p in parts if p != bin_dir])
+    environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO_ROOT, ".torch_extensions"))
+    return environ
+
+
+def config_paths(conf_files, conf_dir=None):
+    """Config paths with `conf_dir` prefixed to relative ones."""
+    if not conf_dir:
+        return list(conf_files)
+    return [p if os.path.isabs(p) else os.path.join(conf_dir, p) for p in conf_files]
+
+
+def cli_overrides(cli) -> dict:
+    overrides = {key: getattr(cli, key) for key in _LAUNCH_OPTIONS if getattr(cli, key) is not None}
+    overrides["user_script"] = os.path.abspath(cli.user_script)
+    return overrides
+
+
+def default_resolved_path(args) -> str:
+    stem = os.path.splitext(os.path.basename(args.config_paths[-1]))[0] if args.config_paths else "config"
+    name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.yml"
+    return os.path.join(REPO_ROOT, "runs", "resolved", name)
+
+
+def check_with_deepspeed(args):
+    """Let DeepSpeed's own config parser see the derived config before launch.
+
+    DeepSpeed checks the batch product against the world size of *this* process (1), so the check runs on a
+    copy whose global batch is scaled to one data-parallel rank; our own derivation already checked the
+    real product.
+    """
+    from megatron.neox_arguments import ConfigError
+
+    config = args.deepspeed_config()
+    config["train_batch_size"] = config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"]
+    try:
+        from deepspeed.runtime.config import DeepSpeedConfig
+
+        DeepSpeedConfig(config)
+    except Exception as err:  # DeepSpeed raises assertion, pydantic and its own config errors
+        raise ConfigError(f"DeepSpeed rejects the derived DeepSpeed config: {err}") from err
+
+
+def build_runner_argv(args, resolved_path: str, has_cuda: bool) -> list:
+    """argv for `deepspeed.launcher.runner.main`, from the resolved arguments."""
+    argv = []
+    if args.hostfile:
+        argv += ["--hostfile", os.path.abspath(args.hostfile)]
+    if args.include:
+        argv += ["--include", args.include]
+    if args.exclude:
+        argv += ["--exclude", args.exclude]
+    if args.num_nodes not in (None, -1):
+        argv += ["--num_nodes", str(args.num_nodes)]
+    if args.num_gpus is not None:
+        argv += ["--num_gpus", str(args.num_gpus)]
+    elif not has_cuda and not args.hostfile and not args.include and not args.exclude:
+        # Without a GPU DeepSpeed would count NUMA nodes; say exactly how many CPU processes we validated for.
+        argv += ["--num_gpus", str(args.global_num_gpus)]
+    argv += ["--master_port", str(args.master_port)]
+    if args.master_addr:
+        argv += ["--master_addr", args.master_addr]
+    argv += ["--launcher", args.launcher]
+    if args.force_multi:
+        argv.append("--force_multi")
+    if args.no_ssh_check:
+        argv.append("--no_ssh_check")
+    argv += [args.user_script, "--neox_config_file", resolved_path]
+    return argv
+
+
+def _deepspeed_runner(argv):
+    from deepspeed.launcher.runner import main as runner_main
+
+    return runner_main(argv)
+
+
+def main(argv=None, runner=None, env=None, host_resolver=None) -> int:
+    """Validate, write the resolved config, launch. `runner`, `env` and `host_resolver` are for tests."""
+    cli = parse_cli(sys.argv[1:] if argv is None else argv)
+    prepare_environment()
+    # Make `megatron` importable when deepy.py is run from another directory.
+    if REPO_ROOT not in sys.path:
+        sys.path.insert(0, REPO_ROOT)
+    from megatron.neox_arguments import ConfigError, NeoXArgs, detect_environment
+
+    env = env or detect_environment()
+    try:
+        if not os.path.isfile(cli.user_script):
+            raise ConfigError(f"script not found: {cli.user_script}")
+        args = NeoXArgs.from_ymls(config_paths(cli.conf_files, cli.conf_dir), overrides=cli_overrides(cli),
+                                  env=env, host_resolver=host_resolver)
+        check_with_deepspeed(args)
+    except ConfigError as err:
+        print(f"deepy.py: configuration error: {err}", file=sys.stderr)
+        return 2
+    resolved = args.save_resolved(cli.resolved_config or default_resolved_path(args))
+    runner_argv = build_runner_argv(args, resolved, env.has_cuda)
+    print(f"deepy.py: {args.global_num_gpus} rank(s) (data parallel {args.data_parallel_size}, pipeline "
+          f"{args.pipe_parallel_size}), resolved config {resolved}", flush=True)
+    print("deepy.py: deepspeed " + " ".join(runner_argv), flush=True)
+    if cli.dry_run:
+        return 0
+    result = (runner or _deepspeed_runner)(runner_argv)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

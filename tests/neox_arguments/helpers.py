@@ -1,0 +1,57 @@
+"""Shared helpers of the configuration tests: fake machines, tiny configs, fake datasets."""
+import os
+import textwrap
+from pathlib import Path
+
+from megatron.neox_arguments import Environment
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+# A tiny full-attention model; the SepLLM checker turns the kernel flag off for full attention.
+SMALL = {
+    "num_layers": 2,
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "seq_length": 32,
+    "padded_vocab_size": 128,
+    "USE_ORIGINAL_FULL_ATTEN": True,
+}
+
+
+def cpu(**environ) -> Environment:
+    """A machine without GPUs; `environ` becomes its environment variables."""
+    return Environment(cuda_device_count=0, environ={k: str(v) for k, v in environ.items()})
+
+
+def gpus(n: int, **environ) -> Environment:
+    return Environment(cuda_device_count=n, environ={k: str(v) for k, v in environ.items()})
+
+
+def small(**extra) -> dict:
+    d = dict(SMALL)
+    d.update(extra)
+    return d
+
+
+def write(path: Path, text: str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def make_dataset(tmp_path: Path, name: str = "corpus_text_document") -> str:
+    """An (empty) .bin/.idx pair: validation checks presence; the data tests own the format."""
+    prefix = tmp_path / "data" / name
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    for ext in (".bin", ".idx"):
+        (Path(str(prefix) + ext)).write_bytes(b"")
+    return str(prefix)
+
+
+def fixture_with_paths(tmp_path: Path, name: str, data_prefix: str, tokenizer: str) -> str:
+    """Copy a fixture config, filling in the data and tokenizer paths (the only edits allowed)."""
+    text = (FIXTURES / name).read_text()
+    text = text.replace("@DATA_PREFIX@", data_prefix).replace("@TOKENIZER@", os.fspath(tokenizer))
+    out = tmp_path / name
+    out.write_text(text)
+    return str(out)
