@@ -143,7 +143,7 @@ def _load_index(path: str) -> np.ndarray:
     return np.asarray(np.load(path, allow_pickle=True, mmap_mode="r"))
 
 
-def build_index_mappings(
+def load_or_build_index_mappings(
     name: str,
     data_prefix: str,
     documents,
@@ -261,7 +261,7 @@ class GPT2Dataset(torch.utils.data.Dataset):
         self._warned_wrap = False
         self._length = 0
         if build_index_mappings:
-            self.doc_idx, self.sample_idx, self.shuffle_idx = build_index_mappings_fn(
+            self.doc_idx, self.sample_idx, self.shuffle_idx = load_or_build_index_mappings(
                 name, data_prefix, documents, indexed_dataset.sizes, num_samples, seq_length, seed,
                 use_shared_fs=use_shared_fs,
             )
@@ -310,8 +310,3 @@ class GPT2Dataset(torch.utils.data.Dataset):
                 f"{self.seq_length + 1}; the index files do not match the data (delete them and rerun)"
             )
         return out
-
-
-# Module-level alias so the constructor argument `build_index_mappings` (GPT-NeoX's name) does not
-# shadow the function inside __init__.
-build_index_mappings_fn = build_index_mappings
