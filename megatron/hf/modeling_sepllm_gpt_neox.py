@@ -231,7 +231,8 @@ class SepLLMGPTNeoXModel(SepLLMGPTNeoXPreTrainedModel):
         """Updates the stream state kept on the cache and returns this forward's metadata."""
         cfg = self.config
         bsz, q = input_ids.shape
-        sep_cache = cache if isinstance(cache, SepCache) else None
+        # Duck-typed: the export's own sep_cache.py and megatron.hf.sep_cache define distinct classes.
+        sep_cache = cache if getattr(cache, "is_sep_cache", False) else None
         if sep_cache is not None:
             if cfg.USE_BiPE:
                 raise ValueError("SepCache does not support BiPE models (their positions need the whole "

@@ -169,6 +169,7 @@ class SepCache(Cache):
     """
 
     is_compileable = False
+    is_sep_cache = True  # marker the sepllm_gpt_neox model checks (copies of this class are distinct types)
 
     def __init__(self, init_cache_size: IntOrList = 4, sep_cache_size: IntOrList = 64,
                  local_size: IntOrList = 256, cache_size: IntOrList = 512, SEP_ACCUMULATION: bool = True,

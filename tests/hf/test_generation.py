@@ -1,0 +1,92 @@
+"""Generation: SepCache that never compresses == full cache (stock GPTNeoX and the export), decode masks of
+the export equal its prefill mask, left padding, compression keeps memory bounded."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPTNeoXForCausalLM
+
+from megatron.hf.sep_cache import SepCache, use_sep_cache
+from tests.hf.helpers import SEPS, base_config, make_export, random_ids
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, pythia_tokenizer_path):
+    tmp = tmp_path_factory.mktemp("gen")
+    full = base_config(pythia_tokenizer_path, USE_ORIGINAL_FULL_ATTEN=True)
+    _, neox = make_export(tmp / "neox", full, "neox")
+    _, sep_full = make_export(tmp / "sepfull", full, "sepllm_gpt_neox")
+    sep = base_config(pythia_tokenizer_path, separator_token_ids=SEPS, prefill_local_window_size=4,
+                      generate_local_window_size=4, BATCH_ADAPTIVE_INIT_POS=True)
+    _, sepllm = make_export(tmp / "sep", sep, "sepllm_gpt_neox")
+    return {"neox": neox, "sep_full": sep_full, "sepllm": sepllm}
+
+
+def _greedy(model, ids, mask=None, cache=None, n=12):
+    kwargs = dict(max_new_tokens=n, do_sample=False, pad_token_id=0)
+    if mask is not None:
+        kwargs["attention_mask"] = mask
+    if cache is not None:
+        kwargs["past_key_values"] = cache
+    return model.generate(ids, **kwargs)
+
+
+def _left_padded():
+    ids = random_ids(2, 10, seed=5)
+    ids[0, :3] = 0  # Pythia PADDING_ID
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    return ids, mask
+
+
+def test_stock_gpt_neox_sep_cache_never_compressing_equals_full(exports):
+    model = GPTNeoXForCausalLM.from_pretrained(exports["neox"], attn_implementation="eager").eval()
+    ids, mask = _left_padded()
+    ref = _greedy(model, ids, mask)
+    cache = SepCache.from_model_config(model.config, cache_size=10_000, separator_token_ids=SEPS, PADDING_ID=0)
+    with use_sep_cache(model, cache):
+        got = _greedy(model, ids, mask, cache)
+    assert torch.equal(got, ref)
+    assert cache.layers[0].compressions == 0 and cache.get_seq_length() == ref.shape[1] - 1
+
+
+def test_stock_gpt_neox_sep_cache_compresses_and_stays_bounded(exports):
+    model = GPTNeoXForCausalLM.from_pretrained(exports["neox"], attn_implementation="eager").eval()
+    ids = random_ids(1, 12, seed=6)
+    cache = SepCache.from_model_config(model.config, init_cache_size=2, sep_cache_size=3, local_size=4,
+                                       cache_size=12, USE_MAX_SEP_CACHE=True, APPLY_PE_SHIFT=True,
+                                       separator_token_ids=SEPS, PADDING_ID=0)
+    with use_sep_cache(model, cache):
+        out = _greedy(model, ids, cache=cache, n=30)
+    assert out.shape[1] == 42
+    assert cache.layers[0].compressions >= 3
+    assert all(layer.length() <= 12 for layer in cache.layers)
+    assert cache.kv_ratio() < 0.35
+
+
+def test_export_sep_cache_never_compressing_equals_full(exports):
+    model = AutoModelForCausalLM.from_pretrained(exports["sep_full"], trust_remote_code=True).eval()
+    ids, mask = _left_padded()
+    ref = _greedy(model, ids, mask)
+    cache = SepCache.from_model_config(model.config, cache_size=10_000, separator_token_ids=SEPS, PADDING_ID=0)
+    got = _greedy(model, ids, mask, cache)
+    assert torch.equal(got, ref)
+
+
+def test_export_decode_steps_match_prefill_mask_with_left_padding(exports):
+    """Cached decoding (decode mask, padding respected) gives the logits of one forward over everything."""
+    model = AutoModelForCausalLM.from_pretrained(exports["sepllm"], trust_remote_code=True).eval()
+    ids, mask = _left_padded()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                         output_scores=True, return_dict_in_generate=True)
+    seq = out.sequences
+    full_mask = torch.cat([mask, torch.ones(2, seq.shape[1] - ids.shape[1], dtype=mask.dtype)], -1)
+    with torch.no_grad():
+        # one forward: the prefill mask with window 4 == the decode mask with window 4 (E = 1)
+        logits = model(seq, attention_mask=full_mask, use_cache=False).logits
+    for step, scores in enumerate(out.scores):
+        pos = ids.shape[1] - 1 + step
+        assert torch.allclose(scores, logits[:, pos], atol=1e-4)
+    # the sparse decode masks do change the result compared with full attention
+    model.config.USE_ORIGINAL_FULL_ATTEN = True
+    with torch.no_grad():
+        dense = model(seq, attention_mask=full_mask, use_cache=False).logits
+    assert (dense[:, -1] - logits[:, -1]).abs().max() > 1e-3
