@@ -19,7 +19,7 @@ SAMPLE_TEXT = (
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Norm-wise relative error ||a - e|| / ||e|| in float64."""
-    a, e = actual.double(), expected.double()
+    a, e = actual.detach().double(), expected.detach().double()
     return float((a - e).norm() / e.norm().clamp_min(1e-30))
 
 

@@ -1,7 +1,9 @@
 """``sep_attention``: the autograd operator and its dispatch (Triton on CUDA, dense reference elsewhere)."""
 from __future__ import annotations
 
+import json
 import math
+import os
 from typing import Optional
 
 import torch
@@ -13,11 +15,28 @@ from .reference import sep_attention_reference
 _SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 
 
+# Tile sizes and launch options (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim, picked by
+# ``python -m megatron.model.sepllm.kernel.tune`` on an H100 (docs/sep_attention_kernel.md). The backward
+# kernels keep one tile side small so the float32 accumulators fit in registers.
+_DEFAULT_BLOCKS = {
+    64: dict(fwd=(128, 64, 4, 3), dq=(128, 32, 4, 3), dkdv_c=(32, 128, 4, 3), dkdv_b=(32, 128, 4, 3)),
+    128: dict(fwd=(128, 64, 8, 3), dq=(128, 32, 8, 2), dkdv_c=(32, 128, 8, 2), dkdv_b=(32, 128, 8, 2)),
+}
+_BLOCK_ENV = "SEP_ATTN_BLOCKS"  # JSON {"64": {"fwd": [bm, bn, warps, stages], ...}} overriding the table
+
+
 def _block_config(head_dim: int) -> dict:
-    """Tile sizes and launch options per head dim (chosen on H100; see docs/sep_attention_kernel.md)."""
-    if head_dim <= 64:
-        return dict(fwd=(128, 64, 4, 3), dq=(128, 64, 4, 3), dkdv=(64, 128, 4, 3))
-    return dict(fwd=(128, 64, 8, 3), dq=(128, 64, 8, 2), dkdv=(64, 64, 4, 2))
+    """Launch configuration for ``head_dim`` (the table above, optionally overridden through $SEP_ATTN_BLOCKS)."""
+    key = 64 if head_dim <= 64 else 128
+    cfg = dict(_DEFAULT_BLOCKS[key])
+    override = os.environ.get(_BLOCK_ENV)
+    if override:
+        try:
+            cfg.update({k: tuple(v) for k, v in json.loads(override).get(str(key), {}).items()})
+        except (ValueError, AttributeError, TypeError) as err:
+            raise ValueError(f"${_BLOCK_ENV} must be JSON like {{\"64\": {{\"fwd\": [128, 64, 4, 3]}}}}, "
+                             f"got {override!r}: {err}") from err
+    return cfg
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -36,69 +55,99 @@ def _triton_available() -> bool:
     return True
 
 
+def launch_forward(q, k, v, positions, cum, lo_off: int, scale: float, cfg: tuple):
+    """Runs the forward kernel; returns ``(out, lse)`` (lse in base-2 units, float32 ``[B, H, S]``)."""
+    from . import triton_sep as ts
+
+    bsz, heads, seq, dim = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty(bsz, heads, seq, device=q.device, dtype=torch.float32)
+    bm, bn, warps, stages = cfg
+    ts._sep_fwd_kernel[(_cdiv(seq, bm), bsz * heads)](
+        q, k, v, out, lse, positions, cum, scale,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        heads, seq, lo_off,
+        HEAD_DIM=dim, BLOCK_M=bm, BLOCK_N=bn, HAS_COMPACT=lo_off < seq - 1, num_warps=warps, num_stages=stages,
+    )
+    return out, lse
+
+
+def launch_backward_dq(q, k, v, dout, lse, delta, positions, cum, lo_off: int, scale: float, cfg: tuple):
+    from . import triton_sep as ts
+
+    bsz, heads, seq, dim = q.shape
+    dq = torch.empty_like(q)
+    bm, bn, warps, stages = cfg
+    ts._sep_bwd_dq_kernel[(_cdiv(seq, bm), bsz * heads)](
+        q, k, v, dout, dq, lse, delta, positions, cum, scale,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
+        heads, seq, lo_off,
+        HEAD_DIM=dim, BLOCK_M=bm, BLOCK_N=bn, HAS_COMPACT=lo_off < seq - 1, num_warps=warps, num_stages=stages,
+    )
+    return dq
+
+
+def launch_backward_dkdv_compact(q, k, v, dout, lse, delta, positions, cum, lo_off: int, scale: float, cfg: tuple):
+    """float32 ``(dk, dv)`` of the listed keys in compact order (slot ``j`` = ``positions[b, j]``)."""
+    from . import triton_sep as ts
+
+    bsz, heads, seq, dim = q.shape
+    dkc = torch.empty(bsz, heads, seq, dim, device=q.device, dtype=torch.float32)
+    dvc = torch.empty_like(dkc)
+    bm, bn, warps, stages = cfg
+    ts._sep_bwd_dkdv_compact_kernel[(_cdiv(seq, bn), bsz * heads)](
+        q, k, v, dout, dkc, dvc, lse, delta, positions, cum, scale,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
+        heads, seq, lo_off,
+        HEAD_DIM=dim, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+    )
+    return dkc, dvc
+
+
+def launch_backward_dkdv_band(q, k, v, dout, lse, delta, dkc, dvc, cum, lo_off: int, scale: float, cfg: tuple):
+    """dK/dV: the band part plus (when ``dkc`` is given) the compact share of each listed key."""
+    from . import triton_sep as ts
+
+    bsz, heads, seq, dim = q.shape
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    has_compact = dkc is not None
+    if not has_compact:
+        dkc = dvc = lse  # never read: HAS_COMPACT=False compiles the compact share out
+    bm, bn, warps, stages = cfg
+    ts._sep_bwd_dkdv_band_kernel[(_cdiv(seq, bn), bsz * heads)](
+        q, k, v, dout, dk, dv, dkc, dvc, lse, delta, cum, scale,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
+        heads, seq, lo_off,
+        HEAD_DIM=dim, BLOCK_M=bm, BLOCK_N=bn, HAS_COMPACT=has_compact, num_warps=warps, num_stages=stages,
+    )
+    return dk, dv
+
+
 class _SepAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, positions, cum, lo_off: int, scale: float):
-        from . import triton_sep as ts
-
-        bsz, heads, seq, dim = q.shape
-        has_compact = lo_off < seq - 1  # otherwise every causal key is in the band
-        out = torch.empty_like(q)
-        lse = torch.empty(bsz, heads, seq, device=q.device, dtype=torch.float32)
-        bm, bn, warps, stages = _block_config(dim)["fwd"]
-        grid = (_cdiv(seq, bm), bsz * heads)
-        ts._sep_fwd_kernel[grid](
-            q, k, v, out, lse, positions, cum, scale,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-            heads, seq, lo_off,
-            HEAD_DIM=dim, BLOCK_M=bm, BLOCK_N=bn, HAS_COMPACT=has_compact, num_warps=warps, num_stages=stages,
-        )
+        out, lse = launch_forward(q, k, v, positions, cum, lo_off, scale, _block_config(q.shape[-1])["fwd"])
         ctx.save_for_backward(q, k, v, out, lse, positions, cum)
         ctx.lo_off = lo_off
         ctx.scale = scale
-        ctx.has_compact = has_compact
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        from . import triton_sep as ts
-
         q, k, v, out, lse, positions, cum = ctx.saved_tensors
-        lo_off, scale, has_compact = ctx.lo_off, ctx.scale, ctx.has_compact
-        bsz, heads, seq, dim = q.shape
+        lo_off, scale = ctx.lo_off, ctx.scale
         if dout.stride(-1) != 1:
             dout = dout.contiguous()
-        delta = (dout.float() * out.float()).sum(-1).contiguous()
-        cfg = _block_config(dim)
-        dq = torch.empty_like(q)
-        dk = torch.empty_like(k)
-        dv = torch.empty_like(v)
-
-        bm, bn, warps, stages = cfg["dq"]
-        ts._sep_bwd_dq_kernel[(_cdiv(seq, bm), bsz * heads)](
-            q, k, v, dout, dq, lse, delta, positions, cum, scale,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
-            heads, seq, lo_off,
-            HEAD_DIM=dim, BLOCK_M=bm, BLOCK_N=bn, HAS_COMPACT=has_compact, num_warps=warps, num_stages=stages,
-        )
-        bm, bn, warps, stages = cfg["dkdv"]
-        if has_compact:
-            dkc = torch.empty(bsz, heads, seq, dim, device=q.device, dtype=torch.float32)
-            dvc = torch.empty_like(dkc)
-            ts._sep_bwd_dkdv_compact_kernel[(_cdiv(seq, bn), bsz * heads)](
-                q, k, v, dout, dkc, dvc, lse, delta, positions, cum, scale,
-                *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
-                heads, seq, lo_off,
-                HEAD_DIM=dim, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
-            )
-        else:
-            dkc = dvc = lse  # never read: HAS_COMPACT=False compiles the compact share out
-        ts._sep_bwd_dkdv_band_kernel[(_cdiv(seq, bn), bsz * heads)](
-            q, k, v, dout, dk, dv, dkc, dvc, lse, delta, cum, scale,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
-            heads, seq, lo_off,
-            HEAD_DIM=dim, BLOCK_M=bm, BLOCK_N=bn, HAS_COMPACT=has_compact, num_warps=warps, num_stages=stages,
-        )
+        # delta_i = sum_d dO_i * O_i, the softmax-backward row term shared by all three kernels.
+        delta = torch.einsum("bhsd,bhsd->bhs", dout.float(), out.float()).contiguous()
+        cfg = _block_config(q.shape[-1])
+        dq = launch_backward_dq(q, k, v, dout, lse, delta, positions, cum, lo_off, scale, cfg["dq"])
+        dkc = dvc = None
+        if lo_off < q.shape[2] - 1:
+            dkc, dvc = launch_backward_dkdv_compact(q, k, v, dout, lse, delta, positions, cum, lo_off, scale,
+                                                    cfg["dkdv_c"])
+        dk, dv = launch_backward_dkdv_band(q, k, v, dout, lse, delta, dkc, dvc, cum, lo_off, scale, cfg["dkdv_b"])
         return dq, dk, dv, None, None, None, None
 
 

@@ -22,7 +22,7 @@ import triton.language as tl
 # A finite "minus infinity": a row with nothing visible yet in a block gets exp2(0)=1 garbage that the
 # rescale factor exp2(-1e30 - m) wipes out as soon as a visible score arrives (the band always holds the
 # diagonal), and no inf - inf NaNs appear.
-NEG_BIG = -1.0e30
+NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit

@@ -1,0 +1,112 @@
+"""Picks the Sep-Attention kernels' tile sizes on the current GPU and profiles where the time goes.
+
+    python -m megatron.model.sepllm.kernel.tune [--json OUT.json]
+
+Times each of the four kernels (forward, dQ, compact dK/dV, band dK/dV) for every candidate launch
+configuration on the benchmark shapes, prints the times and the per-kernel split of the best configuration
+next to SDPA's forward and backward, and writes the best table as the JSON that $SEP_ATTN_BLOCKS accepts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .metadata import build_sep_metadata
+from .op import (
+    launch_backward_dkdv_band,
+    launch_backward_dkdv_compact,
+    launch_backward_dq,
+    launch_forward,
+)
+
+SHAPES = {  # head dim -> [(B, H, S, W)]
+    64: [(8, 12, 2048, 64), (2, 12, 8192, 256)],
+    128: [(1, 16, 32768, 256)],
+}
+CANDIDATES = {
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4), (128, 128, 8, 3),
+            (128, 64, 4, 4), (64, 64, 4, 2)],
+    "dq": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 64, 4, 2),
+           (128, 64, 8, 2)],
+    "dkdv_c": [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 8, 3), (16, 128, 4, 3),
+               (64, 128, 8, 2), (32, 64, 4, 2)],
+    "dkdv_b": [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 8, 3), (16, 128, 4, 3),
+               (64, 64, 4, 2), (32, 64, 4, 2)],
+}
+
+
+def _bench(fn) -> float:
+    from triton.testing import do_bench
+
+    try:
+        return do_bench(fn, warmup=10, rep=40)
+    except Exception as err:  # out of shared memory / registers for this tile: not a candidate here
+        print(f"    skipped: {type(err).__name__}: {str(err).splitlines()[0][:100]}")
+        return math.inf
+
+
+def tune_shape(dim: int, bsz: int, heads: int, seq: int, window: int) -> dict:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, dout = (torch.randn(bsz, heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+                     for _ in range(4))
+    flags = torch.rand(bsz, seq, device="cuda", generator=gen) < 0.15
+    meta = build_sep_metadata(flags, torch.zeros(bsz, dtype=torch.long, device="cuda"), 3)
+    lo_off, scale = window - 1, dim ** -0.5
+    pos, cum = meta.positions, meta.cum
+    out, lse = launch_forward(q, k, v, pos, cum, lo_off, scale, CANDIDATES["fwd"][0])
+    delta = torch.einsum("bhsd,bhsd->bhs", dout.float(), out.float()).contiguous()
+    dkc, dvc = launch_backward_dkdv_compact(q, k, v, dout, lse, delta, pos, cum, lo_off, scale, CANDIDATES["dkdv_c"][0])
+    runners = {
+        "fwd": lambda c: launch_forward(q, k, v, pos, cum, lo_off, scale, c),
+        "dq": lambda c: launch_backward_dq(q, k, v, dout, lse, delta, pos, cum, lo_off, scale, c),
+        "dkdv_c": lambda c: launch_backward_dkdv_compact(q, k, v, dout, lse, delta, pos, cum, lo_off, scale, c),
+        "dkdv_b": lambda c: launch_backward_dkdv_band(q, k, v, dout, lse, delta, dkc, dvc, cum, lo_off, scale, c),
+    }
+    times = {}
+    for name, cands in CANDIDATES.items():
+        times[name] = {}
+        for cfg in cands:
+            times[name][cfg] = _bench(lambda: runners[name](cfg))
+            print(f"  D{dim} B{bsz} H{heads} S{seq} W{window} {name} {cfg}: {times[name][cfg]:.3f} ms", flush=True)
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    sdpa_fwd = _bench(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True))
+    o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+    sdpa_bwd = _bench(lambda: torch.autograd.grad(o, (qs, ks, vs), dout, retain_graph=True))
+    delta_ms = _bench(lambda: torch.einsum("bhsd,bhsd->bhs", dout.float(), out.float()).contiguous())
+    best = {n: min(t.values()) for n, t in times.items()}
+    print(f"  split of the best: {', '.join(f'{n} {t:.3f}' for n, t in best.items())}, delta {delta_ms:.3f} | "
+          f"SDPA fwd {sdpa_fwd:.3f} bwd {sdpa_bwd:.3f} ms", flush=True)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write the best table here (the $SEP_ATTN_BLOCKS format)")
+    args = parser.parse_args()
+    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}")
+    table = {}
+    for dim, shapes in SHAPES.items():
+        total = {}
+        for bsz, heads, seq, window in shapes:
+            for name, per_cfg in tune_shape(dim, bsz, heads, seq, window).items():
+                for cfg, t in per_cfg.items():
+                    total.setdefault(name, {}).setdefault(cfg, 0.0)
+                    total[name][cfg] += t
+        table[str(dim)] = {name: list(min(per_cfg, key=per_cfg.get)) for name, per_cfg in total.items()}
+        print(f"best for D{dim}: {table[str(dim)]}", flush=True)
+    text = json.dumps(table)
+    print("SEP_ATTN_BLOCKS=" + text)
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, args.json)
+
+
+if __name__ == "__main__":
+    main()
