@@ -52,6 +52,10 @@ class GPT2ModelPipe(PipelineModule):
         )
         if getattr(neox_args, "torch_compile", False):
             compile_layers(self.forward_funcs)
+        # DeepSpeed's engine fills the per-block "checkpointable" table when it wraps the module; do it here too
+        # so a bare GPT2ModelPipe (tests, tools) checkpoints the same blocks instead of skipping every layer.
+        if hasattr(self, "_precompute_checkpointable_values"):
+            self._precompute_checkpointable_values()
 
     def to_sequential(self) -> SequentialWrapper:
         """The same modules (same parameters) as a plain ``nn.Module`` for ``pipe_parallel_size == 0``.
