@@ -96,6 +96,24 @@ def check_with_deepspeed(args):
         raise ConfigError(f"DeepSpeed rejects the derived DeepSpeed config: {err}") from err
 
 
+DEFAULT_MULTI_NODE_PORT = 29500
+
+
+def free_local_port() -> int:
+    """A TCP port nothing listens on right now (the OS picks it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def master_port(args) -> int:
+    if args.master_port is not None:
+        return args.master_port
+    return DEFAULT_MULTI_NODE_PORT if args.hostfile else free_local_port()
+
+
 def build_runner_argv(args, resolved_path: str, has_cuda: bool) -> list:
     """argv for `deepspeed.launcher.runner.main`, from the resolved arguments."""
     argv = []
@@ -112,7 +130,7 @@ def build_runner_argv(args, resolved_path: str, has_cuda: bool) -> list:
     elif not has_cuda and not args.hostfile and not args.include and not args.exclude:
         # Without a GPU DeepSpeed would count NUMA nodes; say exactly how many CPU processes we validated for.
         argv += ["--num_gpus", str(args.global_num_gpus)]
-    argv += ["--master_port", str(args.master_port)]
+    argv += ["--master_port", str(master_port(args))]
     if args.master_addr:
         argv += ["--master_addr", args.master_addr]
     argv += ["--launcher", args.launcher]

@@ -18,7 +18,9 @@ class LauncherArgs:
     num_nodes: int = arg(-1, "Use the first N hosts of the hostfile (-1: all).")
     num_gpus: Optional[int] = arg(
         None, "Devices per node (None: all visible GPUs; on a machine without GPUs, CPU processes, default 1).")
-    master_port: int = arg(29500, "torch.distributed rendezvous port.")
+    master_port: Optional[int] = arg(
+        None, "torch.distributed rendezvous port. None: a free port on single-node runs (so concurrent local "
+              "runs do not collide), 29500 (DeepSpeed's default) on multi-node runs.")
     master_addr: Optional[str] = arg(None, "Address of node 0 (None: DeepSpeed infers it).")
     launcher: str = arg("pdsh", "Multi-node launcher backend.", choices=LAUNCHERS)
     force_multi: bool = arg(False, "Use the multi-node launcher even for a single node.")

@@ -41,7 +41,8 @@ def test_cpu_launch_argv_and_resolved_config(tmp_path, run_setup):
     assert rc == 0 and len(rec.calls) == 1
     argv = rec.calls[0]
     assert argv[argv.index("--num_gpus") + 1] == "2"
-    assert argv[argv.index("--launcher") + 1] == "pdsh" and argv[argv.index("--master_port") + 1] == "29500"
+    assert argv[argv.index("--launcher") + 1] == "pdsh"
+    assert 0 < int(argv[argv.index("--master_port") + 1]) < 65536  # a free local port, not a fixed one
     assert "--hostfile" not in argv
     assert argv[-3:] == [os.path.abspath(script), "--neox_config_file", str(resolved)]
     on_rank = NeoXArgs.consume_neox_args(argv[-2:], env=cpu(WORLD_SIZE=2, RANK=1, LOCAL_RANK=1))
@@ -77,6 +78,10 @@ def test_hostfile_launch_argv(tmp_path, run_setup):
     assert argv[:4] == ["--hostfile", hostfile, "--include", "node-a@node-b:1"]
     assert argv[argv.index("--launcher") + 1] == "openmpi" and argv[argv.index("--master_port") + 1] == "1234"
     assert "--force_multi" in argv and "--num_gpus" not in argv
+    rec = Recorder()
+    deepy.main([script, cfg, "--hostfile", hostfile, "--resolved_config", str(tmp_path / "r2.yml")], runner=rec,
+               env=cpu(), host_resolver=lambda h: True)
+    assert rec.calls[0][rec.calls[0].index("--master_port") + 1] == "29500"  # multi-node default
     assert NeoXArgs.from_resolved(str(tmp_path / "r.yml"), env=cpu(WORLD_SIZE=3)).global_num_gpus == 3
 
 
