@@ -155,6 +155,33 @@ def strip_gutenberg(text: str) -> str:
     return text[start.end() if start else 0:end.start() if end else len(text)].strip()
 
 
+def chapters_from_gutenberg_kjv(text: str) -> list[str]:
+    """Chapter texts of Gutenberg's KJV, where each verse is a paragraph starting ``<chapter>:<verse>``.
+
+    A verse ``N:1`` starts a new chapter; a book title between chapters stays with the chapter it precedes.
+    """
+    chapters: list[list[str]] = [[]]
+    has_verse = False
+    pending = 0  # trailing non-verse paragraphs (a book title) of the current chapter
+    for para in re.split(r"\n\s*\n", text):
+        para = " ".join(para.split())
+        if not para:
+            continue
+        m = re.match(r"^(\d+):(\d+)\s+(.*)$", para)
+        if m and m.group(2) == "1" and has_verse:
+            # The pending title belongs to the chapter that starts here.
+            cut = len(chapters[-1]) - pending
+            chapters.append(chapters[-1][cut:])
+            del chapters[-2][cut:]
+        if m:
+            chapters[-1].append(m.group(3))
+            has_verse, pending = True, 0
+        else:
+            chapters[-1].append(para)
+            pending = pending + 1 if has_verse else 0
+    return ["\n".join(c) for c in chapters if c]
+
+
 def fetch_from_gutenberg(work_dir: str, with_bible: bool = True, log=print) -> dict[str, list[str]]:
     """Source name -> chapter texts, downloaded from Project Gutenberg over HTTPS."""
     sources = {}
@@ -166,8 +193,7 @@ def fetch_from_gutenberg(work_dir: str, with_bible: bool = True, log=print) -> d
         with open(path, encoding="utf-8-sig", errors="replace") as f:
             text = strip_gutenberg(f.read().replace("\r\n", "\n"))
         if name == "kjv":
-            # Gutenberg's KJV marks verses "1:1 In the beginning"; paragraphs are blank-line separated.
-            sources["bible/kjv"] = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+            sources["bible/kjv"] = chapters_from_gutenberg_kjv(text)
         else:
             sources[f"austen/{name}"] = split_chapters(text.split("\n"))
     return sources

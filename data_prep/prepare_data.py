@@ -57,8 +57,16 @@ def _read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _dataset_ok(prefix: str) -> bool:
-    if not indexed_dataset.MMapIndexedDataset.exists(prefix):
+def _newer_than(outputs: list[str], inputs: list[str]) -> bool:
+    """Every output exists and none is older than any input (an input redone means redo the output)."""
+    if not all(os.path.exists(p) for p in outputs):
+        return False
+    return min(os.path.getmtime(p) for p in outputs) >= max((os.path.getmtime(p) for p in inputs), default=0)
+
+
+def _dataset_ok(prefix: str, inputs: tuple[str, ...] = ()) -> bool:
+    files = [indexed_dataset.data_file_path(prefix), indexed_dataset.index_file_path(prefix)]
+    if not _newer_than(files, list(inputs)):
         return False
     try:
         indexed_dataset.make_dataset(prefix)
@@ -115,7 +123,7 @@ def prepare_default(data_dir: str, vocab_size: int, workers: int, with_bible: bo
     splits = {s: [r for i, r in enumerate(records) if split_of(i) == s] for s in ("train", "valid", "test")}
 
     tok_path = os.path.join(out_dir, "tokenizer.json")
-    if os.path.exists(tok_path) and not force:
+    if not force and _newer_than([tok_path], [corpus]):
         _log(f"tokenizer {tok_path} exists: skipping training")
     else:
         t = time.time()
@@ -125,7 +133,7 @@ def prepare_default(data_dir: str, vocab_size: int, workers: int, with_bible: bo
 
     full = os.path.join(out_dir, "default")
     full_prefix = f"{full}_text_document"
-    if force or not _dataset_ok(full_prefix):
+    if force or not _dataset_ok(full_prefix, (corpus, tok_path)):
         args = preprocess_data.get_args(["--input", corpus, "--output-prefix", full, "--tokenizer-type",
                                          "HFTokenizer", "--vocab-file", tok_path, "--append-eod",
                                          "--workers", str(workers), "--log-interval", "1000"])
@@ -142,7 +150,7 @@ def prepare_default(data_dir: str, vocab_size: int, workers: int, with_bible: bo
     for split in ("train", "valid", "test"):
         prefix = os.path.join(out_dir, f"default_{split}_text_document")
         out[split] = prefix
-        if not force and _dataset_ok(prefix):
+        if not force and _dataset_ok(prefix, (indexed_dataset.index_file_path(full_prefix),)):
             continue
         with indexed_dataset.make_builder(indexed_dataset.data_file_path(prefix), dtype=ds.dtype) as b:
             for i in range(len(ds)):

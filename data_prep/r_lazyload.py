@@ -176,14 +176,13 @@ class _Reader:
             self.item()  # enclosing environment
             frame = self.item()
             hashtab = self.item()
-            attrs = self.item()
+            self.item()  # attributes of the environment: not needed for data
             if isinstance(frame, RPairList):
                 env.frame.update(frame.as_dict())
             if isinstance(hashtab, RVector):
                 for bucket in hashtab:
                     if isinstance(bucket, RPairList):
                         env.frame.update(bucket.as_dict())
-            del attrs
             return env
         if t in (LISTSXP, LANGSXP, CLOSXP, PROMSXP, DOTSXP, ATTRLANGSXP, ATTRLISTSXP):
             if t == CLOSXP:

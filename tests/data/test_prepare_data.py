@@ -192,6 +192,12 @@ def test_prepare_default_offline(tmp_path, monkeypatch):
     stamps = {p: os.path.getmtime(p) for p in (out["tokenizer"], out["all"] + ".bin", out["train"] + ".idx")}
     prepare_data.prepare_default(str(data_dir), vocab_size=300, workers=1, with_bible=False)
     assert stamps == {p: os.path.getmtime(p) for p in stamps}
+    # A retrained tokenizer makes the token files stale: they are rebuilt, not reused.
+    os.remove(out["tokenizer"])
+    prepare_data.prepare_default(str(data_dir), vocab_size=280, workers=1, with_bible=False)
+    assert make_tokenizer("HFTokenizer", out["tokenizer"]).vocab_size == 280
+    assert os.path.getmtime(out["all"] + ".bin") >= os.path.getmtime(out["tokenizer"])
+    assert int(make_dataset(out["all"]).sizes.sum()) > int(full.sizes.sum())  # smaller vocab, more tokens
     assert not [p for p in os.listdir(data_dir / "default") if ".tmp" in p]
 
 
@@ -221,3 +227,15 @@ def test_prepare_default_real_packages(tmp_path):
     tok = make_tokenizer("HFTokenizer", str(tmp_path / "default/tokenizer.json"))
     text = "".join(tok.detokenize(full[i]) for i in range(len(full)))
     assert "It is a truth universally acknowledged" in text
+
+
+def test_gutenberg_fallback_parsing():
+    text = ("The First Book of Moses: Called Genesis\n\n1:1 In the beginning God created\nthe heaven.\n\n"
+            "1:2 And the earth.\n\n2:1 Thus the heavens.\n\nThe Second Book of Moses: Called Exodus\n\n"
+            "1:1 Now these are the names.\n\n1:2 Reuben.")
+    assert default_corpus.chapters_from_gutenberg_kjv(text) == [
+        "The First Book of Moses: Called Genesis\nIn the beginning God created the heaven.\nAnd the earth.",
+        "Thus the heavens.",
+        "The Second Book of Moses: Called Exodus\nNow these are the names.\nReuben."]
+    book = "*** START OF THE PROJECT GUTENBERG EBOOK X ***\nBODY\n*** END OF THE PROJECT GUTENBERG EBOOK X ***\nlicense"
+    assert default_corpus.strip_gutenberg(book) == "BODY"
