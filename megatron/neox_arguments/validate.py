@@ -179,6 +179,21 @@ def validate_precision(args, env, on_rank):
             raise ConfigError(f"key 'fp16.loss_scale' must be >= 0 (0 = dynamic), got {section['loss_scale']}")
 
 
+def validate_deepspeed(args):
+    if args.sparse_gradients:
+        raise ConfigError("key 'sparse_gradients' is true, but DeepSpeed >= 0.19 removed sparse embedding-gradient "
+                          "compression; remove the key")
+    for key in ("optimizer", "amp", "flops_profiler", "activation_checkpointing", "comms_logger", "checkpoint",
+                "data_types", "deepspeed_extra_args"):
+        value = getattr(args, key)
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"key '{key}' must be a mapping, got {value!r}")
+    extra = args.deepspeed_extra_args or {}
+    if "scheduler" in extra:
+        raise ConfigError("key 'deepspeed_extra_args.scheduler': the learning-rate schedule is the trainer's "
+                          "(lr_decay_style, warmup, lr_decay_iters, min_lr), not DeepSpeed's")
+
+
 def validate_launcher(args, on_rank, host_resolver=None):
     if on_rank or not args.hostfile or not args.check_hostfile_hosts:
         return
@@ -213,5 +228,6 @@ def validate_all(args, env, on_rank=False, host_resolver=None):
     validate_tokenizer(args)
     validate_checkpoints(args)
     validate_precision(args, env, on_rank)
+    validate_deepspeed(args)
     validate_launcher(args, on_rank, host_resolver)
     return run_sepllm_checker(args)
