@@ -35,12 +35,13 @@ class Rotary(nn.Module):
         self.rot_dim = rot_dim
         self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, rot_dim, 2).float() / rot_dim), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, H, S, D]
-        seq = x.shape[2]
-        t = torch.arange(seq, device=x.device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq)
+    def tables(self, seq: int, device, dtype):
+        """cos/sin tables ``[S, rot_dim]``, computed once per forward and shared by every layer."""
+        freqs = torch.outer(torch.arange(seq, device=device, dtype=torch.float32), self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # x [B, H, S, D]
         rot, rest = x[..., : self.rot_dim], x[..., self.rot_dim:]
         half = self.rot_dim // 2
         rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
@@ -61,11 +62,11 @@ class Layer(nn.Module):
         self.dense_4h_to_h = nn.Linear(4 * hidden, hidden)
         self.rotary = rotary
 
-    def forward(self, x, attend):
+    def forward(self, x, attend, cos, sin):
         bsz, seq, hidden = x.shape
         qkv = self.query_key_value(self.input_layernorm(x)).view(bsz, seq, self.heads, 3, hidden // self.heads)
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # [B, H, S, D]
-        q, k = self.rotary(q), self.rotary(k)
+        q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
         ctx = attend(q, k, v).transpose(1, 2).reshape(bsz, seq, hidden)
         mlp = self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(self.post_attention_layernorm(x))))
         return x + self.dense(ctx) + mlp
@@ -75,6 +76,7 @@ class TinyNeoX(nn.Module):
     def __init__(self, layers=12, hidden=768, heads=12, vocab=50304, rotary_pct=0.25):
         super().__init__()
         rotary = Rotary(int(hidden // heads * rotary_pct))
+        self.rotary = rotary
         self.word_embeddings = nn.Embedding(vocab, hidden)
         self.layers = nn.ModuleList(Layer(hidden, heads, rotary) for _ in range(layers))
         self.norm = nn.LayerNorm(hidden, eps=1e-5)
@@ -82,8 +84,9 @@ class TinyNeoX(nn.Module):
 
     def forward(self, ids, attend):
         x = self.word_embeddings(ids)
+        cos, sin = self.rotary.tables(ids.shape[1], ids.device, torch.get_autocast_dtype("cuda"))
         for layer in self.layers:
-            x = layer(x, attend)
+            x = layer(x, attend, cos, sin)
         return self.final_linear(self.norm(x))
 
 

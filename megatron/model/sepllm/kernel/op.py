@@ -19,8 +19,8 @@ _SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 # ``python -m megatron.model.sepllm.kernel.tune`` on an H100 (docs/sep_attention_kernel.md). The backward
 # kernels keep one tile side small so the float32 accumulators fit in registers.
 _DEFAULT_BLOCKS = {
-    64: dict(fwd=(128, 64, 4, 3), dq=(128, 32, 4, 3), dkdv_c=(32, 128, 4, 3), dkdv_b=(32, 128, 4, 3)),
-    128: dict(fwd=(128, 64, 8, 3), dq=(128, 32, 8, 2), dkdv_c=(32, 128, 8, 2), dkdv_b=(32, 128, 8, 2)),
+    64: dict(fwd=(64, 32, 4, 4), dq=(64, 32, 4, 3), dkdv_c=(64, 64, 4, 3), dkdv_b=(32, 64, 4, 2)),
+    128: dict(fwd=(64, 64, 4, 2), dq=(64, 64, 4, 2), dkdv_c=(64, 128, 8, 3), dkdv_b=(32, 64, 4, 3)),
 }
 _BLOCK_ENV = "SEP_ATTN_BLOCKS"  # JSON {"64": {"fwd": [bm, bn, warps, stages], ...}} overriding the table
 
@@ -72,19 +72,21 @@ def launch_forward(q, k, v, positions, cum, lo_off: int, scale: float, cfg: tupl
     return out, lse
 
 
-def launch_backward_dq(q, k, v, dout, lse, delta, positions, cum, lo_off: int, scale: float, cfg: tuple):
+def launch_backward_dq(q, k, v, out, dout, lse, positions, cum, lo_off: int, scale: float, cfg: tuple):
+    """Returns ``(dq, delta)``; ``delta = rowsum(dO * O)`` (float32 ``[B, H, S]``) feeds the dK/dV kernels."""
     from . import triton_sep as ts
 
     bsz, heads, seq, dim = q.shape
     dq = torch.empty_like(q)
+    delta = torch.empty_like(lse)
     bm, bn, warps, stages = cfg
     ts._sep_bwd_dq_kernel[(_cdiv(seq, bm), bsz * heads)](
-        q, k, v, dout, dq, lse, delta, positions, cum, scale,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
+        q, k, v, out, dout, dq, lse, delta, positions, cum, scale,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(dout), *_strides(dq),
         heads, seq, lo_off,
         HEAD_DIM=dim, BLOCK_M=bm, BLOCK_N=bn, HAS_COMPACT=lo_off < seq - 1, num_warps=warps, num_stages=stages,
     )
-    return dq
+    return dq, delta
 
 
 def launch_backward_dkdv_compact(q, k, v, dout, lse, delta, positions, cum, lo_off: int, scale: float, cfg: tuple):
@@ -139,10 +141,8 @@ class _SepAttentionFn(torch.autograd.Function):
         lo_off, scale = ctx.lo_off, ctx.scale
         if dout.stride(-1) != 1:
             dout = dout.contiguous()
-        # delta_i = sum_d dO_i * O_i, the softmax-backward row term shared by all three kernels.
-        delta = torch.einsum("bhsd,bhsd->bhs", dout.float(), out.float()).contiguous()
         cfg = _block_config(q.shape[-1])
-        dq = launch_backward_dq(q, k, v, dout, lse, delta, positions, cum, lo_off, scale, cfg["dq"])
+        dq, delta = launch_backward_dq(q, k, v, out, dout, lse, positions, cum, lo_off, scale, cfg["dq"])
         dkc = dvc = None
         if lo_off < q.shape[2] - 1:
             dkc, dvc = launch_backward_dkdv_compact(q, k, v, dout, lse, delta, positions, cum, lo_off, scale,

@@ -99,16 +99,18 @@ def _sep_fwd_kernel(
 
 @triton.jit
 def _sep_bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, POS, CUM,
+    Q, K, V, O, DO, DQ, LSE, DELTA, POS, CUM,
     sm_scale,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os,
     stride_dob, stride_doh, stride_dos,
     stride_dqb, stride_dqh, stride_dqs,
     H, S, lo_off,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_COMPACT: tl.constexpr,
 ):
+    """dQ of a query block; also computes and stores delta = rowsum(dO * O) for the dK/dV kernels that follow."""
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -124,7 +126,10 @@ def _sep_bwd_dq_kernel(
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0)
+    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    o = tl.load(o_base + offs_m[:, None] * stride_os + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * S + offs_m, delta, mask=row_ok)
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     win_lo = offs_m - lo_off

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .metadata import build_sep_metadata
 from .op import (
+    _block_config,
     launch_backward_dkdv_band,
     launch_backward_dkdv_compact,
     launch_backward_dq,
@@ -50,7 +51,7 @@ def _bench(fn) -> float:
         return math.inf
 
 
-def tune_shape(dim: int, bsz: int, heads: int, seq: int, window: int) -> dict:
+def tune_shape(dim: int, bsz: int, heads: int, seq: int, window: int, candidates: dict) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, dout = (torch.randn(bsz, heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
                      for _ in range(4))
@@ -59,16 +60,16 @@ def tune_shape(dim: int, bsz: int, heads: int, seq: int, window: int) -> dict:
     lo_off, scale = window - 1, dim ** -0.5
     pos, cum = meta.positions, meta.cum
     out, lse = launch_forward(q, k, v, pos, cum, lo_off, scale, CANDIDATES["fwd"][0])
-    delta = torch.einsum("bhsd,bhsd->bhs", dout.float(), out.float()).contiguous()
+    _, delta = launch_backward_dq(q, k, v, out, dout, lse, pos, cum, lo_off, scale, CANDIDATES["dq"][0])
     dkc, dvc = launch_backward_dkdv_compact(q, k, v, dout, lse, delta, pos, cum, lo_off, scale, CANDIDATES["dkdv_c"][0])
     runners = {
         "fwd": lambda c: launch_forward(q, k, v, pos, cum, lo_off, scale, c),
-        "dq": lambda c: launch_backward_dq(q, k, v, dout, lse, delta, pos, cum, lo_off, scale, c),
+        "dq": lambda c: launch_backward_dq(q, k, v, out, dout, lse, pos, cum, lo_off, scale, c),
         "dkdv_c": lambda c: launch_backward_dkdv_compact(q, k, v, dout, lse, delta, pos, cum, lo_off, scale, c),
         "dkdv_b": lambda c: launch_backward_dkdv_band(q, k, v, dout, lse, delta, dkc, dvc, cum, lo_off, scale, c),
     }
     times = {}
-    for name, cands in CANDIDATES.items():
+    for name, cands in candidates.items():
         times[name] = {}
         for cfg in cands:
             times[name][cfg] = _bench(lambda: runners[name](cfg))
@@ -77,9 +78,8 @@ def tune_shape(dim: int, bsz: int, heads: int, seq: int, window: int) -> dict:
     sdpa_fwd = _bench(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True))
     o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
     sdpa_bwd = _bench(lambda: torch.autograd.grad(o, (qs, ks, vs), dout, retain_graph=True))
-    delta_ms = _bench(lambda: torch.einsum("bhsd,bhsd->bhs", dout.float(), out.float()).contiguous())
     best = {n: min(t.values()) for n, t in times.items()}
-    print(f"  split of the best: {', '.join(f'{n} {t:.3f}' for n, t in best.items())}, delta {delta_ms:.3f} | "
+    print(f"  split of the best: {', '.join(f'{n} {t:.3f}' for n, t in best.items())} | "
           f"SDPA fwd {sdpa_fwd:.3f} bwd {sdpa_bwd:.3f} ms", flush=True)
     return times
 
@@ -87,13 +87,16 @@ def tune_shape(dim: int, bsz: int, heads: int, seq: int, window: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the best table here (the $SEP_ATTN_BLOCKS format)")
+    parser.add_argument("--profile-only", action="store_true",
+                        help="time only the configuration in use (the per-kernel split), no search")
     args = parser.parse_args()
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}")
     table = {}
     for dim, shapes in SHAPES.items():
         total = {}
+        candidates = {n: [_block_config(dim)[n]] for n in CANDIDATES} if args.profile_only else CANDIDATES
         for bsz, heads, seq, window in shapes:
-            for name, per_cfg in tune_shape(dim, bsz, heads, seq, window).items():
+            for name, per_cfg in tune_shape(dim, bsz, heads, seq, window, candidates).items():
                 for cfg, t in per_cfg.items():
                     total.setdefault(name, {}).setdefault(cfg, 0.0)
                     total[name][cfg] += t
