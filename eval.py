@@ -1,0 +1,79 @@
+"""lm-evaluation-harness evaluation of a trainer checkpoint (through deepy.py) or an export directory.
+
+    python deepy.py eval.py config.yml                 # tasks from the YAML key eval_tasks
+    python eval.py --neox_config_file RESOLVED.yml --eval_tasks piqa sciq
+    python eval.py --model_dir EXPORT --eval_tasks lambada_openai --include_path my_tasks/ --limit 100
+
+An export also works with lm-eval's own HF backend:
+    lm_eval --model hf --model_args pretrained=EXPORT,trust_remote_code=True --tasks piqa
+
+Results are printed as lm-eval's table and written to ``<eval_results_prefix>_eval_results_<time>.json``.
+Only rank 0 evaluates when launched on several ranks.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="lm-eval over a SepLLM model")
+    parser.add_argument("--neox_config_file", default=None, help="set by deepy.py (trainer checkpoint mode)")
+    parser.add_argument("--model_dir", default=None, help="export directory")
+    parser.add_argument("--eval_tasks", nargs="+", default=None)
+    parser.add_argument("--include_path", default=None, help="directory of local lm-eval task YAMLs")
+    parser.add_argument("--limit", type=int, default=None, help="documents per task (for quick checks)")
+    parser.add_argument("--num_fewshot", type=int, default=None)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--eval_results_prefix", default=None)
+    parser.add_argument("--device", default=None)
+    args, _ = parser.parse_known_args(argv)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    import torch
+
+    from megatron.hf.lm_eval_adapter import run_lm_eval
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tasks, prefix = args.eval_tasks, args.eval_results_prefix
+    if args.neox_config_file:
+        from megatron.hf.loading import load_from_neox_args
+        from megatron.neox_arguments import NeoXArgs
+
+        neox_args = NeoXArgs.consume_neox_args()
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0
+        tasks = tasks or getattr(neox_args, "eval_tasks", None)
+        prefix = prefix if prefix is not None else getattr(neox_args, "eval_results_prefix", "")
+        model, tokenizer = load_from_neox_args(neox_args, device)
+    elif args.model_dir:
+        from megatron.hf.loading import load_export
+
+        model, tokenizer = load_export(args.model_dir, device)
+    else:
+        print("eval.py: error: give --model_dir EXPORT or launch through deepy.py with a config", file=sys.stderr)
+        return 2
+    if not tasks:
+        print("eval.py: error: no tasks: set eval_tasks in the YAML or pass --eval_tasks", file=sys.stderr)
+        return 2
+    results = run_lm_eval(model, tokenizer, tasks, args.include_path, args.limit, args.batch_size,
+                          args.num_fewshot)
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    path = f"{prefix or ''}{'_' if prefix else ''}eval_results_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    tmp = path + ".tmp"
+    with open(tmp, "w") as handle:
+        json.dump({"results": results["results"], "config": {"tasks": tasks, "limit": args.limit}}, handle,
+                  indent=2, default=str)
+    os.replace(tmp, path)
+    print(f"eval.py: results written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Loading a model for inference: from a trainer checkpoint (in memory, no export written) or an export dir.
+
+Both paths end in the same HF model classes, so generation, streaming and lm-eval share one code path and
+the trainer-vs-HF parity tests cover all of them. A trainer checkpoint becomes a ``sepllm_gpt_neox`` model
+(every attention mode), converted with the exporter's own readers and merge rules.
+"""
+import os
+from typing import List, Optional
+
+import torch
+
+
+class TextTokenizer:
+    """The small tokenizer surface inference needs: ``encode``, ``decode``, ``eod``, ``pad``, ``vocab_size``."""
+
+    def __init__(self, hf_tokenizer=None, megatron_tokenizer=None):
+        if (hf_tokenizer is None) == (megatron_tokenizer is None):
+            raise ValueError("TextTokenizer needs exactly one of an HF or a megatron tokenizer")
+        self.hf = hf_tokenizer
+        self.mt = megatron_tokenizer
+
+    def encode(self, text: str) -> List[int]:
+        if self.hf is not None:
+            return list(self.hf(text, add_special_tokens=False)["input_ids"])
+        return list(self.mt.tokenize(text))
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if self.hf is not None:
+            return self.hf.decode(ids)
+        return self.mt.detokenize(ids)
+
+    @property
+    def eod(self) -> int:
+        if self.hf is not None:
+            return int(self.hf.eos_token_id if self.hf.eos_token_id is not None else 0)
+        return int(self.mt.eod)
+
+    @property
+    def pad(self) -> int:
+        if self.hf is not None and self.hf.pad_token_id is not None:
+            return int(self.hf.pad_token_id)
+        return self.eod
+
+
+def load_export(model_dir: str, device: str = "cpu", dtype: Optional[torch.dtype] = None):
+    """``(model, TextTokenizer)`` from an export directory (stock gpt_neox or remote-code sepllm_gpt_neox)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(f"{model_dir} is not an export directory (no config.json)")
+    kwargs = {"trust_remote_code": True}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return model, TextTokenizer(hf_tokenizer=tokenizer)
+
+
+def load_from_neox_args(neox_args, device: str = "cpu"):
+    """``(model, TextTokenizer)`` from the checkpoint ``neox_args.load`` points at (``latest`` or a tag dir)."""
+    from megatron.checkpointing import resolve_checkpoint
+    from megatron.hf.configuration_sepllm_gpt_neox import SepLLMGPTNeoXConfig
+    from megatron.hf.modeling_sepllm_gpt_neox import SepLLMGPTNeoXForCausalLM
+    from tools.ckpts.convert_neox_to_hf import CheckpointReader, build_state_dict, resolve_precision, \
+        sepllm_config_dict
+
+    load_dir, tag = resolve_checkpoint(neox_args.load)
+    cfg = {k: v for k, v in neox_args.to_dict().items()}
+    reader = CheckpointReader(os.path.join(load_dir, tag), int(cfg["num_layers"]))
+    sd = build_state_dict(reader, cfg, int(cfg["hidden_size"]), int(cfg["num_attention_heads"]), None,
+                          bool(cfg.get("USE_BiPE", False)))
+    config_dict = sepllm_config_dict(cfg, sd["gpt_neox.embed_in.weight"].shape[0])
+    for key in ("model_type", "architectures", "auto_map", "torch_dtype"):
+        config_dict.pop(key, None)
+    config = SepLLMGPTNeoXConfig(**config_dict)
+    model = SepLLMGPTNeoXForCausalLM(config)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {load_dir}/{tag} does not fit the model: missing {missing}, "
+                         f"unexpected {unexpected}")
+    dtype = resolve_precision(cfg, "auto")
+    if device == "cpu" and dtype == torch.float16:
+        dtype = torch.float32  # fp16 matmuls are slow or missing on CPU
+    return model.to(device=device, dtype=dtype).eval(), tokenizer_from_neox_args(neox_args)
+
+
+def tokenizer_from_neox_args(neox_args) -> TextTokenizer:
+    vocab_file = getattr(neox_args, "vocab_file", None)
+    if vocab_file and str(vocab_file).endswith(".json") and \
+            getattr(neox_args, "tokenizer_type", "HFTokenizer") == "HFTokenizer":
+        from transformers import GPTNeoXTokenizerFast
+
+        return TextTokenizer(hf_tokenizer=GPTNeoXTokenizerFast(tokenizer_file=str(vocab_file)))
+    from megatron.tokenizer import build_tokenizer
+
+    return TextTokenizer(megatron_tokenizer=build_tokenizer(neox_args))
