@@ -14,6 +14,7 @@ from megatron.model.utils import Lambda, SequentialWrapper
 from megatron.model.word_embeddings import EmbeddingPipe
 
 TIE_KEY = "embed"
+POS_EMBS = ("rotary", "alibi", "learned", "none")
 
 
 @dataclass
@@ -39,6 +40,9 @@ def gpt2_layer_specs(neox_args, parallel_output: bool = False) -> List[Spec]:
     for key in ("num_layers", "hidden_size", "num_attention_heads", "padded_vocab_size"):
         if getattr(neox_args, key, None) is None:
             raise ValueError(f"model configuration is missing {key!r}")
+    pos_emb = getattr(neox_args, "pos_emb", "rotary")
+    if pos_emb not in POS_EMBS:
+        raise ValueError(f"pos_emb {pos_emb!r} is not supported; choose one of {', '.join(POS_EMBS)}")
     init_method, output_layer_init_method = get_init_methods(neox_args)
     tied = not bool(getattr(neox_args, "no_weight_tying", False))
     hidden = int(neox_args.hidden_size)

@@ -167,3 +167,32 @@ def test_learned_positions_and_bad_input():
     assert not torch.allclose(out, shifted)  # learned positions matter
     with pytest.raises(ValueError, match="input_ids must be"):
         model((ids[0], pos[0]))
+
+
+def test_sepllm_variant_plugs_into_the_layer():
+    """The mask-based SepLLM variant through our layer: a window covering the sequence is plain causal
+    attention (same logits as `full`), a small window is not."""
+    from megatron.model import build_sequential_model
+
+    sep = dict(USE_ORIGINAL_FULL_ATTEN=False, USE_SEP_ATTN_KERNEL_ACCELERATOR=False, separator_token_ids=[5, 7])
+    torch.manual_seed(0)
+    full = build_sequential_model(make_args())
+    wide = build_sequential_model(make_args(**sep, prefill_local_window_size=16, generate_local_window_size=16))
+    narrow = build_sequential_model(make_args(**sep, prefill_local_window_size=2, generate_local_window_size=2))
+    assert type(narrow.sequential[2].attention.core_attention).__name__ == "SepLLMMaskAttention"
+    wide.load_state_dict(full.state_dict())
+    narrow.load_state_dict(full.state_dict())
+    ids = torch.randint(8, 128, (2, 16))
+    pos = torch.arange(16).expand(2, -1)
+    with torch.no_grad():
+        ref = full((ids, pos))
+        torch.testing.assert_close(wide((ids, pos)), ref, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(narrow((ids, pos)), ref, atol=1e-3)
+
+
+def test_unknown_pos_emb_is_rejected():
+    from megatron.model import gpt2_layer_specs
+
+    with pytest.raises(ValueError, match="pos_emb 'sinusoidal'"):
+        gpt2_layer_specs(SimpleNamespace(num_layers=1, hidden_size=8, num_attention_heads=2, padded_vocab_size=8,
+                                         pos_emb="sinusoidal"))
