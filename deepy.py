@@ -156,8 +156,12 @@ def main(argv=None, runner=None, env=None, host_resolver=None) -> int:
     if REPO_ROOT not in sys.path:
         sys.path.insert(0, REPO_ROOT)
     from megatron.neox_arguments import ConfigError, NeoXArgs, detect_environment
+    from megatron.neox_arguments.environment import RANK_VARIABLES
 
     env = env or detect_environment()
+    # deepy.py is the launcher, not a rank: a WORLD_SIZE inherited from an outer job must not decide the
+    # world size; the selected resources do.
+    env.environ = {k: v for k, v in env.environ.items() if k not in RANK_VARIABLES}
     try:
         if not os.path.isfile(cli.user_script):
             raise ConfigError(f"script not found: {cli.user_script}")

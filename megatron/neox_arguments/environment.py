@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .errors import ConfigError
+
 
 @dataclass
 class Environment:
@@ -25,9 +27,10 @@ class Environment:
         try:
             return int(value)
         except ValueError:
-            from .errors import ConfigError
-
             raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+RANK_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
 
 
 def detect_environment() -> Environment:

@@ -17,6 +17,7 @@ class LoggingArgs:
     wandb_group: Optional[str] = arg(None, "wandb group name.")
     wandb_team: Optional[str] = arg(None, "wandb team (entity).")
     wandb_host: str = arg("https://api.wandb.ai", "wandb server URL.")
+    wandb_dir: Optional[str] = arg(None, "Directory for wandb's local files (None: tensorboard_dir, else save).")
     wandb_init_all_ranks: bool = arg(False, "Initialise wandb on every rank, not only rank 0.")
     log_grad_norm: bool = arg(False, "Log the gradient norm to TensorBoard/wandb (always printed).")
     log_param_norm: bool = arg(False, "Log the parameter norm.")

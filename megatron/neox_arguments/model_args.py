@@ -35,6 +35,7 @@ class ModelArgs:
     rms_norm_epsilon: float = arg(1.0e-8, "RMSNorm epsilon.")
     use_bias_in_norms: bool = arg(True, "Give the norm layers a bias (LayerNorm only).")
     use_bias_in_attn_linear: bool = arg(True, "Give the QKV and attention output projections a bias.")
+    use_bias_in_mlp: bool = arg(True, "Give the MLP projections (h->4h, 4h->h) a bias.")
     no_weight_tying: bool = arg(False, "Untie the input embedding and the output projection (Pythia: true).")
     gpt_j_residual: bool = arg(
         False, "Parallel residual x + Attn(LN1(x)) + MLP(LN2(x)) (Pythia) instead of the sequential one.")

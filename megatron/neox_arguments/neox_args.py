@@ -18,7 +18,7 @@ from .derive import derive_all
 from .environment import Environment, detect_environment
 from .errors import ConfigError
 from .launcher_args import LauncherArgs
-from .loading import KeySource, merge_sources, normalise_key, read_yaml_keys, suggest_key
+from .loading import merge_sources, normalise_key, read_yaml_keys, suggest_key
 from .logging_args import LoggingArgs
 from .model_args import ModelArgs
 from .optimizer_args import LRScheduleArgs, OptimizerArgs
@@ -96,13 +96,13 @@ class NeoXArgs(RuntimeArgs, TextGenArgs, LauncherArgs, AdjustSoftmaxArgs, SepLLM
 
         Internal keys (e.g. `padded_vocab_size`, `user_script`) are accepted here, which tests use.
         """
-        values, origins = {}, {}
+        values, spellings = {}, {}
         for raw_key, value in d.items():
             key = normalise_key(raw_key)
             if key in values:
-                raise ConfigError(f"key '{key}' is given twice (as '{origins[key].spelling}' and as '{raw_key}')")
+                raise ConfigError(f"key '{key}' is given twice (as '{spellings[key]}' and as '{raw_key}')")
             values[key] = value
-            origins[key] = KeySource("<dict>", 0, str(raw_key))
+            spellings[key] = raw_key
         return cls._build(values, {}, allow_internal=True, env=env, host_resolver=host_resolver)
 
     @classmethod

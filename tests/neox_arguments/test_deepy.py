@@ -53,7 +53,9 @@ def test_cpu_launch_argv_and_resolved_config(tmp_path, run_setup):
 def test_cpu_default_is_one_process(tmp_path, run_setup):
     cfg, script = run_setup
     rec = Recorder()
-    assert deepy.main([script, cfg, "--resolved_config", str(tmp_path / "r.yml")], runner=rec, env=cpu()) == 0
+    # A WORLD_SIZE inherited from an outer job does not count: deepy.py is the launcher.
+    assert deepy.main([script, cfg, "--resolved_config", str(tmp_path / "r.yml")], runner=rec,
+                      env=cpu(WORLD_SIZE=8, RANK=0)) == 0
     argv = rec.calls[0]
     assert argv[argv.index("--num_gpus") + 1] == "1"
 
