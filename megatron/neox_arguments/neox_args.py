@@ -53,17 +53,12 @@ class NeoXArgs(RuntimeArgs, TextGenArgs, LauncherArgs, AdjustSoftmaxArgs, SepLLM
             cls._hints = typing.get_type_hints(cls)
         return cls._hints
 
-    @classmethod
-    def topic_of(cls, name: str) -> str:
-        for topic in _TOPICS:
-            if name in {f.name for f in dataclasses.fields(topic)}:
-                return topic.__name__
-        raise KeyError(name)
-
     # ---------------------------------------------------------------- construction
     @classmethod
-    def _build(cls, values: dict, origins: dict, allow_internal: bool, given=None,
-               env: Environment = None, on_rank: bool = False, host_resolver=None) -> "NeoXArgs":
+    def _build(cls, values: dict, origins: dict, given=None, env: Environment = None, on_rank: bool = False,
+               host_resolver=None) -> "NeoXArgs":
+        """Type-check `values` (normalised keys), construct, derive and validate. Internal keys are allowed here;
+        `from_ymls` refuses them in files before calling this."""
         fields = cls.fields()
         hints = cls._annotations()
         kwargs = {}
@@ -74,9 +69,6 @@ class NeoXArgs(RuntimeArgs, TextGenArgs, LauncherArgs, AdjustSoftmaxArgs, SepLLM
                                   + suggest_key(key, [n for n, f in fields.items()
                                                       if f.metadata["role"] != "internal"]))
             meta = fields[key].metadata
-            if meta["role"] == "internal" and not allow_internal:
-                raise ConfigError(f"key '{key}'" + (f" in {where}" if where else "")
-                                  + " is set by the launcher / on each rank, not in a config file")
             kwargs[key] = coerce_value(key, value, hints[key], meta["choices"], where)
         args = cls(**kwargs)
         if given is None:
@@ -103,7 +95,7 @@ class NeoXArgs(RuntimeArgs, TextGenArgs, LauncherArgs, AdjustSoftmaxArgs, SepLLM
                 raise ConfigError(f"key '{key}' is given twice (as '{spellings[key]}' and as '{raw_key}')")
             values[key] = value
             spellings[key] = raw_key
-        return cls._build(values, {}, allow_internal=True, env=env, host_resolver=host_resolver)
+        return cls._build(values, {}, env=env, host_resolver=host_resolver)
 
     @classmethod
     def from_ymls(cls, paths, overrides: dict = None, env: Environment = None, host_resolver=None) -> "NeoXArgs":
@@ -132,7 +124,7 @@ class NeoXArgs(RuntimeArgs, TextGenArgs, LauncherArgs, AdjustSoftmaxArgs, SepLLM
         values.setdefault("config_paths", abs_paths)
         values.setdefault("config_files", _read_config_texts(abs_paths))
         given -= {"config_paths", "config_files"}
-        return cls._build(values, origins, allow_internal=True, given=given, env=env, host_resolver=host_resolver)
+        return cls._build(values, origins, given=given, env=env, host_resolver=host_resolver)
 
     @classmethod
     def from_resolved(cls, path: str, env: Environment = None) -> "NeoXArgs":
@@ -148,7 +140,7 @@ class NeoXArgs(RuntimeArgs, TextGenArgs, LauncherArgs, AdjustSoftmaxArgs, SepLLM
             raise ConfigError(f"resolved config {path} is not a mapping")
         values["neox_config_file"] = os.path.abspath(path)
         given = set(values.get("user_keys") or values)
-        return cls._build(values, {}, allow_internal=True, given=given, env=env, on_rank=True)
+        return cls._build(values, {}, given=given, env=env, on_rank=True)
 
     @classmethod
     def consume_neox_args(cls, argv=None, env: Environment = None) -> "NeoXArgs":

@@ -78,7 +78,18 @@ def test_fp16_with_hostfile_not_judged_by_launch_node(tmp_path):
     assert args.precision == "fp16" and args.global_num_gpus == 8
 
 
-def test_host_is_known(tmp_path):
+def test_host_is_known(tmp_path, monkeypatch):
+    import socket
+
+    real = socket.getaddrinfo
+
+    def offline_resolver(host, *args, **kwargs):
+        # Keep the test independent of the machine's DNS: only localhost resolves.
+        if host != "localhost":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", offline_resolver)
     assert host_is_known("localhost")
     ssh_config = write(tmp_path / "ssh_config", "Host gpu-*\n  User me\n")
     assert host_is_known("gpu-7.invalid", ssh_config=ssh_config)
