@@ -145,6 +145,21 @@ def _tasks(paths: list[str], num_docs: int | None) -> Iterator[tuple[str, list[t
             yield path, batch
 
 
+def _threaded_in_order(fn, items, stack: contextlib.ExitStack, in_flight: int):
+    """``map(fn, items)`` run on a small thread pool, results in input order, at most ``in_flight`` pending."""
+    import collections
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = stack.enter_context(ThreadPoolExecutor(max_workers=in_flight))
+    pending = collections.deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= in_flight:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def output_paths(prefix: str, key: str) -> tuple[str, str]:
     base = f"{prefix}_{key}_document"
     return indexed_dataset.data_file_path(base), indexed_dataset.index_file_path(base)
@@ -170,7 +185,9 @@ def preprocess(args: argparse.Namespace, log=sys.stderr) -> dict:
                                                                       dtype=encoder.dtype)) for k in keys]
         tasks = _tasks(args.input, args.num_docs)
         if args.workers == 1:
-            results = map(encoder.encode, tasks)
+            # The tokenizer releases the GIL and batch-encodes on its own threads; keeping a few batches
+            # in flight fills the cores while this thread decodes JSON and writes tokens.
+            results = _threaded_in_order(encoder.encode, tasks, stack, in_flight=3)
         else:
             ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods()
                                               else "spawn")
