@@ -218,7 +218,8 @@ def evaluate(engine, data_source, neox_args, eod_token, device, is_pipe: bool) -
     count = 0
     if is_pipe:
         for _ in range(neox_args.eval_iters):
-            total += engine.eval_batch(data_iter=data_iter).detach().float().to(device)
+            # Stages other than the last receive the loss by broadcast, shaped [1].
+            total += engine.eval_batch(data_iter=data_iter).detach().float().reshape(()).to(device)
             count += 1
         return float(total / max(count, 1))
     engine.eval()
@@ -304,7 +305,7 @@ class Trainer:
                 lr = self.scheduler.step(iteration)
                 self.guard.reset()
                 if self.is_pipe:
-                    loss = engine.train_batch(data_iter=train_iter).detach().float().to(self.device)
+                    loss = engine.train_batch(data_iter=train_iter).detach().float().reshape(()).to(self.device)
                 else:
                     loss = train_step_sequential(engine, train_iter, args, self.eod, self.device).float()
                 iteration += 1
@@ -339,8 +340,11 @@ class Trainer:
                     interval_start = time.perf_counter()
 
                 stopping = bool(stop_any) or (exit_interval and iteration % exit_interval == 0)
-                if args.save and (stopping or checkpointing.should_save(args, iteration)
-                                  or iteration == args.train_iters):
+                # A skipped step left the weights as they were; its scheduled save is skipped too so that
+                # checkpoints are only written after good steps (a stop request still saves).
+                scheduled = not bad_any and (checkpointing.should_save(args, iteration)
+                                             or iteration == args.train_iters)
+                if args.save and (stopping or scheduled):
                     self.save(iteration, consumed)
                 if stopping:
                     why = f"signal {stop.name}" if stop_any else f"exit_interval={exit_interval}"
@@ -362,8 +366,9 @@ class Trainer:
             # The pipeline engine already averages over data-parallel ranks; the sequential path does not.
             torch.distributed.all_reduce(loss)
             loss /= torch.distributed.get_world_size()
-        metrics = {"lm_loss": float(loss) / good if good else float("nan"), "learning_rate": lr,
-                   "skipped_iters": skipped}
+        metrics = {"learning_rate": lr, "skipped_iters": skipped}
+        if good:  # an interval of only skipped steps has no loss to report
+            metrics["lm_loss"] = float(loss) / good
         norm = _grad_norm(self.engine, self.guard, self.is_pipe, self.pipe_stages)
         if norm is not None:
             metrics["grad_norm"] = norm
