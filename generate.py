@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         from megatron.hf.loading import load_from_neox_args
         from megatron.neox_arguments import NeoXArgs
 
-        neox_args = NeoXArgs.consume_neox_args()
+        neox_args = NeoXArgs.consume_neox_args(argv if argv is not None else None)
         if int(os.environ.get("RANK", "0")) != 0:
             return 0
         for key in opts:

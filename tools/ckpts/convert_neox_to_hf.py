@@ -218,9 +218,7 @@ def check_shapes(sd: Dict[str, torch.Tensor], num_layers: int, hidden: int, head
                  vocab_rows: Optional[int]) -> None:
     """Every tensor must match the config; the error names the tensor and the config key."""
     ffn = 4 * hidden if not _get(cfg, "intermediate_size") else int(cfg["intermediate_size"])
-    expect = {
-        "gpt_neox.final_layer_norm.weight": ((hidden,), "hidden_size"),
-    }
+    expect = {}
     for i in range(num_layers):
         p = f"gpt_neox.layers.{i}."
         expect[p + "attention.query_key_value.weight"] = ((3 * hidden, hidden), "hidden_size")
@@ -228,6 +226,7 @@ def check_shapes(sd: Dict[str, torch.Tensor], num_layers: int, hidden: int, head
         expect[p + "mlp.dense_h_to_4h.weight"] = ((ffn, hidden), "hidden_size (ffn = 4 x hidden_size)")
         expect[p + "mlp.dense_4h_to_h.weight"] = ((hidden, ffn), "hidden_size (ffn = 4 x hidden_size)")
         expect[p + "input_layernorm.weight"] = ((hidden,), "hidden_size")
+    expect["gpt_neox.final_layer_norm.weight"] = ((hidden,), "hidden_size")
     for key, (shape, cfg_key) in expect.items():
         got = tuple(sd[key].shape)
         if got != shape:

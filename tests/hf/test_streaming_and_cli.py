@@ -1,0 +1,125 @@
+"""Streaming perplexity on CPU, the generate/eval/convert CLIs, and the converter's bad-input errors."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from tests.hf.helpers import SEPS, base_config, build_trainer_model, make_export, random_ids, save_checkpoint, \
+    trainer_logits
+from tools.ckpts.convert_neox_to_hf import ConversionError, export, main as convert_main
+from tools.streaming_eval import make_cache, stream_perplexity
+
+
+@pytest.fixture(scope="module")
+def neox_export(tmp_path_factory, pythia_tokenizer_path):
+    tmp = tmp_path_factory.mktemp("stream")
+    _, out = make_export(tmp, base_config(pythia_tokenizer_path, USE_ORIGINAL_FULL_ATTEN=True), "neox")
+    return out
+
+
+def test_streaming_perplexity_bounded_memory(neox_export):
+    from transformers import GPTNeoXForCausalLM
+
+    model = GPTNeoXForCausalLM.from_pretrained(neox_export, attn_implementation="eager").eval()
+    tokens = random_ids(1, 161, seed=9)[0]
+    full = stream_perplexity(model, tokens, make_cache(model, "full"), chunk=40)
+    never = stream_perplexity(model, tokens, make_cache(model, "sepcache", cache_size=10_000, pe_shift=False),
+                              chunk=40)
+    # a SepCache that never compresses is the full cache
+    assert [round(r["ppl"], 3) for r in never] == [round(r["ppl"], 3) for r in full]
+    sep = stream_perplexity(model, tokens, make_cache(model, "sepcache", 2, 4, 8, 20, pe_shift=True,
+                                                      separator_token_ids=SEPS), chunk=40)
+    stream = stream_perplexity(model, tokens, make_cache(model, "streaming", 2, 0, 8, pe_shift=True), chunk=40)
+    assert full[-1]["kv_slots"] == 160 and full[-1]["kv_bytes"] > 4 * sep[-1]["kv_bytes"]
+    assert all(r["kv_slots"] <= 20 for r in sep) and all(r["kv_slots"] <= 11 for r in stream)
+    # constant memory: the KV footprint of the later chunks does not grow with the stream
+    assert max(r["kv_bytes"] for r in sep[1:]) <= 20 * sep[-1]["kv_bytes"] / sep[-1]["kv_slots"]
+    assert all(math.isfinite(r["ppl"]) for r in sep + stream)
+
+
+def test_generate_cli_export_and_empty_prompt(neox_export, capsys, tmp_path):
+    import generate
+
+    out_file = tmp_path / "samples.jsonl"
+    rc = generate.main(["--model_dir", neox_export, "--text", "Hello, world", "--maximum_tokens", "5",
+                        "--sample_output_file", str(out_file), "--sep_cache", "2,2,4,12"])
+    assert rc == 0
+    rec = json.loads(out_file.read_text().splitlines()[0])
+    assert rec["context"] == "Hello, world" and rec["text"]
+    assert rec["text"] in capsys.readouterr().out  # streamed to stdout
+    assert generate.main(["--model_dir", neox_export, "--text", "   "]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_generate_and_eval_from_trainer_checkpoint(tmp_path, pythia_tokenizer_path, monkeypatch, capsys):
+    """The deepy.py path: a resolved config whose ``load`` names a checkpoint."""
+    import eval as eval_script
+    import generate
+
+    cfg = base_config(pythia_tokenizer_path, separator_token_ids=SEPS, prefill_local_window_size=4,
+                      generate_local_window_size=4)
+    _, model = build_trainer_model(cfg)
+    save_checkpoint(model, cfg, tmp_path / "save" / "global_step3", "pipeline")
+    (tmp_path / "save" / "latest").write_text("global_step3")
+    from megatron.neox_arguments import NeoXArgs
+
+    args = NeoXArgs.from_dict(dict(cfg, load=str(tmp_path / "save"), eval_tasks=["tiny_mc"]))
+    resolved = args.save_resolved(str(tmp_path / "resolved.yml"))
+    assert generate.main(["--neox_config_file", resolved, "--text", "The cat", "--maximum_tokens", "4",
+                          "--no_stream"]) == 0
+    assert "\nThe cat" in capsys.readouterr().out
+    from megatron.hf.loading import load_from_neox_args
+
+    loaded, _ = load_from_neox_args(NeoXArgs.from_resolved(resolved))
+    ids = random_ids(1, 30, seed=4)
+    with torch.no_grad():
+        assert (loaded(ids, use_cache=False).logits - trainer_logits(model, ids)).abs().max() < 1e-5
+    fixtures = os.path.join(os.path.dirname(__file__), "fixtures")
+    monkeypatch.chdir(fixtures)
+    monkeypatch.setattr("megatron.hf.lm_eval_adapter.run_lm_eval.__defaults__",
+                        (None, None, 8, None, False))
+    results_prefix = str(tmp_path / "run")
+    assert eval_script.main(["--neox_config_file", resolved, "--include_path", fixtures, "--limit", "2",
+                             "--eval_results_prefix", results_prefix]) == 0
+    written = [p for p in os.listdir(tmp_path) if p.startswith("run_eval_results")]
+    assert written and "tiny_mc" in json.load(open(tmp_path / written[0]))["results"]
+
+
+def test_converter_bad_inputs(tmp_path, pythia_tokenizer_path):
+    cfg = base_config(pythia_tokenizer_path, USE_ORIGINAL_FULL_ATTEN=True)
+    _, model = build_trainer_model(cfg)
+    ckpt = save_checkpoint(model, cfg, tmp_path / "ckpt", "pipeline")
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError, match="unknown --architecture 'llama2'"):
+        export(str(ckpt), None, str(out), "fp32", "llama2")
+    bad_yml = tmp_path / "bad.yml"
+    bad_yml.write_text(json.dumps(dict(cfg, hidden_size=64, num_attention_heads=4)))
+    with pytest.raises(ConversionError, match=r"attention.query_key_value.weight has shape \(96, 32\).*hidden_size=64"):
+        export(str(ckpt), [str(bad_yml)], str(out), "fp32", "neox")
+    sep_cfg = tmp_path / "sep.yml"
+    sep_cfg.write_text(json.dumps(dict(cfg, USE_ORIGINAL_FULL_ATTEN=False, separator_token_ids=SEPS)))
+    with pytest.raises(ConversionError, match="use --architecture sepllm_gpt_neox"):
+        export(str(ckpt), [str(sep_cfg)], str(out), "fp32", "neox")
+    os.remove(ckpt / "layer_03-model_00-model_states.pt")
+    with pytest.raises(ConversionError, match="missing layer file .*layer_03-model_00"):
+        export(str(ckpt), None, str(out), "fp32", "neox")
+    assert not out.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".out")]  # no half-written export left
+    assert convert_main(["--input_dir", str(ckpt), "--output_dir", str(out), "--architecture", "neox"]) == 2
+
+
+def test_bf16_precision_export(tmp_path, pythia_tokenizer_path):
+    from safetensors.torch import load_file
+
+    cfg = base_config(pythia_tokenizer_path, separator_token_ids=SEPS)
+    _, out = make_export(tmp_path, cfg, "sepllm_gpt_neox", precision="bf16")
+    tensors = load_file(os.path.join(out, "model.safetensors"))
+    assert all(t.dtype == torch.bfloat16 for t in tensors.values())
+    for name in ("rule.py", "sep_cache.py", "modeling_sepllm_gpt_neox.py", "configuration_sepllm_gpt_neox.py",
+                 "tokenizer.json"):
+        assert os.path.isfile(os.path.join(out, name))
+    from megatron.model.sepllm import rule
+
+    assert open(os.path.join(out, "rule.py")).read() == open(rule.__file__).read()
