@@ -15,12 +15,12 @@ def test_known_input_hand_computed():
     args = brute.args(num_layers=2, init_tok_max_idx=0, prefill_local_window_size=2,
                       USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS=True, prefill_loc_win_size_list=[2, 8])
     out = kv_statistics(ids, args)
-    assert out["sepllm/kv_ratio/layer_00"] == pytest.approx(4 / 8)
-    assert out["sepllm/attn_density/layer_00"] == pytest.approx(23 / 36)
-    assert out["sepllm/kv_ratio/layer_01"] == pytest.approx(1.0)  # W = 8 >= S: full causal
-    assert out["sepllm/attn_density/layer_01"] == pytest.approx(1.0)
-    assert out["sepllm/kv_ratio"] == pytest.approx((4 + 8 + 1e-6) / (16 + 1e-6))
-    assert out["sepllm/attn_density"] == pytest.approx((23 + 36 + 1e-6) / (72 + 1e-6))
+    assert out["kv_ratio/layer_00"] == pytest.approx(4 / 8)
+    assert out["attn_density/layer_00"] == pytest.approx(23 / 36)
+    assert out["kv_ratio/layer_01"] == pytest.approx(1.0)  # W = 8 >= S: full causal
+    assert out["attn_density/layer_01"] == pytest.approx(1.0)
+    assert out["kv_ratio"] == pytest.approx((4 + 8 + 1e-6) / (16 + 1e-6))
+    assert out["attn_density"] == pytest.approx((23 + 36 + 1e-6) / (72 + 1e-6))
     assert rule.kv_ratio_totals(1, 8) == (8, 36)
 
 
@@ -34,15 +34,15 @@ def test_tracker_accumulates_without_lag():
     assert not tracker.due(1) and tracker.due(2)
     first = tracker.summary()
     masks = brute.prefill_mask(batches[0], 3, 4)
-    assert first["sepllm/kv_ratio"] == pytest.approx(float(masks[:, -1].sum()) / 60, rel=1e-6)
-    assert first["sepllm/attn_density"] == pytest.approx(float(masks.sum()) / (2 * 31 * 30 / 2), rel=1e-6)
+    assert first["kv_ratio"] == pytest.approx(float(masks[:, -1].sum()) / 60, rel=1e-6)
+    assert first["attn_density"] == pytest.approx(float(masks.sum()) / (2 * 31 * 30 / 2), rel=1e-6)
     tracker.observe(batches[1])
     tracker.observe(batches[2])
     second = tracker.summary()
     both = torch.cat([brute.prefill_mask(b, 3, 4) for b in batches[1:]])
-    assert second["sepllm/attn_density"] == pytest.approx(float(both.sum()) / (4 * 465), rel=1e-6)
+    assert second["attn_density"] == pytest.approx(float(both.sum()) / (4 * 465), rel=1e-6)
     every = torch.cat([masks, both])
-    assert second["sepllm_cum/kv_ratio"] == pytest.approx(float(every[:, -1].sum()) / 180, rel=1e-6)
+    assert second["cum_kv_ratio"] == pytest.approx(float(every[:, -1].sum()) / 180, rel=1e-6)
     assert tracker.summary() == {}
 
 
@@ -50,6 +50,27 @@ def test_tracker_streaming_and_disabled():
     ids = torch.tensor([[3, 3, 3, 3, 3, 3]])
     stream = kv_statistics(ids, brute.args(num_layers=1, streamingLLM=True, init_tok_max_idx=0,
                                            prefill_local_window_size=2))
-    assert stream["sepllm/kv_ratio"] == pytest.approx(3 / 6)  # separators do not count in StreamingLLM
+    assert stream["kv_ratio"] == pytest.approx(3 / 6)  # separators do not count in StreamingLLM
     assert not KVRatioTracker(brute.args()).enabled  # PRINT_KV_RATIO off
     assert not KVRatioTracker(brute.args(PRINT_KV_RATIO=True, USE_ORIGINAL_FULL_ATTEN=True)).enabled
+
+
+def test_training_forwards_feed_the_logging_source():
+    from megatron import logging as mlog
+    from megatron.model.sepllm.meta import build_attn_meta
+
+    args = brute.args(num_layers=1, init_tok_max_idx=0, prefill_local_window_size=2, PRINT_KV_RATIO=True,
+                      print_ratio_intervals=2)
+    ids = torch.tensor([[5, 5, 5, 5, 3, 5, 5, 5]])
+    try:
+        with torch.no_grad():
+            build_attn_meta(ids, None, args)  # evaluation: not counted
+        build_attn_meta(ids, None, args)
+        assert mlog.collect_extra_metrics() == {}  # 1 of 2 forwards
+        build_attn_meta(ids, None, args)
+        out = mlog.collect_extra_metrics()
+        assert out["sepllm/kv_ratio"] == pytest.approx(4 / 8)
+        assert out["sepllm/attn_density"] == pytest.approx(23 / 36)
+        assert mlog.collect_extra_metrics() == {}
+    finally:
+        mlog.unregister_metrics_source("sepllm")

@@ -12,9 +12,12 @@ and both summed over layers for the overall ratio, each as ``(kept + 1e-6) / (to
 reference. Unlike the reference, counts stay on the device as tensors (no sync per layer) until the log
 step reads them once, and the batch reported is the one just trained (no one-batch lag).
 
-Use from the training loop::
+Wiring: with ``PRINT_KV_RATIO`` the model's metadata builder (``build_attn_meta``, once per training
+forward) feeds :func:`observe_forward`, which registers a ``sepllm`` metrics source with
+:mod:`megatron.logging`; at each log step the source returns the statistics of the micro-batches since the
+last report once ``print_ratio_intervals`` forwards were seen (else nothing). Explicit use::
 
-    tracker = KVRatioTracker(neox_args)            # None-safe: tracker.enabled is False when off
+    tracker = KVRatioTracker(neox_args)            # tracker.enabled is False when off
     tracker.observe(tokens)                         # every micro-batch, tokens [B, S] fed to the model
     if tracker.due(iteration): metrics.update(tracker.summary())   # one host sync
 """
@@ -40,21 +43,21 @@ def layer_counts(meta: AttnMeta, windows: List[int], num_init: int, exclude_diag
     return torch.stack(rows)
 
 
-def summarize(kept: torch.Tensor, batch: int, seq: int, prefix: str = "sepllm") -> Dict[str, float]:
+def summarize(kept: torch.Tensor, batch: int, seq: int, prefix: str = "") -> Dict[str, float]:
     """Scalars for logging from ``kept`` ``[L, 2]`` counts of ``batch`` rows of length ``seq``.
 
-    Keys: ``{prefix}/kv_ratio``, ``{prefix}/attn_density`` (overall) and ``.../layer_XX`` per layer.
+    Keys: ``{prefix}kv_ratio``, ``{prefix}attn_density`` (overall) and ``.../layer_XX`` per layer.
     """
     kv_total, map_total = rule.kv_ratio_totals(batch, seq)
     values = kept.detach().double().cpu().tolist()  # the single host sync
     layers = len(values)
     out = {
-        f"{prefix}/kv_ratio": rule.ratio(sum(v[0] for v in values), kv_total * layers),
-        f"{prefix}/attn_density": rule.ratio(sum(v[1] for v in values), map_total * layers),
+        f"{prefix}kv_ratio": rule.ratio(sum(v[0] for v in values), kv_total * layers),
+        f"{prefix}attn_density": rule.ratio(sum(v[1] for v in values), map_total * layers),
     }
     for i, (last, full) in enumerate(values):
-        out[f"{prefix}/kv_ratio/layer_{i:02d}"] = rule.ratio(last, kv_total)
-        out[f"{prefix}/attn_density/layer_{i:02d}"] = rule.ratio(full, map_total)
+        out[f"{prefix}kv_ratio/layer_{i:02d}"] = rule.ratio(last, kv_total)
+        out[f"{prefix}attn_density/layer_{i:02d}"] = rule.ratio(full, map_total)
     return out
 
 
@@ -87,6 +90,7 @@ class KVRatioTracker:
         self._total: Optional[torch.Tensor] = None  # counts since the start
         self._total_rows = 0
         self._seq = 0
+        self._calls_since = 0  # forward calls since the last summary
 
     def observe(self, tokens: torch.Tensor, meta: Optional[AttnMeta] = None):
         """Adds one micro-batch (``tokens [B, S]`` as fed to the model, or its ``meta``)."""
@@ -103,6 +107,7 @@ class KVRatioTracker:
         self._total = counts if self._total is None else self._total + counts
         self._since_shape[0] += bsz
         self._total_rows += bsz
+        self._calls_since += 1
 
     def due(self, iteration: int) -> bool:
         """True when statistics should be reported at this iteration (``print_ratio_intervals``)."""
@@ -114,9 +119,37 @@ class KVRatioTracker:
             return {}
         out = summarize(self._since, self._since_shape[0], self._seq)
         if include_cumulative:
-            cumulative = summarize(self._total, self._total_rows, self._seq, prefix="sepllm_cum")
-            out["sepllm_cum/kv_ratio"] = cumulative["sepllm_cum/kv_ratio"]
-            out["sepllm_cum/attn_density"] = cumulative["sepllm_cum/attn_density"]
+            cumulative = summarize(self._total, self._total_rows, self._seq, prefix="cum_")
+            out["cum_kv_ratio"] = cumulative["cum_kv_ratio"]
+            out["cum_attn_density"] = cumulative["cum_attn_density"]
         self._since = None
         self._since_shape = [0, 0]
+        self._calls_since = 0
         return out
+
+    def report_if_due(self) -> Dict[str, float]:
+        """The summary once ``print_ratio_intervals`` training forwards were observed since the last one."""
+        if self._calls_since < self.interval:
+            return {}
+        return self.summary()
+
+
+# -- automatic logging: the model's metadata builder feeds the tracker, the log step reads it ---------------
+_ACTIVE: Dict[str, KVRatioTracker] = {}
+
+
+def observe_forward(meta: AttnMeta, neox_args):
+    """Called by :func:`megatron.model.sepllm.meta.build_attn_meta` for training forwards with
+    ``PRINT_KV_RATIO``; registers the ``sepllm`` metrics source of :mod:`megatron.logging` on first use."""
+    tracker = _ACTIVE.get("tracker")
+    if tracker is None or tracker.args is not neox_args:
+        tracker = KVRatioTracker(neox_args)
+        _ACTIVE["tracker"] = tracker
+        try:
+            from megatron.logging import register_metrics_source
+        except ImportError as err:
+            if getattr(err, "name", None) != "megatron.logging":
+                raise
+        else:
+            register_metrics_source("sepllm", lambda: _ACTIVE["tracker"].report_if_due())
+    tracker.observe(None, meta)
