@@ -145,7 +145,13 @@ def main(argv=None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.dtype]
-    model, tokenizer = load_export(args.model_dir, device, dtype)
+    if args.text_file:
+        model, tokenizer = load_export(args.model_dir, device, dtype)
+    else:  # token ids need no tokenizer (synthetic streams and mmap datasets)
+        from transformers import AutoModelForCausalLM
+
+        kwargs = {"trust_remote_code": True, **({"dtype": dtype} if dtype is not None else {})}
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(args.model_dir, **kwargs).to(device).eval(), None
     try:
         tokens = load_tokens(args, tokenizer)
         cache = make_cache(model, args.cache, args.init_cache_size, args.sep_cache_size, args.local_size,
