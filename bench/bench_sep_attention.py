@@ -9,6 +9,13 @@ Separator flags come from real English text tokenised with the Pythia tokenizer 
 ``--prepare-text``) and from random flags with p = 0.15. Prints each time in ms, the ratio to SDPA, the kept
 fraction of causal entries, and the kernel's peak extra memory.
 
+Two timing methods, the same for every path:
+  per-call   each fwd+bwd alone between two CUDA events with a synchronise after it (median): host launch time
+             that the GPU waits for is counted;
+  b2b        back to back, as in training: ``--b2b-iters`` fwd+bwd calls after warm-up between one pair of CUDA
+             events, no synchronise in between (mean per call); host work overlaps the GPU's.
+``host us`` is the CPU time to issue one kernel fwd+bwd (and SDPA's), measured around the back-to-back loop.
+
     python bench/bench_sep_attention.py --prepare-text data/sep_bench/tokens.npy \
         --tokenizer ../shared/data/20B_tokenizer.json /usr/share/common-licenses/*      # on a CPU machine
     python bench/bench_sep_attention.py --tokens data/sep_bench/tokens.npy               # on the GPU machine
@@ -96,6 +103,22 @@ def time_ms(fn, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
+def time_b2b_ms(fn, warmup: int, iters: int) -> tuple[float, float]:
+    """(GPU ms per call, host us per call) of ``iters`` back-to-back calls after ``warmup`` calls, no sync between."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    host = (time.perf_counter() - t0) / iters * 1e6
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters, host
+
+
 def fwd_bwd(attn, q, k, v, dout):
     def run():
         out = attn(q, k, v)
@@ -125,11 +148,14 @@ def bench_case(case, flags, label, args, flex) -> dict:
     row["sep_frac"] = flags.float().mean().item()
     row["kept"] = kept_fraction(meta, seq, window)
     row["meta_ms"] = time_ms(lambda: build_sep_metadata(flags, init_start, N_INIT), 3, 20)
-    row["sdpa"] = time_ms(fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True),
-                                  q, k, v, dout), args.warmup, args.iters)
+    sdpa_run = fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), q, k, v, dout)
+    row["sdpa"] = time_ms(sdpa_run, args.warmup, args.iters)
+    row["sdpa_b2b"], row["sdpa_host_us"] = time_b2b_ms(sdpa_run, args.warmup, args.b2b_iters)
 
     kernel = lambda a, b, c: sep_attention(a, b, c, flags, init_start, N_INIT, window, meta=meta)  # noqa: E731
     row["kernel"] = time_ms(fwd_bwd(kernel, q, k, v, dout), args.warmup, args.iters)
+    row["kernel_b2b"], row["kernel_host_us"] = time_b2b_ms(fwd_bwd(kernel, q, k, v, dout), args.warmup,
+                                                           args.b2b_iters)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -148,10 +174,11 @@ def bench_case(case, flags, label, args, flex) -> dict:
                     got = kernel(q, k, v).float()
                     row["rel_err"] = ((got - ref).norm() / ref.norm()).item()
                     del ref, got
-        row["mask"] = time_ms(fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=mask),
-                                      q, k, v, dout), args.warmup, args.iters)
+        mask_run = fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=mask), q, k, v, dout)
+        row["mask"] = time_ms(mask_run, args.warmup, args.iters)
+        row["mask_b2b"], _ = time_b2b_ms(mask_run, 1, max(3, args.b2b_iters // 4))
     except torch.OutOfMemoryError:
-        row["mask"] = float("nan")
+        row["mask"] = row["mask_b2b"] = float("nan")
     torch.cuda.empty_cache()
 
     if flex is not None and mask is not None:
@@ -192,6 +219,7 @@ def main() -> None:
     parser.add_argument("--tokens", default="data/sep_bench/tokens.npy", help="token ids (.npy) for real flags")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--b2b-iters", type=int, default=50, help="calls in the back-to-back timing")
     parser.add_argument("--no-flex", action="store_true", help="skip the FlexAttention reference design")
     parser.add_argument("--no-check", dest="check", action="store_false", help="skip the kernel-vs-mask check")
     parser.add_argument("--cases", default="all", help="comma-separated case indices (0-3) or 'all'")
@@ -209,10 +237,12 @@ def main() -> None:
     flex = None if args.no_flex else _flex_functions()
     torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
 
-    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} bf16 fwd+bwd, medians of {args.iters} "
-          f"(flex: {max(3, args.iters // 2)}); n_init={N_INIT}, E=1")
-    header = ("case", "flags", "sep%", "kept", "sdpa ms", "mask ms", "flex128 ms", "kernel ms",
-              "kernel/sdpa", "mask/sdpa", "flex/sdpa", "meta ms", "kern MB", "rel err")
+    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} bf16 fwd+bwd; per-call: medians of "
+          f"{args.iters} synchronised calls (flex: {max(3, args.iters // 2)}); b2b: mean of {args.b2b_iters} "
+          f"back-to-back calls; n_init={N_INIT}, E=1")
+    header = ("case", "flags", "sep%", "kept", "sdpa ms", "mask ms", "flex128 ms", "kernel ms", "kernel/sdpa",
+              "mask/sdpa", "flex/sdpa", "sdpa b2b ms", "mask b2b ms", "kernel b2b ms", "kernel/sdpa b2b",
+              "host us sdpa", "host us kernel", "meta ms", "kern MB", "rel err")
     print(" | ".join(header))
     for case in cases:
         bsz, _, seq, _, _ = case
@@ -223,10 +253,11 @@ def main() -> None:
             cells = (r["case"], r["flags"], f"{100 * r['sep_frac']:.1f}", f"{r['kept']:.3f}", f"{r['sdpa']:.3f}",
                      f"{r['mask']:.3f}", f"{r.get('flex128', math.nan):.3f}", f"{r['kernel']:.3f}",
                      f"{r['kernel'] / r['sdpa']:.3f}", f"{r['mask'] / r['sdpa']:.2f}",
-                     f"{r.get('flex128', math.nan) / r['sdpa']:.2f}", f"{r['meta_ms']:.3f}",
+                     f"{r.get('flex128', math.nan) / r['sdpa']:.2f}", f"{r['sdpa_b2b']:.3f}",
+                     f"{r['mask_b2b']:.3f}", f"{r['kernel_b2b']:.3f}", f"{r['kernel_b2b'] / r['sdpa_b2b']:.3f}",
+                     f"{r['sdpa_host_us']:.0f}", f"{r['kernel_host_us']:.0f}", f"{r['meta_ms']:.3f}",
                      f"{r['kernel_mem_mb']:.0f}", f"{r.get('rel_err', math.nan):.1e}")
             print(" | ".join(cells), flush=True)
-
 
 if __name__ == "__main__":
     main()

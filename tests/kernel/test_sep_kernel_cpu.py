@@ -137,23 +137,33 @@ def test_sep_attention_rejects_bad_arguments():
 
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
+    import os
     import torch
     from megatron.model.sepllm.kernel import build_sep_metadata, sep_attention_reference
-    from megatron.model.sepllm.kernel.op import _SepAttentionFn
+    from megatron.model.sepllm.kernel.op import _SepAttentionFn, sep_attn_fwd_op
     torch.manual_seed(0)
     worst = 0.0
-    for (B, H, S, D, W, E, n_init) in [(2, 2, 150, 16, 8, True, 3), (1, 2, 97, 32, 16, False, 2), (1, 1, 60, 16, 70, True, 3)]:
-        q, k, v = (torch.randn(B, H, S, D, requires_grad=True) for _ in range(3))
-        flags = torch.rand(B, S) < 0.15
-        start = torch.randint(0, 5, (B,))
-        meta = build_sep_metadata(flags, start, n_init)
-        out = _SepAttentionFn.apply(q, k, v, meta.positions, meta.cum, W - int(E), D ** -0.5)
-        g = torch.randn_like(out)
-        got = (out,) + torch.autograd.grad(out, (q, k, v), g)
-        ref = sep_attention_reference(q, k, v, flags, start, n_init, W, E, compute_dtype=torch.float64)
-        exp = (ref,) + torch.autograd.grad(ref, (q, k, v), g)
-        for a, e in zip(got, exp):
-            worst = max(worst, float((a.double() - e.double()).norm() / e.double().norm()))
+    cases = [  # (B, H, S, D, W, E, n_init, separator probability, path)
+        (2, 2, 150, 16, 8, True, 3, 0.15, "fn"),
+        (1, 2, 97, 32, 16, False, 2, 0.15, "op"),  # the torch.library custom op and its registered backward
+        (1, 1, 60, 16, 70, True, 3, 0.15, "fn"),  # window >= S
+        (1, 1, 400, 16, 8, True, 3, 0.3, "fn"),  # long enough for the unmasked compact tiles of every kernel
+    ]
+    for gather in ("0", "1"):  # indirect row loads / listed K/V gathered into contiguous buffers
+        os.environ["SEP_ATTN_GATHER"] = gather
+        for (B, H, S, D, W, E, n_init, p, path) in cases:
+            q, k, v = (torch.randn(B, H, S, D, requires_grad=True) for _ in range(3))
+            flags = torch.rand(B, S) < p
+            start = torch.randint(0, 5, (B,))
+            meta = build_sep_metadata(flags, start, n_init)
+            args = (q, k, v, meta.positions, meta.cum, W - int(E), D ** -0.5)
+            out = _SepAttentionFn.apply(*args) if path == "fn" else sep_attn_fwd_op(*args)[0]
+            g = torch.randn_like(out)
+            got = (out,) + torch.autograd.grad(out, (q, k, v), g)
+            ref = sep_attention_reference(q, k, v, flags, start, n_init, W, E, compute_dtype=torch.float64)
+            exp = (ref,) + torch.autograd.grad(ref, (q, k, v), g)
+            for a, e in zip(got, exp):
+                worst = max(worst, float((a.detach().double() - e.detach().double()).norm() / e.double().norm()))
     print("WORST", worst)
     """
 )
@@ -172,3 +182,97 @@ def test_triton_kernels_in_interpreter_mode():
     assert proc.returncode == 0, proc.stderr[-3000:]
     worst = float(proc.stdout.split("WORST")[-1])
     assert worst < 1e-5, f"interpreted kernel differs from the reference: relative error {worst}"
+
+
+def test_custom_op_fake_shapes_follow_the_inputs():
+    """The custom op's fake kernels (what torch.compile traces) give the real outputs' shapes, dtypes, strides."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from megatron.model.sepllm.kernel.op import sep_attn_bwd_op, sep_attn_fwd_op
+
+    with FakeTensorMode():
+        qkv = torch.empty(2, 33, 3, 4, 16, dtype=torch.bfloat16)  # [B, S, 3, H, D]: q/k/v are strided views
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        pos = torch.empty(2, 33, dtype=torch.int32)
+        cum = torch.empty(2, 34, dtype=torch.int32)
+        out, lse = sep_attn_fwd_op(q, k, v, pos, cum, 7, 0.25)
+        assert out.shape == q.shape and out.dtype == q.dtype and out.stride() == torch.empty_like(q).stride()
+        assert lse.shape == (2, 4, 33) and lse.dtype == torch.float32
+        dq, dk, dv = sep_attn_bwd_op(out, q, k, v, out, lse, pos, cum, 7, 0.25)
+        assert [t.shape for t in (dq, dk, dv)] == [q.shape] * 3
+        odd = torch.empty(2, 4, 16, 33, dtype=torch.float16).transpose(2, 3)  # head dim not unit-stride
+        out2, _ = sep_attn_fwd_op(odd, odd, odd, pos, cum, 7, 0.25)
+        assert out2.is_contiguous()
+
+
+class _FakeCompiled:
+    """Stands in for triton's CompiledKernel: records direct launches."""
+
+    def __init__(self, log):
+        self.log, self.function, self.packed_metadata = log, object(), object()
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, g0, g1, g2, stream, function, packed, meta, enter, exit_, *args):
+        self.log.append(("direct", (g0, g1, g2), args))
+
+
+class _FakeJit:
+    """Stands in for a ``@triton.jit`` function: ``fn[grid](*args, **opts)`` compiles (logged) and launches."""
+
+    def __init__(self):
+        self.log = []
+
+    def __getitem__(self, grid):
+        def launch(*args, num_warps, num_stages):
+            self.log.append(("jit", grid, args))
+            return _FakeCompiled(self.log)
+        return launch
+
+
+def test_kernel_launcher_caches_per_specialisation(monkeypatch):
+    import types
+
+    from megatron.model.sepllm.kernel import op
+
+    fake_triton = types.ModuleType("triton")
+    fake_triton.knobs = types.SimpleNamespace(runtime=types.SimpleNamespace(launch_enter_hook=None,
+                                                                           launch_exit_hook=None))
+    monkeypatch.setitem(sys.modules, "triton", fake_triton)
+    monkeypatch.setattr(op, "_current_raw_stream", lambda index: 0)
+    monkeypatch.setattr(op.KernelLauncher, "enabled", True)
+    launcher = op.KernelLauncher("fake")
+    launcher.fn = _FakeJit()
+    buf = torch.zeros(64, dtype=torch.float16)
+    a, b = buf[:16], buf[4:20]  # 16-byte aligned / misaligned (8-byte offset) views
+    launcher((2, 3, 1), [a, 5, 0.5, True], 4, 2)
+    launcher((2, 3, 1), [buf[16:32], 5, 0.5, True], 4, 2)  # another tensor, same dtype and alignment
+    launcher((4, 3, 1), [b, 5, 0.5, True], 4, 2)  # other alignment: triton compiles again
+    launcher((4, 3, 1), [a, 6, 0.5, True], 4, 2)  # other integer argument
+    launcher((4, 3, 1), [a, 5, 0.5, True], 8, 2)  # other launch option
+    kinds = [entry[0] for entry in launcher.fn.log]
+    assert kinds == ["jit", "direct", "jit", "jit", "jit"], kinds
+    assert launcher.fn.log[1][1] == (2, 3, 1) and launcher.fn.log[1][2][0].data_ptr() == buf[16:].data_ptr()
+
+    def broken_run(*args):
+        raise TypeError("launcher signature changed")
+
+    for compiled in launcher.compiled.values():
+        monkeypatch.setattr(compiled, "run", broken_run)
+    with pytest.warns(UserWarning, match="direct launch"):
+        launcher((2, 3, 1), [a, 5, 0.5, True], 4, 2)  # falls back to triton's path and stays there
+    assert op.KernelLauncher.enabled is False
+    assert launcher.fn.log[-1][0] == "jit"
+
+
+def test_gather_mode_setting(monkeypatch):
+    from megatron.model.sepllm.kernel.op import _GATHER_MIN_SEQ, _gather_compact
+
+    monkeypatch.delenv("SEP_ATTN_GATHER", raising=False)
+    assert _gather_compact(_GATHER_MIN_SEQ) and not _gather_compact(_GATHER_MIN_SEQ - 1)
+    monkeypatch.setenv("SEP_ATTN_GATHER", "0")
+    assert not _gather_compact(10 ** 6)
+    monkeypatch.setenv("SEP_ATTN_GATHER", "yes")
+    with pytest.raises(ValueError, match="SEP_ATTN_GATHER"):
+        _gather_compact(10)

@@ -1,9 +1,8 @@
 """``sep_attention``: the autograd operator and its dispatch (Triton on CUDA, dense reference elsewhere)."""
-from __future__ import annotations
-
 import json
 import math
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -25,17 +24,24 @@ _DEFAULT_BLOCKS = {
 _BLOCK_ENV = "SEP_ATTN_BLOCKS"  # JSON {"64": {"fwd": [bm, bn, warps, stages], ...}} overriding the table
 
 
+_BLOCK_CACHE: dict = {}
+
+
 def _block_config(head_dim: int) -> dict:
     """Launch configuration for ``head_dim`` (the table above, optionally overridden through $SEP_ATTN_BLOCKS)."""
     key = 64 if head_dim <= 64 else 128
-    cfg = dict(_DEFAULT_BLOCKS[key])
     override = os.environ.get(_BLOCK_ENV)
+    cached = _BLOCK_CACHE.get((key, override))
+    if cached is not None:
+        return cached
+    cfg = dict(_DEFAULT_BLOCKS[key])
     if override:
         try:
             cfg.update({k: tuple(v) for k, v in json.loads(override).get(str(key), {}).items()})
         except (ValueError, AttributeError, TypeError) as err:
             raise ValueError(f"${_BLOCK_ENV} must be JSON like {{\"64\": {{\"fwd\": [128, 64, 4, 3]}}}}, "
                              f"got {override!r}: {err}") from err
+    _BLOCK_CACHE[(key, override)] = cfg
     return cfg
 
 
@@ -43,93 +49,227 @@ def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-def _strides(t: torch.Tensor):
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
 def _triton_available() -> bool:
+    return _TRITON_OK[0]
+
+
+def _probe_triton() -> list:
     try:
         import triton  # noqa: F401
     except ImportError:
-        return False
-    return True
+        return [False]
+    return [True]
 
 
-def launch_forward(q, k, v, positions, cum, lo_off: int, scale: float, cfg: tuple):
-    """Runs the forward kernel; returns ``(out, lse)`` (lse in base-2 units, float32 ``[B, H, S]``)."""
-    from . import triton_sep as ts
+_TRITON_OK = _probe_triton()
 
+# Listed K/V are copied into contiguous buffers (one extra launch) from this length on, where the compact loops
+# dominate; below it the launch costs more than the indirect row loads. $SEP_ATTN_GATHER = 0 / 1 forces it.
+_GATHER_MIN_SEQ = 8192
+_GATHER_ENV = "SEP_ATTN_GATHER"
+_GATHER_BLOCK = 64
+
+
+def _gather_compact(seq: int) -> bool:
+    mode = os.environ.get(_GATHER_ENV, "auto")
+    if mode == "auto":
+        return seq >= _GATHER_MIN_SEQ
+    if mode in ("0", "1"):
+        return mode == "1"
+    raise ValueError(f"${_GATHER_ENV} must be auto, 0 or 1, got {mode!r}")
+
+
+class KernelLauncher:
+    """Launches one ``@triton.jit`` kernel of :mod:`.triton_sep` with the least host work.
+
+    The first launch of a specialisation goes through triton's ``kernel[grid](...)`` (argument binding,
+    specialisation, compile or cache lookup: tens of microseconds of Python). The compiled kernel is then kept under
+    a key that covers everything triton specialises on (dtypes, 16-byte alignment of every pointer, the exact
+    integer arguments, the constexprs and launch options), and later launches call it directly, as triton itself
+    does after its lookup. ``$SEP_ATTN_FAST_LAUNCH=0`` (read at import) or any launch error turns this off.
+    """
+
+    enabled = os.environ.get("SEP_ATTN_FAST_LAUNCH", "1") != "0"
+
+    def __init__(self, name: str):
+        self.name = name
+        self.fn = None
+        self.compiled: dict = {}
+        self.tensor_idx = self.other_idx = None  # argument layout, fixed per kernel, learnt on the first call
+
+    def _key(self, args, num_warps: int, num_stages: int) -> tuple:
+        """Everything triton specialises on: tensors by dtype and 16-byte alignment, other arguments by value."""
+        if self.tensor_idx is None:
+            self.tensor_idx = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+            self.other_idx = tuple(i for i, a in enumerate(args) if not isinstance(a, torch.Tensor))
+        return (num_warps, num_stages, tuple([args[i] for i in self.other_idx]),
+                tuple([(args[i].dtype, args[i].data_ptr() & 15) for i in self.tensor_idx]))
+
+    def __call__(self, grid: tuple, args: list, num_warps: int, num_stages: int) -> None:
+        if self.fn is None:
+            from . import triton_sep
+
+            self.fn = getattr(triton_sep, self.name)
+        key = self._key(args, num_warps, num_stages) if KernelLauncher.enabled else None
+        kernel = self.compiled.get(key) if key is not None else None
+        if kernel is not None:
+            try:
+                from triton import knobs
+
+                stream = _current_raw_stream(args[0].device.index)
+                meta = kernel.launch_metadata(grid, stream, *args)
+                kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, meta,
+                           knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *args)
+                return
+            except (TypeError, AttributeError, ValueError, ImportError) as err:
+                warnings.warn(f"sep_attention: direct launch of {self.name} failed ({type(err).__name__}: {err}); "
+                              "using triton's launch path from now on")
+                KernelLauncher.enabled = False
+        kernel = self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages)
+        if hasattr(kernel, "result"):  # asynchronous compile mode
+            kernel = kernel.result()
+        if key is not None and all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
+            self.compiled[key] = kernel  # the interpreter returns no compiled kernel: nothing to cache
+
+
+def _current_raw_stream(device_index: int) -> int:
+    """The current CUDA stream handle (what triton's own launch path asks torch for)."""
+    return torch._C._cuda_getCurrentRawStream(device_index)
+
+
+_FWD = KernelLauncher("_sep_fwd_kernel")
+_DQ = KernelLauncher("_sep_bwd_dq_kernel")
+_DKDV_C = KernelLauncher("_sep_bwd_dkdv_compact_kernel")
+_DKDV_B = KernelLauncher("_sep_bwd_dkdv_band_kernel")
+_GATHER = KernelLauncher("_sep_gather_kernel")
+
+
+def _strides(t: torch.Tensor):
+    st = t.stride()
+    return st[0], st[1], st[2]
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """The kernels address the head dim with stride 1; anything else is copied once."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _like(t: torch.Tensor) -> torch.Tensor:
+    """Output buffer shaped like ``t`` (its strides when the head dim is unit-stride, else contiguous)."""
+    if t.stride(-1) == 1:
+        return torch.empty_like(t)
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def launch_gather(k, v, positions, cum):
+    """Listed K/V rows in list order, as contiguous ``[B, H, S, D]`` tensors (rows past the list unset)."""
+    bsz, heads, seq, dim = k.shape
+    kc = torch.empty((bsz, heads, seq, dim), device=k.device, dtype=k.dtype)
+    vc = torch.empty_like(kc)
+    _GATHER((bsz * heads, _cdiv(seq, _GATHER_BLOCK), 1),
+            [k, v, kc, vc, positions, cum, *_strides(k), *_strides(v), heads, seq, dim, _GATHER_BLOCK], 4, 1)
+    return kc, vc
+
+
+def launch_forward(q, k, v, positions, cum, lo_off: int, scale: float, cfg: tuple, gathered=None, compact=None):
+    """Runs the forward kernel; returns ``(out, lse)`` (lse in base-2 units, float32 ``[B, H, S]``).
+
+    ``compact`` is ``(kc, vc)`` from :func:`launch_gather` when already built; with ``gathered`` None the choice
+    follows the sequence length (see ``_gather_compact``).
+    """
     bsz, heads, seq, dim = q.shape
-    out = torch.empty_like(q)
-    lse = torch.empty(bsz, heads, seq, device=q.device, dtype=torch.float32)
+    has_compact = lo_off < seq - 1
+    if gathered is None:
+        gathered = _gather_compact(seq)
+    gathered = gathered and has_compact
+    if gathered and compact is None:
+        compact = launch_gather(k, v, positions, cum)
+    kc, vc = compact if gathered else (k, v)  # never read when not gathered
+    out = _like(q)
+    lse = torch.empty((bsz, heads, seq), device=q.device, dtype=torch.float32)
     bm, bn, warps, stages = cfg
-    ts._sep_fwd_kernel[(_cdiv(seq, bm), bsz * heads)](
-        q, k, v, out, lse, positions, cum, scale,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        heads, seq, lo_off,
-        HEAD_DIM=dim, BLOCK_M=bm, BLOCK_N=bn, HAS_COMPACT=lo_off < seq - 1, num_warps=warps, num_stages=stages,
-    )
+    _FWD((bsz * heads, _cdiv(seq, bm), 1),
+         [q, k, v, kc, vc, out, lse, positions, cum, scale,
+          *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+          heads, seq, lo_off, dim, bm, bn, has_compact, gathered], warps, stages)
     return out, lse
 
 
-def launch_backward_dq(q, k, v, out, dout, lse, positions, cum, lo_off: int, scale: float, cfg: tuple):
+def launch_backward_dq(q, k, v, out, dout, lse, positions, cum, lo_off: int, scale: float, cfg: tuple,
+                       gathered=None, compact=None):
     """Returns ``(dq, delta)``; ``delta = rowsum(dO * O)`` (float32 ``[B, H, S]``) feeds the dK/dV kernels."""
-    from . import triton_sep as ts
-
     bsz, heads, seq, dim = q.shape
-    dq = torch.empty_like(q)
+    has_compact = lo_off < seq - 1
+    if gathered is None:
+        gathered = _gather_compact(seq)
+    gathered = gathered and has_compact
+    if gathered and compact is None:
+        compact = launch_gather(k, v, positions, cum)
+    kc, vc = compact if gathered else (k, v)
+    dq = _like(q)
     delta = torch.empty_like(lse)
     bm, bn, warps, stages = cfg
-    ts._sep_bwd_dq_kernel[(_cdiv(seq, bm), bsz * heads)](
-        q, k, v, out, dout, dq, lse, delta, positions, cum, scale,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(dout), *_strides(dq),
-        heads, seq, lo_off,
-        HEAD_DIM=dim, BLOCK_M=bm, BLOCK_N=bn, HAS_COMPACT=lo_off < seq - 1, num_warps=warps, num_stages=stages,
-    )
+    _DQ((bsz * heads, _cdiv(seq, bm), 1),
+        [q, k, v, kc, vc, out, dout, dq, lse, delta, positions, cum, scale,
+         *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(dout), *_strides(dq),
+         heads, seq, lo_off, dim, bm, bn, has_compact, gathered], warps, stages)
     return dq, delta
 
 
 def launch_backward_dkdv_compact(q, k, v, dout, lse, delta, positions, cum, lo_off: int, scale: float, cfg: tuple):
     """float32 ``(dk, dv)`` of the listed keys in compact order (slot ``j`` = ``positions[b, j]``)."""
-    from . import triton_sep as ts
-
     bsz, heads, seq, dim = q.shape
-    dkc = torch.empty(bsz, heads, seq, dim, device=q.device, dtype=torch.float32)
+    dkc = torch.empty((bsz, heads, seq, dim), device=q.device, dtype=torch.float32)
     dvc = torch.empty_like(dkc)
     bm, bn, warps, stages = cfg
-    ts._sep_bwd_dkdv_compact_kernel[(_cdiv(seq, bn), bsz * heads)](
-        q, k, v, dout, dkc, dvc, lse, delta, positions, cum, scale,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
-        heads, seq, lo_off,
-        HEAD_DIM=dim, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
-    )
+    _DKDV_C((bsz * heads, _cdiv(seq, bn), 1),
+            [q, k, v, dout, dkc, dvc, lse, delta, positions, cum, scale,
+             *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
+             heads, seq, lo_off, dim, bm, bn], warps, stages)
     return dkc, dvc
 
 
 def launch_backward_dkdv_band(q, k, v, dout, lse, delta, dkc, dvc, cum, lo_off: int, scale: float, cfg: tuple):
     """dK/dV: the band part plus (when ``dkc`` is given) the compact share of each listed key."""
-    from . import triton_sep as ts
-
     bsz, heads, seq, dim = q.shape
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dk = _like(k)
+    dv = _like(v)
     has_compact = dkc is not None
     if not has_compact:
         dkc = dvc = lse  # never read: HAS_COMPACT=False compiles the compact share out
     bm, bn, warps, stages = cfg
-    ts._sep_bwd_dkdv_band_kernel[(_cdiv(seq, bn), bsz * heads)](
-        q, k, v, dout, dk, dv, dkc, dvc, lse, delta, cum, scale,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
-        heads, seq, lo_off,
-        HEAD_DIM=dim, BLOCK_M=bm, BLOCK_N=bn, HAS_COMPACT=has_compact, num_warps=warps, num_stages=stages,
-    )
+    _DKDV_B((_cdiv(seq, bn), bsz * heads, 1),
+            [q, k, v, dout, dk, dv, dkc, dvc, lse, delta, cum, scale,
+             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
+             heads, seq, lo_off, dim, bm, bn, has_compact], warps, stages)
     return dk, dv
 
 
+def sep_forward(q, k, v, positions, cum, lo_off: int, scale: float):
+    """Forward of the kernel path: ``(out, lse)``."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    return launch_forward(q, k, v, positions, cum, lo_off, scale, _block_config(q.shape[-1])["fwd"])
+
+
+def sep_backward(dout, q, k, v, out, lse, positions, cum, lo_off: int, scale: float):
+    """Backward of the kernel path: ``(dq, dk, dv)`` (three launches, four with the gathered compact K/V)."""
+    q, k, v, out, dout = (_unit_last(t) for t in (q, k, v, out, dout))
+    cfg = _block_config(q.shape[-1])
+    dq, delta = launch_backward_dq(q, k, v, out, dout, lse, positions, cum, lo_off, scale, cfg["dq"])
+    dkc = dvc = None
+    if lo_off < q.shape[2] - 1:
+        dkc, dvc = launch_backward_dkdv_compact(q, k, v, dout, lse, delta, positions, cum, lo_off, scale,
+                                                cfg["dkdv_c"])
+    dk, dv = launch_backward_dkdv_band(q, k, v, dout, lse, delta, dkc, dvc, cum, lo_off, scale, cfg["dkdv_b"])
+    return dq, dk, dv
+
+
 class _SepAttentionFn(torch.autograd.Function):
+    """Eager autograd wrapper: the cheapest host path (the custom op below is what torch.compile sees)."""
+
     @staticmethod
     def forward(ctx, q, k, v, positions, cum, lo_off: int, scale: float):
-        out, lse = launch_forward(q, k, v, positions, cum, lo_off, scale, _block_config(q.shape[-1])["fwd"])
+        out, lse = sep_forward(q, k, v, positions, cum, lo_off, scale)
         ctx.save_for_backward(q, k, v, out, lse, positions, cum)
         ctx.lo_off = lo_off
         ctx.scale = scale
@@ -138,17 +278,50 @@ class _SepAttentionFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, positions, cum = ctx.saved_tensors
-        lo_off, scale = ctx.lo_off, ctx.scale
-        if dout.stride(-1) != 1:
-            dout = dout.contiguous()
-        cfg = _block_config(q.shape[-1])
-        dq, delta = launch_backward_dq(q, k, v, out, dout, lse, positions, cum, lo_off, scale, cfg["dq"])
-        dkc = dvc = None
-        if lo_off < q.shape[2] - 1:
-            dkc, dvc = launch_backward_dkdv_compact(q, k, v, dout, lse, delta, positions, cum, lo_off, scale,
-                                                    cfg["dkdv_c"])
-        dk, dv = launch_backward_dkdv_band(q, k, v, dout, lse, delta, dkc, dvc, cum, lo_off, scale, cfg["dkdv_b"])
+        dq, dk, dv = sep_backward(dout, q, k, v, out, lse, positions, cum, ctx.lo_off, ctx.scale)
         return dq, dk, dv, None, None, None, None
+
+
+# The same forward/backward as torch.library custom ops, so torch.compile graphs (and CUDA graphs captured from
+# them) hold the kernel as one opaque node with known output shapes instead of breaking the graph.
+@torch.library.custom_op("sepllm_kernel::sep_attn_fwd", mutates_args=())
+def sep_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                    cum: torch.Tensor, lo_off: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return sep_forward(q, k, v, positions, cum, lo_off, scale)
+
+
+@sep_attn_fwd_op.register_fake
+def _sep_attn_fwd_fake(q, k, v, positions, cum, lo_off, scale):
+    return _like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("sepllm_kernel::sep_attn_bwd", mutates_args=())
+def sep_attn_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                    lse: torch.Tensor, positions: torch.Tensor, cum: torch.Tensor, lo_off: int,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return sep_backward(dout, q, k, v, out, lse, positions, cum, lo_off, scale)
+
+
+@sep_attn_bwd_op.register_fake
+def _sep_attn_bwd_fake(dout, q, k, v, out, lse, positions, cum, lo_off, scale):
+    return _like(q), _like(k), _like(v)
+
+
+def _op_setup_context(ctx, inputs, output):
+    q, k, v, positions, cum, lo_off, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, positions, cum)
+    ctx.lo_off = lo_off
+    ctx.scale = scale
+
+
+def _op_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, positions, cum = ctx.saved_tensors
+    dq, dk, dv = sep_attn_bwd_op(dout, q, k, v, out, lse, positions, cum, ctx.lo_off, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+sep_attn_fwd_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 def _check_inputs(q, k, v, sep_flags, init_start, n_init, window, exclude_diagonal):
@@ -205,6 +378,7 @@ def sep_attention(
         raise RuntimeError("sep_attention on CUDA needs triton (pip package 'triton'), which is not importable")
     if meta is None:
         meta = build_sep_metadata(sep_flags, init_start, n_init)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if torch.compiler.is_compiling():
+        return sep_attn_fwd_op(q, k, v, meta.positions, meta.cum, lo_off, scale)[0]
     return _SepAttentionFn.apply(q, k, v, meta.positions, meta.cum, lo_off, scale)
 

@@ -12,6 +12,13 @@ loops), a kernel for dK/dV of the compact list (one program per block of list en
 blocks; results in a float32 compact buffer), and a band dK/dV kernel (key-block major) that also adds the
 compact contribution of its listed keys, so every gradient is rounded once.
 
+Compact loops are split in two: list entries left of the window of the block's *first* query are visible to
+every row of the block and run without any mask (the bulk of the work at long S); only the last few tiles are
+masked. With ``GATHERED`` the listed K/V rows were first copied, in list order, into contiguous ``[B, H, S, D]``
+buffers by :func:`_sep_gather_kernel`, so the compact loop reads plain strided tiles instead of rows addressed
+through the position list. Programs run longest-first (``program_id(0)`` is the batch-head, the block index is
+reversed where the work grows with it), which shortens the tail of the launch.
+
 Scores live in base 2 (``qk * scale * log2(e)``); ``LSE`` holds ``m + log2(l)`` in those units.
 """
 from __future__ import annotations
@@ -27,7 +34,7 @@ NEG_BIG = tl.constexpr(-1.0e30)
 
 @triton.jit
 def _sep_fwd_kernel(
-    Q, K, V, O, LSE, POS, CUM,
+    Q, K, V, KC, VC, O, LSE, POS, CUM,
     sm_scale,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
@@ -35,9 +42,10 @@ def _sep_fwd_kernel(
     stride_ob, stride_oh, stride_os,
     H, S, lo_off,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_COMPACT: tl.constexpr,
+    GATHERED: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    start_m = tl.num_programs(1) - 1 - tl.program_id(1)  # late query blocks (most compact work) first
     b = bh // H
     h = bh % H
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -56,14 +64,38 @@ def _sep_fwd_kernel(
     last_q = tl.minimum(start_m * BLOCK_M + BLOCK_M - 1, S - 1)
 
     if HAS_COMPACT:
-        x = tl.minimum(tl.maximum(last_q - lo_off, 0), S)
-        n_c = tl.load(CUM + b * (S + 1) + x)
-        for j in range(0, n_c, BLOCK_N):
+        n_c = tl.load(CUM + b * (S + 1) + tl.minimum(tl.maximum(last_q - lo_off, 0), S))
+        # Entries left of the first query's window are visible to every row: whole tiles of them go unmasked.
+        n_full = tl.load(CUM + b * (S + 1) + tl.minimum(tl.maximum(start_m * BLOCK_M - lo_off, 0), S))
+        n_full = (n_full // BLOCK_N) * BLOCK_N
+        kc_base = KC + bh.to(tl.int64) * S * HEAD_DIM
+        vc_base = VC + bh.to(tl.int64) * S * HEAD_DIM
+        for j in range(0, n_full, BLOCK_N):
+            offs_j = j + offs_n0
+            if GATHERED:
+                k = tl.load(kc_base + offs_j[:, None] * HEAD_DIM + offs_d[None, :])
+                v = tl.load(vc_base + offs_j[:, None] * HEAD_DIM + offs_d[None, :])
+            else:
+                kpos = tl.load(POS + b * S + offs_j)
+                k = tl.load(k_base + kpos[:, None] * stride_ks + offs_d[None, :])
+                v = tl.load(v_base + kpos[:, None] * stride_vs + offs_d[None, :])
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        for j in range(n_full, n_c, BLOCK_N):
             offs_j = j + offs_n0
             ok_j = offs_j < n_c
             kpos = tl.load(POS + b * S + offs_j, mask=ok_j, other=0)
-            k = tl.load(k_base + kpos[:, None] * stride_ks + offs_d[None, :], mask=ok_j[:, None], other=0.0)
-            v = tl.load(v_base + kpos[:, None] * stride_vs + offs_d[None, :], mask=ok_j[:, None], other=0.0)
+            if GATHERED:
+                k = tl.load(kc_base + offs_j[:, None] * HEAD_DIM + offs_d[None, :], mask=ok_j[:, None], other=0.0)
+                v = tl.load(vc_base + offs_j[:, None] * HEAD_DIM + offs_d[None, :], mask=ok_j[:, None], other=0.0)
+            else:
+                k = tl.load(k_base + kpos[:, None] * stride_ks + offs_d[None, :], mask=ok_j[:, None], other=0.0)
+                v = tl.load(v_base + kpos[:, None] * stride_vs + offs_d[None, :], mask=ok_j[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k)) * qk_scale
             vis = ok_j[None, :] & (kpos[None, :] < win_lo[:, None])
             s = tl.where(vis, s, NEG_BIG)
@@ -99,7 +131,7 @@ def _sep_fwd_kernel(
 
 @triton.jit
 def _sep_bwd_dq_kernel(
-    Q, K, V, O, DO, DQ, LSE, DELTA, POS, CUM,
+    Q, K, V, KC, VC, O, DO, DQ, LSE, DELTA, POS, CUM,
     sm_scale,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
@@ -109,10 +141,11 @@ def _sep_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqs,
     H, S, lo_off,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_COMPACT: tl.constexpr,
+    GATHERED: tl.constexpr,
 ):
     """dQ of a query block; also computes and stores delta = rowsum(dO * O) for the dK/dV kernels that follow."""
-    start_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    start_m = tl.num_programs(1) - 1 - tl.program_id(1)  # late query blocks (most compact work) first
     b = bh // H
     h = bh % H
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -136,14 +169,36 @@ def _sep_bwd_dq_kernel(
     last_q = tl.minimum(start_m * BLOCK_M + BLOCK_M - 1, S - 1)
 
     if HAS_COMPACT:
-        x = tl.minimum(tl.maximum(last_q - lo_off, 0), S)
-        n_c = tl.load(CUM + b * (S + 1) + x)
-        for j in range(0, n_c, BLOCK_N):
+        n_c = tl.load(CUM + b * (S + 1) + tl.minimum(tl.maximum(last_q - lo_off, 0), S))
+        n_full = tl.load(CUM + b * (S + 1) + tl.minimum(tl.maximum(start_m * BLOCK_M - lo_off, 0), S))
+        n_full = (n_full // BLOCK_N) * BLOCK_N
+        kc_base = KC + bh.to(tl.int64) * S * HEAD_DIM
+        vc_base = VC + bh.to(tl.int64) * S * HEAD_DIM
+        # Rows past S have q = dO = 0 and lse = delta = 0, so their unmasked ds is exactly 0.
+        for j in range(0, n_full, BLOCK_N):
+            offs_j = j + offs_n0
+            if GATHERED:
+                k = tl.load(kc_base + offs_j[:, None] * HEAD_DIM + offs_d[None, :])
+                v = tl.load(vc_base + offs_j[:, None] * HEAD_DIM + offs_d[None, :])
+            else:
+                kpos = tl.load(POS + b * S + offs_j)
+                k = tl.load(k_base + kpos[:, None] * stride_ks + offs_d[None, :])
+                v = tl.load(v_base + kpos[:, None] * stride_vs + offs_d[None, :])
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            p = tl.math.exp2(s - lse[:, None])
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
+        for j in range(n_full, n_c, BLOCK_N):
             offs_j = j + offs_n0
             ok_j = offs_j < n_c
             kpos = tl.load(POS + b * S + offs_j, mask=ok_j, other=0)
-            k = tl.load(k_base + kpos[:, None] * stride_ks + offs_d[None, :], mask=ok_j[:, None], other=0.0)
-            v = tl.load(v_base + kpos[:, None] * stride_vs + offs_d[None, :], mask=ok_j[:, None], other=0.0)
+            if GATHERED:
+                k = tl.load(kc_base + offs_j[:, None] * HEAD_DIM + offs_d[None, :], mask=ok_j[:, None], other=0.0)
+                v = tl.load(vc_base + offs_j[:, None] * HEAD_DIM + offs_d[None, :], mask=ok_j[:, None], other=0.0)
+            else:
+                k = tl.load(k_base + kpos[:, None] * stride_ks + offs_d[None, :], mask=ok_j[:, None], other=0.0)
+                v = tl.load(v_base + kpos[:, None] * stride_vs + offs_d[None, :], mask=ok_j[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k)) * qk_scale
             vis = ok_j[None, :] & (kpos[None, :] < win_lo[:, None]) & row_ok[:, None]
             p = tl.where(vis, tl.math.exp2(s - lse[:, None]), 0.0)
@@ -182,8 +237,8 @@ def _sep_bwd_dkdv_compact_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK/dV of the listed keys from the queries that see them outside their window (compact part)."""
-    start_j = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    start_j = tl.program_id(1)  # early list entries (seen by the most queries) first
     b = bh // H
     h = bh % H
     n_c = tl.load(CUM + b * (S + 1) + S)
@@ -204,7 +259,12 @@ def _sep_bwd_dkdv_compact_kernel(
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         first_q = tl.min(kpos, 0) + lo_off + 1
         lo = (first_q // BLOCK_M) * BLOCK_M
-        for start_m in range(lo, S, BLOCK_M):
+        # From the block after the last entry's window on, every query sees every entry of this tile: no mask.
+        # (Padding entries have k = v = 0 and are never stored; rows past S have q = dO = 0, lse = delta = 0.)
+        last_k = tl.max(tl.where(ok_j, kpos, 0), 0)
+        mid = tl.minimum(((last_k + lo_off + 1 + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, S)
+        mid = tl.maximum(mid, lo)
+        for start_m in range(lo, mid, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < S
             q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
@@ -214,6 +274,19 @@ def _sep_bwd_dkdv_compact_kernel(
             s_t = tl.dot(k, tl.trans(q)) * qk_scale  # [BLOCK_N, BLOCK_M]
             vis = (kpos[:, None] < (offs_m - lo_off)[None, :]) & row_ok[None, :]
             p_t = tl.where(vis, tl.math.exp2(s_t - lse[None, :]), 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do)
+            dp_t = tl.dot(v, tl.trans(do))
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q)
+        for start_m in range(mid, S, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < S
+            q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            lse = tl.load(LSE + bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0)
+            s_t = tl.dot(k, tl.trans(q)) * qk_scale
+            p_t = tl.math.exp2(s_t - lse[None, :])
             dv += tl.dot(p_t.to(do.dtype), do)
             dp_t = tl.dot(v, tl.trans(do))
             ds_t = p_t * (dp_t - delta[None, :])
@@ -283,3 +356,35 @@ def _sep_bwd_dkdv_band_kernel(
     tl.store(dk_base + offs_n[:, None] * stride_dks + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
              mask=col_ok[:, None])
     tl.store(dv_base + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+
+@triton.jit
+def _sep_gather_kernel(
+    K, V, KC, VC, POS, CUM,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    H, S,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Copies the listed K/V rows of one batch-head, in list order, into contiguous ``[B, H, S, D]`` buffers.
+
+    Only the first ``cum[b, S]`` rows of each buffer are written; the rest is never read unmasked.
+    """
+    bh = tl.program_id(0)
+    start = tl.program_id(1) * BLOCK
+    b = bh // H
+    h = bh % H
+    n_c = tl.load(CUM + b * (S + 1) + S)
+    if start < n_c:
+        offs = start + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, HEAD_DIM)
+        ok = offs < n_c
+        kpos = tl.load(POS + b * S + offs, mask=ok, other=0)
+        k = tl.load(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + kpos[:, None] * stride_ks
+                    + offs_d[None, :], mask=ok[:, None], other=0.0)
+        v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + kpos[:, None] * stride_vs
+                    + offs_d[None, :], mask=ok[:, None], other=0.0)
+        c_off = bh.to(tl.int64) * S * HEAD_DIM + offs[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(KC + c_off, k, mask=ok[:, None])
+        tl.store(VC + c_off, v, mask=ok[:, None])

@@ -1,10 +1,13 @@
 """Picks the Sep-Attention kernels' tile sizes on the current GPU and profiles where the time goes.
 
-    python -m megatron.model.sepllm.kernel.tune [--json OUT.json]
+    python -m megatron.model.sepllm.kernel.tune [--json OUT.json] [--dims 128] [--kernels fwd,dq]
+    python -m megatron.model.sepllm.kernel.tune --profile-only
 
 Times each of the four kernels (forward, dQ, compact dK/dV, band dK/dV) for every candidate launch
 configuration on the benchmark shapes, prints the times and the per-kernel split of the best configuration
 next to SDPA's forward and backward, and writes the best table as the JSON that $SEP_ATTN_BLOCKS accepts.
+The compact K/V gather (on from S = 8192, see ``op._gather_compact``) is timed on its own and not included in
+the forward / dQ times; the split line lists it.
 """
 from __future__ import annotations
 
@@ -19,10 +22,12 @@ import torch.nn.functional as F
 from .metadata import build_sep_metadata
 from .op import (
     _block_config,
+    _gather_compact,
     launch_backward_dkdv_band,
     launch_backward_dkdv_compact,
     launch_backward_dq,
     launch_forward,
+    launch_gather,
 )
 
 SHAPES = {  # head dim -> [(B, H, S, W)]
@@ -59,15 +64,19 @@ def tune_shape(dim: int, bsz: int, heads: int, seq: int, window: int, candidates
     meta = build_sep_metadata(flags, torch.zeros(bsz, dtype=torch.long, device="cuda"), 3)
     lo_off, scale = window - 1, dim ** -0.5
     pos, cum = meta.positions, meta.cum
-    out, lse = launch_forward(q, k, v, pos, cum, lo_off, scale, CANDIDATES["fwd"][0])
-    _, delta = launch_backward_dq(q, k, v, out, dout, lse, pos, cum, lo_off, scale, CANDIDATES["dq"][0])
+    gathered = _gather_compact(seq)
+    compact = launch_gather(k, v, pos, cum) if gathered else None
+    kw = dict(gathered=gathered, compact=compact)
+    out, lse = launch_forward(q, k, v, pos, cum, lo_off, scale, CANDIDATES["fwd"][0], **kw)
+    _, delta = launch_backward_dq(q, k, v, out, dout, lse, pos, cum, lo_off, scale, CANDIDATES["dq"][0], **kw)
     dkc, dvc = launch_backward_dkdv_compact(q, k, v, dout, lse, delta, pos, cum, lo_off, scale, CANDIDATES["dkdv_c"][0])
     runners = {
-        "fwd": lambda c: launch_forward(q, k, v, pos, cum, lo_off, scale, c),
-        "dq": lambda c: launch_backward_dq(q, k, v, out, dout, lse, pos, cum, lo_off, scale, c),
+        "fwd": lambda c: launch_forward(q, k, v, pos, cum, lo_off, scale, c, **kw),
+        "dq": lambda c: launch_backward_dq(q, k, v, out, dout, lse, pos, cum, lo_off, scale, c, **kw),
         "dkdv_c": lambda c: launch_backward_dkdv_compact(q, k, v, dout, lse, delta, pos, cum, lo_off, scale, c),
         "dkdv_b": lambda c: launch_backward_dkdv_band(q, k, v, dout, lse, delta, dkc, dvc, cum, lo_off, scale, c),
     }
+    gather_ms = _bench(lambda: launch_gather(k, v, pos, cum)) if gathered else 0.0
     times = {}
     for name, cands in candidates.items():
         times[name] = {}
@@ -79,8 +88,10 @@ def tune_shape(dim: int, bsz: int, heads: int, seq: int, window: int, candidates
     o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
     sdpa_bwd = _bench(lambda: torch.autograd.grad(o, (qs, ks, vs), dout, retain_graph=True))
     best = {n: min(t.values()) for n, t in times.items()}
-    print(f"  split of the best: {', '.join(f'{n} {t:.3f}' for n, t in best.items())} | "
-          f"SDPA fwd {sdpa_fwd:.3f} bwd {sdpa_bwd:.3f} ms", flush=True)
+    total = sum(best.values()) + (2 * gather_ms if gathered else 0.0)  # gathered: once in forward, once in backward
+    print(f"  split of the best: {', '.join(f'{n} {t:.3f}' for n, t in best.items())}, gather {gather_ms:.3f} "
+          f"(x2) | kernels total {total:.3f} | SDPA fwd {sdpa_fwd:.3f} bwd {sdpa_bwd:.3f} = {sdpa_fwd + sdpa_bwd:.3f}"
+          f" | ratio {total / (sdpa_fwd + sdpa_bwd):.3f} ms", flush=True)
     return times
 
 
@@ -89,12 +100,18 @@ def main() -> None:
     parser.add_argument("--json", help="write the best table here (the $SEP_ATTN_BLOCKS format)")
     parser.add_argument("--profile-only", action="store_true",
                         help="time only the configuration in use (the per-kernel split), no search")
+    parser.add_argument("--dims", default="64,128", help="head dims to tune (comma-separated)")
+    parser.add_argument("--kernels", default=",".join(CANDIDATES), help="kernels to search (others: current)")
     args = parser.parse_args()
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}")
     table = {}
+    searched = set(args.kernels.split(","))
     for dim, shapes in SHAPES.items():
+        if str(dim) not in args.dims.split(","):
+            continue
         total = {}
-        candidates = {n: [_block_config(dim)[n]] for n in CANDIDATES} if args.profile_only else CANDIDATES
+        candidates = {n: CANDIDATES[n] if (n in searched and not args.profile_only) else [_block_config(dim)[n]]
+                      for n in CANDIDATES}
         for bsz, heads, seq, window in shapes:
             for name, per_cfg in tune_shape(dim, bsz, heads, seq, window, candidates).items():
                 for cfg, t in per_cfg.items():
