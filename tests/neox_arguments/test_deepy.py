@@ -138,3 +138,13 @@ def test_prepare_environment_puts_venv_bin_first():
     assert env["PATH"].count(os.path.dirname(os.path.abspath(sys.executable))) == 1
     assert env["TORCH_EXTENSIONS_DIR"] == os.path.join(deepy.REPO_ROOT, ".torch_extensions")
     assert deepy.prepare_environment({"PATH": "", "TORCH_EXTENSIONS_DIR": "/x"})["TORCH_EXTENSIONS_DIR"] == "/x"
+
+
+def test_eval_tasks_on_the_command_line_reach_the_ranks(tmp_path, run_setup):
+    cfg, script = run_setup
+    rec = Recorder()
+    resolved = tmp_path / "r.yml"
+    assert deepy.main([script, cfg, "--eval_tasks", "piqa", "sciq", "--resolved_config", str(resolved)],
+                      runner=rec, env=cpu()) == 0
+    on_rank = NeoXArgs.consume_neox_args(rec.calls[0][-2:], env=cpu(WORLD_SIZE=1, RANK=0, LOCAL_RANK=0))
+    assert on_rank.eval_tasks == ["piqa", "sciq"]
