@@ -68,7 +68,8 @@ def run(model, cache, ids, new_tokens, chunk, hook):
     ctx = use_sep_cache(model, cache) if hook else nullcontext()
     with ctx:
         for start in range(0, ids.shape[1], chunk):
-            out = model(input_ids=ids[:, start:start + chunk], past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids[:, start:start + chunk], past_key_values=cache, use_cache=True,
+                        logits_to_keep=1)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         out = model(input_ids=nxt, past_key_values=cache, use_cache=True)  # warm-up step (first compression)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -84,6 +85,21 @@ def run(model, cache, ids, new_tokens, chunk, hook):
         seconds = time.time() - t0
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
     return ids.shape[0] * new_tokens / seconds, seconds, kv_bytes(cache), peak
+
+
+@torch.no_grad()
+def step_floor(model, token, steps: int = 20) -> float:
+    """Seconds of one cache-free single-token forward: the model's fixed per-step cost (weights + overhead)."""
+    for _ in range(3):
+        model(input_ids=token, use_cache=False)
+    if token.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.time()
+    for _ in range(steps):
+        model(input_ids=token, use_cache=False)
+    if token.device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.time() - t0) / steps
 
 
 def main(argv=None) -> int:
@@ -108,6 +124,7 @@ def main(argv=None) -> int:
     stock = getattr(model.config, "model_type", "") != "sepllm_gpt_neox"
     ids = context_ids(args.batch, args.context, device)
     a, s, w, c = (int(v) for v in args.sizes.split(","))
+    floor = step_floor(model, ids[:, :1])
     full = run(model, DynamicCache(), ids, args.new_tokens, args.chunk, hook=False)
     torch.cuda.empty_cache() if device.type == "cuda" else None
     sep_cache = SepCache.from_model_config(model.config, init_cache_size=a, sep_cache_size=s, local_size=w,
@@ -122,6 +139,9 @@ def main(argv=None) -> int:
         "full_tok_s": round(full[0], 1), "sepcache_tok_s": round(sep[0], 1), "speedup": round(sep[0] / full[0], 2),
         "full_kv_bytes": full[2], "sepcache_kv_bytes": sep[2], "sepcache_max_slots": max_slots,
         "full_peak_bytes": full[3], "sepcache_peak_bytes": sep[3],
+        "step_ms_full": round(1000 * full[1] / args.new_tokens, 2),
+        "step_ms_sepcache": round(1000 * sep[1] / args.new_tokens, 2),
+        "step_ms_no_cache_floor": round(1000 * floor, 2),
     }
     print(f"full cache : {full[0]:9.1f} tok/s  KV {full[2] / 2**20:9.1f} MiB  peak {full[3] / 2**30:.2f} GiB")
     print(f"SepCache   : {sep[0]:9.1f} tok/s  KV {sep[2] / 2**20:9.1f} MiB  peak {sep[3] / 2**30:.2f} GiB  "

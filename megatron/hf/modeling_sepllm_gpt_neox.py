@@ -87,7 +87,8 @@ class SepLLMGPTNeoXAttention(nn.Module):
         cfg = self.config
         q_pos = torch.arange(kv_len - meta.q_len, kv_len, device=meta.key_valid.device)
         if meta.sep_cache is not None:
-            key = ("sepcache", self.layer_idx)
+            # Layers with equal sizes keep the same slots, so they share one mask per forward.
+            key = ("sepcache", kv_len, meta.sep_cache.uniform_sizes or self.layer_idx)
             window, exclude = kv_len, True  # the cache already dropped what the rule would hide
         elif cfg.USE_ORIGINAL_FULL_ATTEN:
             key, window, exclude = ("full",), kv_len, True

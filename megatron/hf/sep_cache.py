@@ -85,63 +85,114 @@ def _per_layer(name: str, value: IntOrList, num_layers: int) -> List[int]:
 
 
 class SepCacheLayer(DynamicLayer):
-    """One layer's KVs plus the aligned token ids, padding flags and rotation positions."""
+    """One layer's KVs plus the aligned token ids, padding flags and rotation positions.
+
+    Storage is preallocated (capacity ``cache_size`` plus slack, grown when a long prefill needs more), so a
+    decode step writes one slot instead of re-concatenating every tensor; ``keys``/``values`` are views of the
+    filled part. Per-slot metadata lives in one int64 tensor ``[B, 4, capacity]``: ids, valid, rot_pos, text_pos.
+    """
+
+    SLACK = 16
 
     def __init__(self, init_size: int, sep_size: int, local_size: int, cache_size: int):
         super().__init__()
         self.init_size, self.sep_size, self.local_size = init_size, sep_size, local_size
         self.base_cache_size = cache_size
         self.cache_size = cache_size  # grows by the separator overflow when USE_MAX_SEP_CACHE is off
-        self.ids: Optional[torch.Tensor] = None  # [B, L] int64
-        self.valid: Optional[torch.Tensor] = None  # [B, L] bool, False at padding
-        self.rot_pos: Optional[torch.Tensor] = None  # [B, L] int64, position each key is rotated at
-        self.text_pos: Optional[torch.Tensor] = None  # [B, L] int64, index of the token in the stream
+        self._kbuf: Optional[torch.Tensor] = None
+        self._vbuf: Optional[torch.Tensor] = None
+        self._meta: Optional[torch.Tensor] = None
+        self._len = 0
         self.sep_len = 0
         self.compressions = 0
 
+    # aligned per-slot metadata (read-only views)
+    @property
+    def ids(self) -> Optional[torch.Tensor]:
+        return None if self._meta is None else self._meta[:, 0, :self._len]
+
+    @property
+    def valid(self) -> Optional[torch.Tensor]:
+        return None if self._meta is None else self._meta[:, 1, :self._len].bool()
+
+    @property
+    def rot_pos(self) -> Optional[torch.Tensor]:
+        return None if self._meta is None else self._meta[:, 2, :self._len]
+
+    @property
+    def text_pos(self) -> Optional[torch.Tensor]:
+        return None if self._meta is None else self._meta[:, 3, :self._len]
+
     def length(self) -> int:
-        return 0 if self.ids is None else int(self.ids.shape[1])
+        return self._len
 
     def get_seq_length(self, *args, **kwargs) -> int:  # physical length; the Cache reports seen tokens
-        return self.length()
+        return self._len
 
     def get_mask_sizes(self, query, *args, **kwargs):
         q = int(query.shape[0]) if isinstance(query, torch.Tensor) else int(query)
-        return self.length() + q, 0
+        return self._len + q, 0
 
     def get_max_length(self) -> int:
         return -1
 
+    def _allocate(self, like_k, like_v, capacity: int):
+        b, h, _, d = like_k.shape
+        kbuf = like_k.new_empty(b, h, capacity, d)
+        vbuf = like_v.new_empty(b, like_v.shape[1], capacity, like_v.shape[-1])
+        meta = torch.empty(b, 4, capacity, dtype=torch.long, device=like_k.device)
+        return kbuf, vbuf, meta
+
+    def _refresh_views(self) -> None:
+        self.keys = self._kbuf[:, :, :self._len]
+        self.values = self._vbuf[:, :, :self._len]
+
     def append(self, keys, values, ids, valid, rot_pos, text_pos):
-        if self.keys is None or not self.is_initialized or self.keys.numel() == 0:
-            self.lazy_initialization(keys, values)
-            self.keys, self.values = keys, values
-            self.ids, self.valid, self.rot_pos, self.text_pos = ids, valid, rot_pos, text_pos
-        else:
-            self.keys = torch.cat([self.keys, keys], dim=-2)
-            self.values = torch.cat([self.values, values], dim=-2)
-            self.ids = torch.cat([self.ids, ids], dim=-1)
-            self.valid = torch.cat([self.valid, valid], dim=-1)
-            self.rot_pos = torch.cat([self.rot_pos, rot_pos], dim=-1)
-            self.text_pos = torch.cat([self.text_pos, text_pos], dim=-1)
+        q = keys.shape[-2]
+        need = self._len + q
+        if self._kbuf is None:
+            self.device = keys.device
+            self.is_initialized = True
+            self._kbuf, self._vbuf, self._meta = self._allocate(keys, values, max(need, self.cache_size + self.SLACK))
+        elif need > self._kbuf.shape[2]:
+            kbuf, vbuf, meta = self._allocate(keys, values, max(need, 2 * self._kbuf.shape[2]))
+            kbuf[:, :, :self._len] = self._kbuf[:, :, :self._len]
+            vbuf[:, :, :self._len] = self._vbuf[:, :, :self._len]
+            meta[:, :, :self._len] = self._meta[:, :, :self._len]
+            self._kbuf, self._vbuf, self._meta = kbuf, vbuf, meta
+        self._kbuf[:, :, self._len:need] = keys
+        self._vbuf[:, :, self._len:need] = values
+        self._meta[:, :, self._len:need] = torch.stack([ids.long(), valid.long(), rot_pos.long(), text_pos.long()], 1)
+        self._len = need
+        self._refresh_views()
 
     def gather(self, index: torch.Tensor) -> None:
-        """Keeps the slots ``index [B, L']`` (per row) of every aligned tensor."""
+        """Keeps the slots ``index [B, L']`` (per row) of every aligned tensor, in fresh buffers."""
         b, h, _, d = self.keys.shape
-        kv_index = index.view(b, 1, -1, 1).expand(b, h, index.shape[1], d)
-        self.keys = torch.gather(self.keys, 2, kv_index)
-        self.values = torch.gather(self.values, 2, kv_index)
-        self.ids = torch.gather(self.ids, 1, index)
-        self.valid = torch.gather(self.valid, 1, index)
-        self.rot_pos = torch.gather(self.rot_pos, 1, index)
-        self.text_pos = torch.gather(self.text_pos, 1, index)
+        n = index.shape[1]
+        keys = torch.gather(self.keys, 2, index.view(b, 1, n, 1).expand(b, h, n, d))
+        values = torch.gather(self.values, 2, index.view(b, 1, n, 1).expand(b, self.values.shape[1], n,
+                                                                           self.values.shape[-1]))
+        meta = torch.gather(self._meta[:, :, :self._len], 2, index.unsqueeze(1).expand(b, 4, n))
+        # Fresh buffers also release a long prefill's memory.
+        self._kbuf, self._vbuf, self._meta = self._allocate(keys, values, max(n, self.cache_size) + self.SLACK)
+        self._kbuf[:, :, :n], self._vbuf[:, :, :n], self._meta[:, :, :n] = keys, values, meta
+        self._len = n
+        self._refresh_views()
+
+    def set_keys(self, keys: torch.Tensor) -> None:
+        self._kbuf[:, :, :self._len] = keys
+        self._refresh_views()
+
+    def set_rot_pos(self, positions: torch.Tensor) -> None:
+        self._meta[:, 2, :self._len] = positions
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.length() > 0:
-            idx = beam_idx.to(self.keys.device)
-            self.keys, self.values = self.keys.index_select(0, idx), self.values.index_select(0, idx)
-            self.ids, self.valid = self.ids.index_select(0, idx), self.valid.index_select(0, idx)
-            self.rot_pos, self.text_pos = self.rot_pos.index_select(0, idx), self.text_pos.index_select(0, idx)
+        if self._len > 0:
+            idx = beam_idx.to(self._kbuf.device)
+            self._kbuf, self._vbuf = self._kbuf.index_select(0, idx), self._vbuf.index_select(0, idx)
+            self._meta = self._meta.index_select(0, idx)
+            self._refresh_views()
 
     def crop(self, tokens_to_remove: int) -> None:
         raise ValueError("SepCache cannot be cropped (evicted tokens are gone); assisted decoding is unsupported")
@@ -151,6 +202,9 @@ class SepCacheLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.reorder_cache(indices)
+
+    def reset(self) -> None:
+        raise ValueError("SepCache layers cannot be reset; create a new SepCache")
 
 
 class SepCache(Cache):
@@ -205,6 +259,7 @@ class SepCache(Cache):
                                  f"{a}+{s}+{w} = {a + s + w} must be < cache_size = {c}")
         super().__init__(layers=[SepCacheLayer(a, s, w, c) for a, s, w, c in zip(*sizes)])
         self.layer_num = layer_num
+        self.uniform_sizes = len({tuple(x) for x in zip(*sizes)}) == 1
         self.separator_token_ids = [int(t) for t in separator_token_ids if int(t) >= 0]
         self.PADDING_ID = PADDING_ID
         self.SEP_ACCUMULATION = bool(SEP_ACCUMULATION)
@@ -221,6 +276,9 @@ class SepCache(Cache):
         self._ext_cos: Optional[torch.Tensor] = None  # external tables [P, r] (APPLY_PES_INSIDE=False)
         self._ext_sin: Optional[torch.Tensor] = None
         self._pad_offset = 0
+        # Padding is read from the prefill's mask (generate never pads later steps); without any, decode
+        # steps of stock models need no attention mask at all (the fast path of use_sep_cache).
+        self.has_padding = False
         self._seen = 0
         self._next_text_pos: Optional[torch.Tensor] = None  # [B] position of the next real token per row
         self._pending: Optional[dict] = None
@@ -284,6 +342,7 @@ class SepCache(Cache):
         if prefill:
             if attention_mask is not None:
                 self._pad_offset = int((~valid).sum(dim=-1).max().item())
+                self.has_padding = self._pad_offset > 0
             elif self.PADDING_ID is not None:
                 self._pad_offset = int((input_ids == int(self.PADDING_ID)).sum(dim=-1).max().item())
             self._next_text_pos = torch.zeros(bsz, dtype=torch.long, device=device)
@@ -428,8 +487,8 @@ class SepCache(Cache):
             table_sin = self._ext_sin.reshape(-1, self._ext_sin.shape[-1])
             cos = table_cos[delta.abs()].float()
             sin = table_sin[delta.abs()].float() * torch.sign(delta).unsqueeze(-1).float()
-        layer.keys = apply_rotary(layer.keys, cos, sin)
-        layer.rot_pos = target.clone()
+        layer.set_keys(apply_rotary(layer.keys, cos, sin))
+        layer.set_rot_pos(target)
 
 
 @contextmanager
@@ -445,14 +504,18 @@ def use_sep_cache(model, cache: SepCache):
         raise ValueError("use_sep_cache: a stock model needs the same SepCache sizes in every layer; "
                          "per-layer sizes are supported by the sepllm_gpt_neox model")
 
+    dtype = next(model.parameters()).dtype
+
     def hook(module, args, kwargs):
         step_cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if step_cache is not cache:
             return None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache.prepare_step(input_ids, kwargs.get("attention_mask"))
-        dtype = next(module.parameters()).dtype
-        kwargs["attention_mask"] = cache.step_attention_mask(0, dtype)
+        if input_ids.shape[1] == 1 and not cache.has_padding:
+            kwargs["attention_mask"] = None  # one query, every kept key visible: no mask needed
+        else:
+            kwargs["attention_mask"] = cache.step_attention_mask(0, dtype)
         kwargs["position_ids"] = cache.step_positions(0)
         if "cache_position" in kwargs and kwargs["cache_position"] is not None:
             start = cache.physical_length(0)
