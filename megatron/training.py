@@ -100,7 +100,8 @@ class NonFiniteStepGuard:
     def step(self, *args, **kwargs):
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            # One multi-tensor kernel for all per-tensor norms, then their norm (fp32).
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
             self.grad_norm = norm
             # One host sync per step: the decision to skip must be taken on the host.
             if not bool(torch.isfinite(norm)):
@@ -136,6 +137,11 @@ def deepspeed_config_dict(neox_args) -> dict:
     cfg = neox_args.deepspeed_config() if callable(getattr(neox_args, "deepspeed_config", None)) \
         else getattr(neox_args, "deepspeed_config")
     cfg = dict(cfg)
+    bf16 = cfg.get("bf16")
+    if isinstance(bf16, dict) and bf16.get("enabled") and "check_grad_overflow" not in bf16:
+        # DeepSpeed's bf16 overflow check (ZeRO paths) tests every gradient tensor with a host sync each;
+        # the trainer's NonFiniteStepGuard makes the same decision once per step.
+        cfg["bf16"] = dict(bf16, check_grad_overflow=False)
     if "scheduler" in cfg:
         raise ValueError("the DeepSpeed config has a 'scheduler' section; the learning-rate schedule is the "
                          "trainer's (lr_decay_style, warmup, lr_decay_iters, min_lr)")
