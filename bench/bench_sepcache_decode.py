@@ -58,7 +58,7 @@ def kv_bytes(cache) -> int:
 
 
 @torch.no_grad()
-def run(model, cache, ids, new_tokens, chunk, hook):
+def run(model, cache, ids, new_tokens, chunk, hook, profile_steps: int = 0):
     """Chunked prefill, then timed greedy decode; returns (tokens/s, seconds, kv bytes, peak bytes)."""
     from contextlib import nullcontext
 
@@ -83,6 +83,17 @@ def run(model, cache, ids, new_tokens, chunk, hook):
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.time() - t0
+        if profile_steps:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with profile(activities=activities) as prof:
+                for _ in range(profile_steps):
+                    out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            print(f"profile of {profile_steps} decode steps with {type(cache).__name__}:")
+            print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=22))
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
     return ids.shape[0] * new_tokens / seconds, seconds, kv_bytes(cache), peak
 
@@ -113,7 +124,13 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk", type=int, default=4096)
     parser.add_argument("--sizes", default="4,64,256,512", help="SepCache a,s,w,c")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    parser.add_argument("--profile", type=int, default=0, help="profile N decode steps of each cache")
+    parser.add_argument("--allow_cudnn_sdpa", action="store_true",
+                        help="keep PyTorch's cuDNN SDPA backend (it plans per KV length: ~4 ms CPU per call "
+                             "when the cache grows every step)")
     args = parser.parse_args(argv)
+    if torch.cuda.is_available() and not args.allow_cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(False)  # flash / memory-efficient kernels need no per-shape plan
     from transformers.cache_utils import DynamicCache
 
     from megatron.hf.sep_cache import SepCache
@@ -125,12 +142,12 @@ def main(argv=None) -> int:
     ids = context_ids(args.batch, args.context, device)
     a, s, w, c = (int(v) for v in args.sizes.split(","))
     floor = step_floor(model, ids[:, :1])
-    full = run(model, DynamicCache(), ids, args.new_tokens, args.chunk, hook=False)
+    full = run(model, DynamicCache(), ids, args.new_tokens, args.chunk, hook=False, profile_steps=args.profile)
     torch.cuda.empty_cache() if device.type == "cuda" else None
     sep_cache = SepCache.from_model_config(model.config, init_cache_size=a, sep_cache_size=s, local_size=w,
                                            cache_size=c, USE_MAX_SEP_CACHE=True, separator_token_ids=PYTHIA_SEPS,
                                            PADDING_ID=None, APPLY_PE_SHIFT=False)
-    sep = run(model, sep_cache, ids, args.new_tokens, args.chunk, hook=stock)
+    sep = run(model, sep_cache, ids, args.new_tokens, args.chunk, hook=stock, profile_steps=args.profile)
     max_slots = max(layer.length() for layer in sep_cache.layers)
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",

@@ -140,7 +140,12 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default=None, choices=(None, "fp32", "bf16", "fp16"))
     parser.add_argument("--device", default=None)
     parser.add_argument("--output", help="JSON lines file of the per-chunk records")
+    parser.add_argument("--allow_cudnn_sdpa", action="store_true",
+                        help="keep PyTorch's cuDNN SDPA backend (it plans per KV length: ~4 ms CPU per call "
+                             "when the cache grows every step)")
     args = parser.parse_args(argv)
+    if torch.cuda.is_available() and not args.allow_cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(False)  # flash / memory-efficient kernels need no per-shape plan
     from megatron.hf.loading import load_export
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
