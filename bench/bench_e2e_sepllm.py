@@ -53,6 +53,12 @@ def run_mode(mode: str, batches, args, seq: int, mbs: int, compile_layers: bool)
     from megatron.model import build_sequential_model
     from megatron.neox_arguments import NeoXArgs
 
+    if mode == "sepllm":
+        # flex_sep looks the kernel package up with importlib on first use; doing that inside the first
+        # torch.compile trace breaks the layer graph, so it is looked up here, before anything is compiled.
+        from megatron.model.attention.flex_sep import fast_kernel
+
+        fast_kernel()
     torch.manual_seed(0)
     neox_args = NeoXArgs.from_dict(model_config(mode, seq, mbs, args.window, args.n_init, compile_layers))
     model = build_sequential_model(neox_args).cuda().to(torch.bfloat16).train()

@@ -119,6 +119,27 @@ def time_b2b_ms(fn, warmup: int, iters: int) -> tuple[float, float]:
     return start.elapsed_time(end) / iters, host
 
 
+_PROFILED: list = []
+
+
+def host_profile(fn, title: str, calls: int = 50, top: int = 18) -> None:
+    """cProfile of ``calls`` back-to-back calls: where the host time of one fwd+bwd goes (tottime order)."""
+    import cProfile
+    import io
+    import pstats
+
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    print(f"## host profile, {title}: {calls} fwd+bwd calls\n{text.getvalue()}", flush=True)
+
+
 def fwd_bwd(attn, q, k, v, dout):
     def run():
         out = attn(q, k, v)
@@ -156,6 +177,10 @@ def bench_case(case, flags, label, args, flex) -> dict:
     row["kernel"] = time_ms(fwd_bwd(kernel, q, k, v, dout), args.warmup, args.iters)
     row["kernel_b2b"], row["kernel_host_us"] = time_b2b_ms(fwd_bwd(kernel, q, k, v, dout), args.warmup,
                                                            args.b2b_iters)
+    if args.host_profile and not _PROFILED:
+        _PROFILED.append(row["case"])
+        host_profile(fwd_bwd(kernel, q, k, v, dout), f"kernel {row['case']} {label}")
+        host_profile(sdpa_run, f"sdpa {row['case']} {label}")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -220,6 +245,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--b2b-iters", type=int, default=50, help="calls in the back-to-back timing")
+    parser.add_argument("--host-profile", action="store_true", help="cProfile the host side of the first case")
     parser.add_argument("--no-flex", action="store_true", help="skip the FlexAttention reference design")
     parser.add_argument("--no-check", dest="check", action="store_false", help="skip the kernel-vs-mask check")
     parser.add_argument("--cases", default="all", help="comma-separated case indices (0-3) or 'all'")

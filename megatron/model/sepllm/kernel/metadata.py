@@ -42,8 +42,8 @@ def build_sep_metadata(sep_flags: torch.Tensor, init_start: torch.Tensor, n_init
     k_idx = torch.arange(seq, device=dev).view(1, seq)
     start = init_start.to(device=dev, dtype=torch.long).view(bsz, 1)
     listed = sep_flags.bool() | ((k_idx >= start) & (k_idx < start + n_init))
-    cum = torch.zeros(bsz, seq + 1, dtype=torch.int32, device=dev)
-    torch.cumsum(listed, dim=1, dtype=torch.int32, out=cum[:, 1:])
+    # A leading zero column then the running count (no ``out=`` into a strided view: torch.compile breaks on it).
+    cum = torch.nn.functional.pad(torch.cumsum(listed, dim=1, dtype=torch.int32), (1, 0))
     # Scatter every listed position to its slot; unlisted ones go to a spare column that is cut off.
     slot = torch.where(listed, cum[:, :-1].long(), torch.full_like(k_idx, seq).expand(bsz, seq))
     positions = torch.zeros(bsz, seq + 1, dtype=torch.int32, device=dev)

@@ -45,6 +45,16 @@ CANDIDATES = {
                (64, 64, 4, 2), (32, 64, 4, 2)],
 }
 
+# Head dim 128 (long sequences, compact loops dominate): a shorter list around the FlashAttention-style tiles.
+CANDIDATES_BY_DIM = {
+    128: {
+        "fwd": [(64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3)],
+        "dq": [(64, 64, 4, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)],
+        "dkdv_c": [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2)],
+        "dkdv_b": [(32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 8, 3)],
+    },
+}
+
 
 def _bench(fn) -> float:
     from triton.testing import do_bench
@@ -67,9 +77,10 @@ def tune_shape(dim: int, bsz: int, heads: int, seq: int, window: int, candidates
     gathered = _gather_compact(seq)
     compact = launch_gather(k, v, pos, cum) if gathered else None
     kw = dict(gathered=gathered, compact=compact)
-    out, lse = launch_forward(q, k, v, pos, cum, lo_off, scale, CANDIDATES["fwd"][0], **kw)
-    _, delta = launch_backward_dq(q, k, v, out, dout, lse, pos, cum, lo_off, scale, CANDIDATES["dq"][0], **kw)
-    dkc, dvc = launch_backward_dkdv_compact(q, k, v, dout, lse, delta, pos, cum, lo_off, scale, CANDIDATES["dkdv_c"][0])
+    cfg0 = _block_config(dim)
+    out, lse = launch_forward(q, k, v, pos, cum, lo_off, scale, cfg0["fwd"], **kw)
+    _, delta = launch_backward_dq(q, k, v, out, dout, lse, pos, cum, lo_off, scale, cfg0["dq"], **kw)
+    dkc, dvc = launch_backward_dkdv_compact(q, k, v, dout, lse, delta, pos, cum, lo_off, scale, cfg0["dkdv_c"])
     runners = {
         "fwd": lambda c: launch_forward(q, k, v, pos, cum, lo_off, scale, c, **kw),
         "dq": lambda c: launch_backward_dq(q, k, v, out, dout, lse, pos, cum, lo_off, scale, c, **kw),
@@ -110,7 +121,8 @@ def main() -> None:
         if str(dim) not in args.dims.split(","):
             continue
         total = {}
-        candidates = {n: CANDIDATES[n] if (n in searched and not args.profile_only) else [_block_config(dim)[n]]
+        pool = CANDIDATES_BY_DIM.get(dim, CANDIDATES)
+        candidates = {n: pool[n] if (n in searched and not args.profile_only) else [_block_config(dim)[n]]
                       for n in CANDIDATES}
         for bsz, heads, seq, window in shapes:
             for name, per_cfg in tune_shape(dim, bsz, heads, seq, window, candidates).items():
