@@ -162,6 +162,16 @@ class SepLLMGPTNeoXAttention(nn.Module):
         return probs * (scores - low + cfg.SA_Numerator_Bias) / (high - low) * causal
 
 
+def _mask_belongs(key, attention: "SepLLMGPTNeoXAttention") -> bool:
+    """Whether the shared mask cached under ``key`` is the one ``attention`` used in this forward."""
+    cfg = attention.config
+    if key[0] == "sepcache":
+        return key[2] is True or key[2] == attention.layer_idx
+    if key[0] == "full":
+        return bool(cfg.USE_ORIGINAL_FULL_ATTEN)
+    return not cfg.USE_ORIGINAL_FULL_ATTEN and key[1] in (attention.prefill_window, attention.generate_window)
+
+
 class SepLLMGPTNeoXMLP(nn.Module):
     def __init__(self, config: SepLLMGPTNeoXConfig):
         super().__init__()
@@ -303,7 +313,31 @@ class SepLLMGPTNeoXModel(SepLLMGPTNeoXPreTrainedModel):
         for layer in self.layers:
             hidden = layer(hidden, meta, cache if use_cache or cache is not None else None, masks, inv_freq,
                            slopes)
+        if cfg.PRINT_KV_RATIO:
+            self._record_kv_ratio(masks, meta.phase)
         return self.final_layer_norm(hidden), cache
+
+    def _record_kv_ratio(self, masks: Dict, phase: str) -> None:
+        """``PRINT_KV_RATIO``: KV entries the last query row keeps over all keys (padding included, as the
+        reference counts), summed over layers; printed every ``print_ratio_intervals`` prefill calls. Unlike the
+        reference, each call is counted when it happens (no one-batch lag)."""
+        kept = total = 0
+        for layer in self.layers:
+            mask = next((m for k, m in masks.items() if _mask_belongs(k, layer.attention)), None)
+            if mask is None:
+                continue
+            kept += int(mask[:, -1, :].sum())
+            total += mask.shape[0] * mask.shape[-1]
+        stats = getattr(self, "_kv_stats", {"kept": 0, "total": 0, "calls": 0})
+        stats["kept"] += kept
+        stats["total"] += total
+        if phase == "prefill":
+            stats["calls"] += 1
+            if stats["calls"] % max(int(self.config.print_ratio_intervals), 1) == 0:
+                ratio = (stats["kept"] + 1e-6) / (stats["total"] + 1e-6)
+                print(f"[sepllm_gpt_neox] Kept/Total tokens for all the inputs: ({stats['kept']}, "
+                      f"{stats['total']}), ratio = {ratio:.4f}", flush=True)
+        self._kv_stats = stats
 
 
 class SepLLMGPTNeoXForCausalLM(SepLLMGPTNeoXPreTrainedModel, GenerationMixin):

@@ -90,3 +90,18 @@ def test_export_decode_steps_match_prefill_mask_with_left_padding(exports):
     with torch.no_grad():
         dense = model(seq, attention_mask=full_mask, use_cache=False).logits
     assert (dense[:, -1] - logits[:, -1]).abs().max() > 1e-3
+
+
+def test_print_kv_ratio(exports, capsys):
+    """PRINT_KV_RATIO prints the last-row kept/total KV of a window-4 model: a + separators + 4 of 40 keys."""
+    model = AutoModelForCausalLM.from_pretrained(exports["sepllm"], trust_remote_code=True).eval()
+    model.config.PRINT_KV_RATIO, model.config.print_ratio_intervals = True, 1
+    ids = random_ids(1, 40, seed=8)
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    line = [l for l in capsys.readouterr().out.splitlines() if "Kept/Total" in l][-1]
+    from megatron.model.sepllm.rule import separator_flags
+
+    flags = separator_flags(ids, SEPS)[0]
+    expected = int((flags[:36] | (torch.arange(36) < 3)).sum()) + 4
+    assert f"({2 * expected}, 80)" in line
