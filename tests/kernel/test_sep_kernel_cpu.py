@@ -164,6 +164,22 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
             exp = (ref,) + torch.autograd.grad(ref, (q, k, v), g)
             for a, e in zip(got, exp):
                 worst = max(worst, float((a.detach().double() - e.detach().double()).norm() / e.double().norm()))
+    # torch.compile with the flags-taking op: every call must use its own micro-batch's separators (no metadata
+    # baked into the trace), forward and backward.
+    from megatron.model.sepllm.kernel.op import sep_attn_fwd_flags_op
+    fn = torch.compile(lambda q, k, v, f, s: sep_attn_fwd_flags_op(q, k, v, f, s, 3, 7, 0.25)[0], backend="eager",
+                       fullgraph=True)
+    for step in range(2):
+        q, k, v = (torch.randn(1, 2, 90, 16, requires_grad=True) for _ in range(3))
+        flags = torch.rand(1, 90) < (0.1 + 0.3 * step)
+        start = torch.zeros(1, dtype=torch.long)
+        out = fn(q, k, v, flags, start)
+        g = torch.randn_like(out)
+        got = (out,) + torch.autograd.grad(out, (q, k, v), g)
+        ref = sep_attention_reference(q, k, v, flags, start, 3, 8, True, 0.25, compute_dtype=torch.float64)
+        exp = (ref,) + torch.autograd.grad(ref, (q, k, v), g)
+        for a, e in zip(got, exp):
+            worst = max(worst, float((a.detach().double() - e.detach().double()).norm() / e.double().norm()))
     print("WORST", worst)
     """
 )
@@ -276,3 +292,19 @@ def test_gather_mode_setting(monkeypatch):
     monkeypatch.setenv("SEP_ATTN_GATHER", "yes")
     with pytest.raises(ValueError, match="SEP_ATTN_GATHER"):
         _gather_compact(10)
+
+
+def test_metadata_cache_follows_tensor_identity_and_versions():
+    from megatron.model.sepllm.kernel.op import MetadataCache
+
+    cache = MetadataCache(size=2)
+    flags = random_flags(2, 40, seed=7)
+    start = torch.zeros(2, dtype=torch.long)
+    first = cache.get(flags, start, 3)
+    assert cache.get(flags, start, 3) is first  # same micro-batch: built once
+    assert cache.get(flags, start, 2) is not first  # other n_init
+    assert cache.get(flags.clone(), start, 3) is not first  # equal values, other tensor: rebuilt
+    flags[0, 5] = not bool(flags[0, 5])  # in place: the version counter moves, the entry no longer matches
+    fresh = cache.get(flags, start, 3)
+    assert fresh is not first and torch.equal(fresh.listed[0], flags[0] | (torch.arange(40) < 3))
+    assert len(cache.entries) == 2

@@ -103,15 +103,22 @@ class KernelLauncher:
         if self.tensor_idx is None:
             self.tensor_idx = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
             self.other_idx = tuple(i for i, a in enumerate(args) if not isinstance(a, torch.Tensor))
-        return (num_warps, num_stages, tuple([args[i] for i in self.other_idx]),
+        return (args[self.tensor_idx[0]].device, num_warps, num_stages, tuple([args[i] for i in self.other_idx]),
                 tuple([(args[i].dtype, args[i].data_ptr() & 15) for i in self.tensor_idx]))
 
-    def __call__(self, grid: tuple, args: list, num_warps: int, num_stages: int) -> None:
+    def __call__(self, grid: tuple, args: list, num_warps: int, num_stages: int, key=None) -> None:
+        """Launches ``fn[grid](*args)``. ``key``, when given, must determine everything :meth:`_key` would read
+        (the op passes one signature per call, computed once for all its launches)."""
         if self.fn is None:
             from . import triton_sep
 
             self.fn = getattr(triton_sep, self.name)
-        key = self._key(args, num_warps, num_stages) if KernelLauncher.enabled else None
+        if not KernelLauncher.enabled:
+            key = None
+        elif key is None:
+            key = self._key(args, num_warps, num_stages)
+        else:
+            key = (key, num_warps, num_stages)
         kernel = self.compiled.get(key) if key is not None else None
         if kernel is not None:
             try:
@@ -168,17 +175,19 @@ def _like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
-def launch_gather(k, v, positions, cum):
+def launch_gather(k, v, positions, cum, sig=None):
     """Listed K/V rows in list order, as contiguous ``[B, H, S, D]`` tensors (rows past the list unset)."""
     bsz, heads, seq, dim = k.shape
     kc = torch.empty((bsz, heads, seq, dim), device=k.device, dtype=k.dtype)
     vc = torch.empty_like(kc)
     _GATHER((bsz * heads, _cdiv(seq, _GATHER_BLOCK), 1),
-            [k, v, kc, vc, positions, cum, *_strides(k), *_strides(v), heads, seq, dim, _GATHER_BLOCK], 4, 1)
+            [k, v, kc, vc, positions, cum, *_strides(k), *_strides(v), heads, seq, dim, _GATHER_BLOCK], 4, 1,
+            None if sig is None else (sig, "gather"))
     return kc, vc
 
 
-def launch_forward(q, k, v, positions, cum, lo_off: int, scale: float, cfg: tuple, gathered=None, compact=None):
+def launch_forward(q, k, v, positions, cum, lo_off: int, scale: float, cfg: tuple, gathered=None, compact=None,
+                   sig=None):
     """Runs the forward kernel; returns ``(out, lse)`` (lse in base-2 units, float32 ``[B, H, S]``).
 
     ``compact`` is ``(kc, vc)`` from :func:`launch_gather` when already built; with ``gathered`` None the choice
@@ -190,7 +199,7 @@ def launch_forward(q, k, v, positions, cum, lo_off: int, scale: float, cfg: tupl
         gathered = _gather_compact(seq)
     gathered = gathered and has_compact
     if gathered and compact is None:
-        compact = launch_gather(k, v, positions, cum)
+        compact = launch_gather(k, v, positions, cum, sig)
     kc, vc = compact if gathered else (k, v)  # never read when not gathered
     out = _like(q)
     lse = torch.empty((bsz, heads, seq), device=q.device, dtype=torch.float32)
@@ -198,12 +207,13 @@ def launch_forward(q, k, v, positions, cum, lo_off: int, scale: float, cfg: tupl
     _FWD((bsz * heads, _cdiv(seq, bm), 1),
          [q, k, v, kc, vc, out, lse, positions, cum, scale,
           *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-          heads, seq, lo_off, dim, bm, bn, has_compact, gathered], warps, stages)
+          heads, seq, lo_off, dim, bm, bn, has_compact, gathered], warps, stages,
+         None if sig is None else (sig, "fwd", cfg, gathered))
     return out, lse
 
 
 def launch_backward_dq(q, k, v, out, dout, lse, positions, cum, lo_off: int, scale: float, cfg: tuple,
-                       gathered=None, compact=None):
+                       gathered=None, compact=None, sig=None):
     """Returns ``(dq, delta)``; ``delta = rowsum(dO * O)`` (float32 ``[B, H, S]``) feeds the dK/dV kernels."""
     bsz, heads, seq, dim = q.shape
     has_compact = lo_off < seq - 1
@@ -211,7 +221,7 @@ def launch_backward_dq(q, k, v, out, dout, lse, positions, cum, lo_off: int, sca
         gathered = _gather_compact(seq)
     gathered = gathered and has_compact
     if gathered and compact is None:
-        compact = launch_gather(k, v, positions, cum)
+        compact = launch_gather(k, v, positions, cum, sig)
     kc, vc = compact if gathered else (k, v)
     dq = _like(q)
     delta = torch.empty_like(lse)
@@ -219,11 +229,13 @@ def launch_backward_dq(q, k, v, out, dout, lse, positions, cum, lo_off: int, sca
     _DQ((bsz * heads, _cdiv(seq, bm), 1),
         [q, k, v, kc, vc, out, dout, dq, lse, delta, positions, cum, scale,
          *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(dout), *_strides(dq),
-         heads, seq, lo_off, dim, bm, bn, has_compact, gathered], warps, stages)
+         heads, seq, lo_off, dim, bm, bn, has_compact, gathered], warps, stages,
+        None if sig is None else (sig, "dq", cfg, gathered))
     return dq, delta
 
 
-def launch_backward_dkdv_compact(q, k, v, dout, lse, delta, positions, cum, lo_off: int, scale: float, cfg: tuple):
+def launch_backward_dkdv_compact(q, k, v, dout, lse, delta, positions, cum, lo_off: int, scale: float, cfg: tuple,
+                                 sig=None):
     """float32 ``(dk, dv)`` of the listed keys in compact order (slot ``j`` = ``positions[b, j]``)."""
     bsz, heads, seq, dim = q.shape
     dkc = torch.empty((bsz, heads, seq, dim), device=q.device, dtype=torch.float32)
@@ -232,11 +244,12 @@ def launch_backward_dkdv_compact(q, k, v, dout, lse, delta, positions, cum, lo_o
     _DKDV_C((bsz * heads, _cdiv(seq, bn), 1),
             [q, k, v, dout, dkc, dvc, lse, delta, positions, cum, scale,
              *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
-             heads, seq, lo_off, dim, bm, bn], warps, stages)
+             heads, seq, lo_off, dim, bm, bn], warps, stages, None if sig is None else (sig, "dkdv_c", cfg))
     return dkc, dvc
 
 
-def launch_backward_dkdv_band(q, k, v, dout, lse, delta, dkc, dvc, cum, lo_off: int, scale: float, cfg: tuple):
+def launch_backward_dkdv_band(q, k, v, dout, lse, delta, dkc, dvc, cum, lo_off: int, scale: float, cfg: tuple,
+                              sig=None):
     """dK/dV: the band part plus (when ``dkc`` is given) the compact share of each listed key."""
     bsz, heads, seq, dim = q.shape
     dk = _like(k)
@@ -248,26 +261,42 @@ def launch_backward_dkdv_band(q, k, v, dout, lse, delta, dkc, dvc, cum, lo_off: 
     _DKDV_B((_cdiv(seq, bn), bsz * heads, 1),
             [q, k, v, dout, dk, dv, dkc, dvc, lse, delta, cum, scale,
              *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
-             heads, seq, lo_off, dim, bm, bn, has_compact], warps, stages)
+             heads, seq, lo_off, dim, bm, bn, has_compact], warps, stages,
+            None if sig is None else (sig, "dkdv_b", cfg, has_compact))
     return dk, dv
+
+
+def _signature(lo_off: int, scale: float, *tensors) -> tuple:
+    """What the launches of one op call specialise on, read once: device, dtype and shape of the first input
+    (q; the others' shapes follow from it, their dtypes are fixed by the op), every input's strides, which
+    inputs are 16-byte aligned, ``lo_off`` and ``scale``. Buffers the launches allocate are fresh (aligned) and
+    shaped/strided from these inputs, so this determines every launch's triton specialisation."""
+    q = tensors[0]
+    aligned = 0
+    for t in tensors:
+        aligned = (aligned << 1) | (t.data_ptr() & 15 == 0)
+    return (q.device, q.dtype, q.shape, lo_off, scale, aligned, tuple([t.stride() for t in tensors]))
 
 
 def sep_forward(q, k, v, positions, cum, lo_off: int, scale: float):
     """Forward of the kernel path: ``(out, lse)``."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    return launch_forward(q, k, v, positions, cum, lo_off, scale, _block_config(q.shape[-1])["fwd"])
+    sig = _signature(lo_off, scale, q, k, v, positions, cum)
+    return launch_forward(q, k, v, positions, cum, lo_off, scale, _block_config(q.shape[-1])["fwd"], sig=sig)
 
 
 def sep_backward(dout, q, k, v, out, lse, positions, cum, lo_off: int, scale: float):
     """Backward of the kernel path: ``(dq, dk, dv)`` (three launches, four with the gathered compact K/V)."""
     q, k, v, out, dout = (_unit_last(t) for t in (q, k, v, out, dout))
+    sig = _signature(lo_off, scale, q, k, v, out, dout, lse, positions, cum)
     cfg = _block_config(q.shape[-1])
-    dq, delta = launch_backward_dq(q, k, v, out, dout, lse, positions, cum, lo_off, scale, cfg["dq"])
+    dq, delta = launch_backward_dq(q, k, v, out, dout, lse, positions, cum, lo_off, scale, cfg["dq"], sig=sig)
     dkc = dvc = None
     if lo_off < q.shape[2] - 1:
         dkc, dvc = launch_backward_dkdv_compact(q, k, v, dout, lse, delta, positions, cum, lo_off, scale,
-                                                cfg["dkdv_c"])
-    dk, dv = launch_backward_dkdv_band(q, k, v, dout, lse, delta, dkc, dvc, cum, lo_off, scale, cfg["dkdv_b"])
+                                                cfg["dkdv_c"], sig=sig)
+    dk, dv = launch_backward_dkdv_band(q, k, v, dout, lse, delta, dkc, dvc, cum, lo_off, scale, cfg["dkdv_b"],
+                                       sig=sig)
     return dq, dk, dv
 
 
@@ -331,6 +360,82 @@ def _op_backward(ctx, dout, _dlse):
 sep_attn_fwd_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
+class MetadataCache:
+    """:class:`SepMetadata` of the last few ``(sep_flags, init_start, n_init)`` the op saw, keyed on tensor identity.
+
+    Looked up when the op runs (inside the opaque custom op under torch.compile, so no trace ever bakes in a
+    previous micro-batch's metadata): every layer of a micro-batch passes the same flag tensors, so the metadata
+    is built once per micro-batch. Entries hold strong references (a freed tensor's id cannot come back as a
+    different tensor) and the tensors' in-place version counters (a tensor modified in place is a miss). Nothing
+    is cached during CUDA-graph capture, so a captured graph always contains the metadata build.
+    """
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self.entries: list = []
+
+    def get(self, sep_flags: torch.Tensor, init_start: torch.Tensor, n_init: int) -> SepMetadata:
+        versions = (sep_flags._version, init_start._version)
+        for flags, start, n, vers, meta in self.entries:
+            if flags is sep_flags and start is init_start and n == n_init and vers == versions:
+                return meta
+        meta = build_sep_metadata(sep_flags, init_start, n_init)
+        if not (sep_flags.is_cuda and torch.cuda.is_current_stream_capturing()):
+            self.entries = [(sep_flags, init_start, n_init, versions, meta)] + self.entries[: self.size - 1]
+        return meta
+
+    def clear(self) -> None:
+        self.entries = []
+
+
+_META_CACHE = MetadataCache()
+
+
+# Variants that take the flags instead of the metadata (what ``sep_attention(meta=None)`` records under
+# torch.compile): the metadata comes from ``_META_CACHE`` when the op runs, in forward and in backward.
+@torch.library.custom_op("sepllm_kernel::sep_attn_fwd_flags", mutates_args=())
+def sep_attn_fwd_flags_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sep_flags: torch.Tensor,
+                          init_start: torch.Tensor, n_init: int, lo_off: int,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    meta = _META_CACHE.get(sep_flags, init_start, n_init)
+    return sep_forward(q, k, v, meta.positions, meta.cum, lo_off, scale)
+
+
+@sep_attn_fwd_flags_op.register_fake
+def _sep_attn_fwd_flags_fake(q, k, v, sep_flags, init_start, n_init, lo_off, scale):
+    return _like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("sepllm_kernel::sep_attn_bwd_flags", mutates_args=())
+def sep_attn_bwd_flags_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          out: torch.Tensor, lse: torch.Tensor, sep_flags: torch.Tensor, init_start: torch.Tensor,
+                          n_init: int, lo_off: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    meta = _META_CACHE.get(sep_flags, init_start, n_init)
+    return sep_backward(dout, q, k, v, out, lse, meta.positions, meta.cum, lo_off, scale)
+
+
+@sep_attn_bwd_flags_op.register_fake
+def _sep_attn_bwd_flags_fake(dout, q, k, v, out, lse, sep_flags, init_start, n_init, lo_off, scale):
+    return _like(q), _like(k), _like(v)
+
+
+def _flags_op_setup_context(ctx, inputs, output):
+    q, k, v, sep_flags, init_start, n_init, lo_off, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, sep_flags, init_start)
+    ctx.n_init, ctx.lo_off, ctx.scale = n_init, lo_off, scale
+
+
+def _flags_op_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, sep_flags, init_start = ctx.saved_tensors
+    dq, dk, dv = sep_attn_bwd_flags_op(dout, q, k, v, out, lse, sep_flags, init_start, ctx.n_init, ctx.lo_off,
+                                       ctx.scale)
+    return dq, dk, dv, None, None, None, None, None
+
+
+sep_attn_fwd_flags_op.register_autograd(_flags_op_backward, setup_context=_flags_op_setup_context)
+
+
 def _check_inputs(q, k, v, sep_flags, init_start, n_init, window, exclude_diagonal):
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must share one [B, H, S, D] shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -366,9 +471,12 @@ def sep_attention(
     ``E = int(exclude_diagonal)``. ``window >= S`` is plain causal attention.
 
     q, k, v: ``[B, H, S, D]`` (bf16/fp16; fp32 uses TF32 dot products on CUDA); returns ``[B, H, S, D]``.
-    ``meta`` is :func:`build_sep_metadata` of ``(sep_flags, init_start, n_init)``; pass it to build it once per
-    micro-batch for all layers (it is built here otherwise). On CUDA this runs the Triton kernel, elsewhere the
-    dense reference (``O(S^2)`` memory, for tests and small CPU runs).
+    ``meta`` is :func:`build_sep_metadata` of ``(sep_flags, init_start, n_init)``. Leave it None to let the op
+    build it once per micro-batch itself (cached on the identity of ``sep_flags``/``init_start`` when the op
+    runs; see :class:`MetadataCache`): under torch.compile that is the only safe choice, because metadata
+    looked up from a Python-side cache while tracing is baked into the graph and reused for later micro-batches.
+    On CUDA this runs the Triton kernel, elsewhere the dense reference (``O(S^2)`` memory, for tests and small
+    CPU runs).
     """
     _check_inputs(q, k, v, sep_flags, init_start, n_init, window, exclude_diagonal)
     bsz, heads, seq, dim = q.shape
@@ -383,9 +491,11 @@ def sep_attention(
         raise ValueError(f"sep_attention supports head dims {_SUPPORTED_HEAD_DIMS} on CUDA, got D={dim}")
     if not _triton_available():
         raise RuntimeError("sep_attention on CUDA needs triton (pip package 'triton'), which is not importable")
-    if meta is None:
-        meta = build_sep_metadata(sep_flags, init_start, n_init)
     if torch.compiler.is_compiling():
+        if meta is None:
+            return sep_attn_fwd_flags_op(q, k, v, sep_flags, init_start, n_init, lo_off, scale)[0]
         return sep_attn_fwd_op(q, k, v, meta.positions, meta.cum, lo_off, scale)[0]
+    if meta is None:
+        meta = _META_CACHE.get(sep_flags, init_start, n_init)
     return _SepAttentionFn.apply(q, k, v, meta.positions, meta.cum, lo_off, scale)
 
