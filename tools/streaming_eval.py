@@ -78,7 +78,8 @@ def stream_perplexity(model, tokens: torch.Tensor, cache, chunk: int = 1024, log
         raise ValueError("the token stream needs at least 2 tokens")
     device = next(model.parameters()).device
     stock = getattr(cache, "is_sep_cache", False) and getattr(model.config, "model_type", "") != "sepllm_gpt_neox"
-    records, nll_sum, count, t0 = [], 0.0, 0, time.time()
+    # The NLL sum stays on the device: one sync per chunk, not per token, so the GPU is never starved.
+    records, nll_sum, count, t0 = [], torch.zeros((), device=device), 0, time.time()
     tokens = tokens.to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -86,18 +87,19 @@ def stream_perplexity(model, tokens: torch.Tensor, cache, chunk: int = 1024, log
         for i in range(tokens.numel() - 1):
             out = model(input_ids=tokens[i:i + 1].view(1, 1), past_key_values=cache, use_cache=True)
             logits = out.logits[0, -1].float()
-            nll_sum += F.cross_entropy(logits.unsqueeze(0), tokens[i + 1:i + 2]).item()
+            nll_sum += F.cross_entropy(logits.unsqueeze(0), tokens[i + 1:i + 2])
             count += 1
             if count % chunk == 0 or i == tokens.numel() - 2:
                 slots, kv_bytes = kv_slots_and_bytes(cache)
-                rec = {"tokens": i + 1, "ppl": math.exp(nll_sum / count), "kv_slots": slots, "kv_bytes": kv_bytes,
+                rec = {"tokens": i + 1, "ppl": math.exp(nll_sum.item() / count), "kv_slots": slots,
+                       "kv_bytes": kv_bytes,
                        "seconds": round(time.time() - t0, 2)}
                 if device.type == "cuda":
                     rec["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device)
                 records.append(rec)
                 if log:
                     log(json.dumps(rec))
-                nll_sum, count = 0.0, 0
+                nll_sum, count = torch.zeros((), device=device), 0
     return records
 
 
