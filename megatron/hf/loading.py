@@ -53,7 +53,7 @@ def load_export(model_dir: str, device: str = "cpu", dtype: Optional[torch.dtype
     if dtype is not None:
         kwargs["dtype"] = dtype
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
     return model, TextTokenizer(hf_tokenizer=tokenizer)
 
 
