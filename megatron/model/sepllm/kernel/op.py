@@ -1,4 +1,9 @@
-"""``sep_attention``: the autograd operator and its dispatch (Triton on CUDA, dense reference elsewhere)."""
+"""``sep_attention``: the autograd operator and its dispatch (Triton on CUDA, dense reference elsewhere).
+
+Eager calls go through an ``autograd.Function``; under torch.compile the same forward/backward are
+``torch.library`` custom ops (``sepllm_kernel::*``) with fake kernels. Kernels are launched by
+:class:`KernelLauncher` (triton's launch path once per specialisation, then the compiled kernel directly).
+"""
 import json
 import math
 import os
@@ -51,15 +56,15 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _triton_available() -> bool:
-    return _TRITON_OK[0]
+    return _TRITON_OK
 
 
-def _probe_triton() -> list:
+def _probe_triton() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
-        return [False]
-    return [True]
+        return False
+    return True
 
 
 _TRITON_OK = _probe_triton()
