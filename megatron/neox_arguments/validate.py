@@ -3,7 +3,6 @@
 Runs after derivation, in deepy.py before any rank starts and again on every rank
 (`NeoXArgs.consume_neox_args`). Also calls the SepLLM argument checker, which may rewrite SepLLM fields.
 """
-import glob
 import os
 
 from .errors import ConfigError
@@ -161,11 +160,12 @@ def validate_checkpoints(args):
         return
     if not os.path.isdir(args.load):
         raise ConfigError(f"key 'load': checkpoint directory not found: {args.load} (remove 'load' to start fresh)")
-    has_latest = os.path.isfile(os.path.join(args.load, "latest"))
-    has_steps = bool(glob.glob(os.path.join(args.load, "global_step*")))
-    if not (has_latest or has_steps):
-        raise ConfigError(f"key 'load': {args.load} holds no checkpoint (no 'latest' file and no global_step* "
-                          f"directory); remove 'load' to start fresh")
+    from megatron.checkpointing import resolve_checkpoint  # the loader's own rule, so both agree
+
+    try:
+        resolve_checkpoint(args.load)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"key 'load': {exc}; remove 'load' to start fresh") from None
 
 
 def validate_precision(args, env, on_rank):

@@ -182,15 +182,22 @@ def test_padded_vocab_from_pythia_tokenizer(pythia_tokenizer_path):
 def test_load_without_checkpoint(tmp_path):
     empty = tmp_path / "ckpt"
     empty.mkdir()
-    with pytest.raises(ConfigError, match=r"key 'load': .*ckpt holds no checkpoint \(no 'latest'"):
+    with pytest.raises(ConfigError, match=r"key 'load': load=.*ckpt: no checkpoint there"):
         NeoXArgs.from_dict(small(load=str(empty)), env=cpu())
     with pytest.raises(ConfigError, match="key 'load': checkpoint directory not found"):
         NeoXArgs.from_dict(small(load=str(tmp_path / "nope")), env=cpu())
+    # A global_step directory that 'latest' does not name may be a save that never finished: naming the
+    # save directory is not enough, naming the step directory itself is.
     (empty / "global_step10").mkdir()
-    assert NeoXArgs.from_dict(small(load=str(empty)), env=cpu()).load == str(empty)
-    (empty / "global_step10").rmdir()
+    with pytest.raises(ConfigError, match="no checkpoint there"):
+        NeoXArgs.from_dict(small(load=str(empty)), env=cpu())
+    step = str(empty / "global_step10")
+    assert NeoXArgs.from_dict(small(load=step), env=cpu()).load == step
     (empty / "latest").write_text("global_step10")
     assert NeoXArgs.from_dict(small(load=str(empty)), env=cpu()).load == str(empty)
+    (empty / "latest").write_text("global_step20")
+    with pytest.raises(ConfigError, match="'latest' names checkpoint 'global_step20'"):
+        NeoXArgs.from_dict(small(load=str(empty)), env=cpu())
 
 
 def test_zero_stage_and_pipeline():

@@ -110,6 +110,7 @@ class CheckpointReader:
 
     LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt$")
     MP_FILE = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
+    ZERO3_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 
     def __init__(self, input_dir: str, num_layers: int):
         if not os.path.isdir(input_dir):
@@ -121,10 +122,13 @@ class CheckpointReader:
         mp_files = sorted(n for n in names if self.MP_FILE.match(n))
         self.sequential = not layer_files
         self._seq_states: List[Dict] = []
-        if self.sequential:
+        if self.sequential and not mp_files and any(self.ZERO3_FILE.match(n) for n in names):
+            self._seq_states.append(self._gather_zero3(input_dir))
+            self.tp = 1
+        elif self.sequential:
             if not mp_files:
                 raise ConversionError(f"{input_dir} holds neither layer_XX-model_YY-model_states.pt files nor "
-                                      "mp_rank_XX_model_states.pt")
+                                      "mp_rank_XX_model_states.pt nor ZeRO-3 zero_pp_rank_* shards")
             for name in mp_files:
                 blob = torch.load(os.path.join(input_dir, name), map_location="cpu", weights_only=False)
                 module = blob.get("module") if isinstance(blob, dict) else None
@@ -139,6 +143,18 @@ class CheckpointReader:
             missing = [r for r in range(self.tp) if r not in ranks]
             if missing:
                 raise ConversionError(f"{input_dir}: layer files of model-parallel ranks {missing} are missing")
+
+    @staticmethod
+    def _gather_zero3(input_dir: str) -> Dict:
+        """ZeRO-3 keeps every parameter partitioned across the data-parallel ranks' shards; DeepSpeed's own
+        consolidation rebuilds the full fp32 module state dict (``sequential.<idx>.`` keys)."""
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        path = os.path.abspath(input_dir)
+        try:
+            return dict(get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(path), tag=os.path.basename(path)))
+        except Exception as exc:  # DeepSpeed raises assorted types for incomplete shard sets
+            raise ConversionError(f"{input_dir}: cannot gather the ZeRO-3 shards: {exc}") from exc
 
     def layer(self, idx: int, required: bool = True) -> Optional[List[Dict]]:
         """State dicts of pipeline layer ``idx`` for every TP rank (prefix stripped)."""
