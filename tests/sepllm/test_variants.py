@@ -156,3 +156,19 @@ def test_meta_streaming_full_and_windows():
     assert torch.equal(meta.sep_flags, rule.separator_flags(ids, SEPS))
     with pytest.raises(ValueError, match="window must be >= 1"):
         SepLLMMaskAttention(brute.args(prefill_local_window_size=0), 0)
+
+
+def test_compiled_layers_see_each_micro_batch_own_separators():
+    """With torch_compile each layer is compiled on its own and the layers of one micro-batch share a mask
+    cache. A later layer traced while the cache holds the current batch must not bake that cached mask into
+    its graph: every later micro-batch (new separator positions, same shapes) matches the brute force."""
+    args = brute.args(init_tok_max_idx=2, prefill_local_window_size=5)
+    layers = [torch.compile(SepLLMMaskAttention(args, i), backend="eager") for i in range(2)]
+    q, k, v = _qkv(3)
+    for seed in (11, 12, 13):
+        ids = _ids(seed)
+        meta = build_attn_meta(ids, None, args)
+        want = brute.attention(q, k, v, brute.prefill_mask(ids, 3, 5, True))
+        with torch.no_grad():
+            for layer in layers:
+                torch.testing.assert_close(layer(q, k, v, meta).double(), want, atol=2e-6, rtol=1e-5)

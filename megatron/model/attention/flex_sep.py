@@ -13,7 +13,6 @@ Dispatch, per call:
 4. CPU with gradients (FlexAttention has no CPU backward): the mask-based path, announced once.
 Attention dropout is not applied on the Flex/kernel paths (as in the reference).
 """
-import importlib
 import warnings
 
 import torch
@@ -25,7 +24,6 @@ from megatron.model.sepllm.mask_cache import PerBatchCache
 _BLOCK_MASKS = PerBatchCache()
 _COMPILED_FLEX = None
 _CPU_BACKWARD_NOTICE_SHOWN = False
-_KERNEL_LOOKUP = {}
 
 
 def _flex_functions():
@@ -43,24 +41,23 @@ def _compiled_flex():
     return _COMPILED_FLEX
 
 
-def fast_kernel():
-    """The Sep-Attention kernel package ``megatron.model.sepllm.kernel`` if present, else None (cached).
+try:  # imported here, not on first use: an import inside a traced layer would break the torch.compile graph
+    from megatron.model.sepllm import kernel as _KERNEL
+except ImportError as err:
+    # Only the kernel package itself may be missing; a broken import inside it must surface.
+    if getattr(err, "name", None) != "megatron.model.sepllm.kernel":
+        raise
+    _KERNEL = None
 
-    Its ``sep_attention(q, k, v, sep_flags, init_start, n_init, window, exclude_diagonal, meta=...)``
-    and ``build_sep_metadata(sep_flags, init_start, n_init)`` are used (no ALiBi support there).
+
+def fast_kernel():
+    """The Sep-Attention kernel package ``megatron.model.sepllm.kernel`` if present, else None.
+
+    Its ``sep_attention(q, k, v, sep_flags, init_start, n_init, window, exclude_diagonal, meta=None)`` builds
+    its metadata once per micro-batch itself (cached on the identity of the flag tensors when the op runs,
+    which stays correct under torch.compile); it has no ALiBi support.
     """
-    if "module" not in _KERNEL_LOOKUP:
-        try:
-            module = importlib.import_module("megatron.model.sepllm.kernel")
-        except ImportError as err:
-            # Only the kernel package itself may be missing; a broken import inside it must surface.
-            if getattr(err, "name", None) != "megatron.model.sepllm.kernel":
-                raise
-            module = None
-        if module is not None and not (hasattr(module, "sep_attention") and hasattr(module, "build_sep_metadata")):
-            module = None
-        _KERNEL_LOOKUP["module"] = module
-    return _KERNEL_LOOKUP["module"]
+    return _KERNEL
 
 
 def _notice_cpu_backward():
@@ -115,12 +112,8 @@ class SepKernelAttention(SepLLMMaskAttention):
         if q.is_cuda:
             kernel = fast_kernel()
             if kernel is not None and not s.use_alibi:
-                # Kernel metadata is built once per micro-batch and shared by all layers.
-                sep_meta = _BLOCK_MASKS.get((meta.sep_flags, meta.init_start), ("kernel_meta", s.num_init),
-                                            lambda: kernel.build_sep_metadata(meta.sep_flags, meta.init_start,
-                                                                              s.num_init))
                 return kernel.sep_attention(q, k, v, meta.sep_flags, meta.init_start, s.num_init, s.window,
-                                            s.exclude_diagonal, meta=sep_meta)
+                                            s.exclude_diagonal, meta=None)
             flex = _compiled_flex()
         elif needs_grad:
             _notice_cpu_backward()

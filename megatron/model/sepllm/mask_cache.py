@@ -19,6 +19,10 @@ class PerBatchCache:
 
     def get(self, anchor: Tuple[torch.Tensor, ...], key: Hashable, build: Callable[[], object]):
         """The value for ``key`` under ``anchor`` (tensors of the current micro-batch), built on a miss."""
+        if torch.compiler.is_compiling():
+            # Inside a traced graph the identity test would be frozen at trace time and the first
+            # micro-batch's value replayed for every later one: build inside the graph instead.
+            return build()
         same = len(anchor) == len(self._anchor) and all(a is b for a, b in zip(anchor, self._anchor))
         if not same:
             self._anchor = tuple(anchor)

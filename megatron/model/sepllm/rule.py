@@ -127,8 +127,12 @@ def separator_flags(input_ids: torch.Tensor, separator_ids: Optional[Sequence[in
     ids = [int(t) for t in (separator_ids or []) if int(t) >= 0]
     if not ids:
         return torch.zeros_like(input_ids, dtype=torch.bool)
-    table = torch.tensor(ids, dtype=input_ids.dtype, device=input_ids.device)
-    return torch.isin(input_ids, table)
+    # Comparisons with Python scalars: a device table would cost a host-to-device copy, which synchronises
+    # the stream, on every micro-batch.
+    flags = input_ids == ids[0]
+    for token in ids[1:]:
+        flags = flags | (input_ids == token)
+    return flags
 
 
 def num_initial_tokens(init_tok_max_idx: int) -> int:
