@@ -8,9 +8,7 @@ metadata shared by all layers; full mode is ``USE_ORIGINAL_FULL_ATTEN`` (SDPA ca
 cross entropy + backward + fused torch AdamW + zero_grad, bf16 parameters, real-text token windows (separator
 flags from the real Pythia separators). ``--compile on`` sets ``torch_compile: true`` (each transformer layer
 compiled, as the trainer does; the kernel enters the graphs as the ``sepllm_kernel::sep_attn_fwd`` custom op);
-``--compile both`` also runs eager. Compiled SepLLM runs route flex_sep's kernel call through
-``sep_attention(meta=None)`` (see ``install_compile_safe_kernel_lookup``; ``--flex-sep-as-is`` keeps flex_sep's
-own metadata cache, which torch.compile freezes at the first micro-batch). Times: CUDA events around each step,
+``--compile both`` also runs eager. Times: CUDA events around each step,
 no synchronise between steps, median over ``--steps`` after ``--warmup``.
 
     python bench/bench_e2e_sepllm.py --tokens data/sep_bench/tokens.npy     # token file: see bench_sep_attention.py
@@ -51,43 +49,10 @@ def model_config(mode: str, seq: int, mbs: int, window: int, n_init: int, compil
     return cfg
 
 
-def install_compile_safe_kernel_lookup(flex_sep) -> None:
-    """Makes flex_sep's kernel call compile-safe for this benchmark (the fix proposed to its owner).
-
-    flex_sep builds the kernel metadata through a Python cache keyed on tensor identity *inside* the compiled
-    layer; dynamo bakes the first micro-batch's metadata into the trace, so later micro-batches would reuse it.
-    Here flex_sep's kernel lookup returns the real ``sep_attention`` called with ``meta=None``, which builds and
-    caches the metadata when the op runs (``sepllm_kernel::sep_attn_fwd_flags``), once per micro-batch.
-    """
-    from types import SimpleNamespace
-
-    from megatron.model.sepllm.kernel import sep_attention
-
-    def attend(q, k, v, sep_flags, init_start, n_init, window, exclude_diagonal=True, meta=None):
-        return sep_attention(q, k, v, sep_flags, init_start, n_init, window, exclude_diagonal)
-
-    flex_sep._KERNEL_LOOKUP["module"] = SimpleNamespace(sep_attention=attend,
-                                                        build_sep_metadata=lambda *args: None)
-
-
-def restore_kernel_lookup() -> None:
-    from megatron.model.attention import flex_sep
-
-    flex_sep._KERNEL_LOOKUP.clear()
-
-
 def run_mode(mode: str, batches, args, seq: int, mbs: int, compile_layers: bool) -> dict:
     from megatron.model import build_sequential_model
     from megatron.neox_arguments import NeoXArgs
 
-    if mode == "sepllm":
-        # flex_sep looks the kernel package up with importlib on first use; doing that inside the first
-        # torch.compile trace breaks the layer graph, so it is looked up here, before anything is compiled.
-        from megatron.model.attention import flex_sep
-
-        flex_sep.fast_kernel()
-        if compile_layers and not args.flex_sep_as_is:
-            install_compile_safe_kernel_lookup(flex_sep)
     torch.manual_seed(0)
     neox_args = NeoXArgs.from_dict(model_config(mode, seq, mbs, args.window, args.n_init, compile_layers))
     model = build_sequential_model(neox_args).cuda().to(torch.bfloat16).train()
@@ -117,7 +82,6 @@ def run_mode(mode: str, batches, args, seq: int, mbs: int, compile_layers: bool)
               "loss": losses[-1].item(), "graph_breaks": sum(counters["graph_break"].values()),
               "unique_graphs": counters["stats"].get("unique_graphs", 0),
               "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30}
-    restore_kernel_lookup()
     del model, opt, losses, events
     gc.collect()
     torch.cuda.empty_cache()
@@ -136,8 +100,6 @@ def main() -> None:
     parser.add_argument("--n-init", type=int, default=3)
     parser.add_argument("--compile", choices=("on", "off", "both"), default="on",
                         help="torch_compile of the layers (as the trainer's torch_compile: true)")
-    parser.add_argument("--flex-sep-as-is", action="store_true",
-                        help="compiled runs: keep flex_sep's own metadata caching (stale under torch.compile)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_e2e_sepllm.py needs a CUDA GPU")
