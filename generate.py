@@ -54,7 +54,11 @@ def main(argv=None) -> int:
             opts[key] = value if value is not None else opts[key]
         if getattr(neox_args, "text_gen_type", None) == "unconditional" and not args.text:
             args.text = [tokenizer_bos_text()]
-        model, tokenizer = load_from_neox_args(neox_args, device)
+        try:
+            model, tokenizer = load_from_neox_args(neox_args, device)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"generate.py: error: {err}", file=sys.stderr)
+            return 2
     elif args.model_dir:
         from megatron.hf.loading import load_export
 

@@ -58,14 +58,20 @@ def load_export(model_dir: str, device: str = "cpu", dtype: Optional[torch.dtype
 
 
 def load_from_neox_args(neox_args, device: str = "cpu"):
-    """``(model, TextTokenizer)`` from the checkpoint ``neox_args.load`` points at (``latest`` or a tag dir)."""
+    """``(model, TextTokenizer)`` from the checkpoint ``neox_args.load`` (else ``save``) points at (``latest`` or a
+    tag dir)."""
     from megatron.checkpointing import resolve_checkpoint
     from megatron.hf.configuration_sepllm_gpt_neox import SepLLMGPTNeoXConfig
     from megatron.hf.modeling_sepllm_gpt_neox import SepLLMGPTNeoXForCausalLM
     from tools.ckpts.convert_neox_to_hf import CheckpointReader, build_state_dict, resolve_precision, \
         sepllm_config_dict
 
-    load_dir, tag = resolve_checkpoint(neox_args.load)
+    # Like training, which resumes from 'load' and writes to 'save': a config that only trained (no 'load')
+    # generates from the checkpoint its training wrote.
+    path = getattr(neox_args, "load", None) or getattr(neox_args, "save", None)
+    if not path:
+        raise ValueError("set 'load' (or 'save') in the config to the checkpoint directory to generate from")
+    load_dir, tag = resolve_checkpoint(path)
     cfg = {k: v for k, v in neox_args.to_dict().items()}
     reader = CheckpointReader(os.path.join(load_dir, tag), int(cfg["num_layers"]))
     sd = build_state_dict(reader, cfg, int(cfg["hidden_size"]), int(cfg["num_attention_heads"]), None,

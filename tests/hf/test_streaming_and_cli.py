@@ -65,11 +65,18 @@ def test_generate_and_eval_from_trainer_checkpoint(tmp_path, pythia_tokenizer_pa
     (tmp_path / "save" / "latest").write_text("global_step3")
     from megatron.neox_arguments import NeoXArgs
 
-    args = NeoXArgs.from_dict(dict(cfg, load=str(tmp_path / "save"), eval_tasks=["tiny_mc"]))
+    args = NeoXArgs.from_dict(dict(cfg, load=str(tmp_path / "save"), eval_tasks=["tiny_mc"],
+                                   sample_output_file=str(tmp_path / "samples.txt")))
     resolved = args.save_resolved(str(tmp_path / "resolved.yml"))
     assert generate.main(["--neox_config_file", resolved, "--text", "The cat", "--maximum_tokens", "4",
                           "--no_stream"]) == 0
     assert "\nThe cat" in capsys.readouterr().out
+    assert json.loads((tmp_path / "samples.txt").read_text().splitlines()[0])["context"] == "The cat"
+    # Without 'load' the checkpoint comes from 'save' (where this config's training wrote it).
+    no_load = NeoXArgs.from_dict(dict(cfg, save=str(tmp_path / "save"),
+                                      sample_output_file=str(tmp_path / "samples2.txt")))
+    resolved2 = no_load.save_resolved(str(tmp_path / "resolved2.yml"))
+    assert generate.main(["--neox_config_file", resolved2, "--text", "The cat", "--maximum_tokens", "2"]) == 0
     from megatron.hf.loading import load_from_neox_args
 
     loaded, _ = load_from_neox_args(NeoXArgs.from_resolved(resolved))
