@@ -210,6 +210,7 @@ def test_zero3_two_processes_exact_resume_and_hf_export(work):
 
     from megatron.model import build_sequential_model
     from megatron.neox_arguments import NeoXArgs
+    from megatron.neox_arguments.environment import Environment
     from tools.ckpts.convert_neox_to_hf import CheckpointReader, export
 
     tmp, corpus = work
@@ -228,7 +229,10 @@ def test_zero3_two_processes_exact_resume_and_hf_export(work):
     out_dir = tmp / "zero3_hf"
     export(str(step6), None, str(out_dir), precision="fp32", architecture="neox", save_tokenizer=False)
     hf = GPTNeoXForCausalLM.from_pretrained(str(out_dir)).eval()
-    args = NeoXArgs.from_resolved(str(step6 / "configs" / "resolved_config.yml"))
+    # Rank 0 of the 2-process run, as the resolved config describes it.
+    args = NeoXArgs.from_resolved(str(step6 / "configs" / "resolved_config.yml"),
+                                  env=Environment(cuda_device_count=0,
+                                                  environ={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}))
     ours = build_sequential_model(args).eval()
     state = CheckpointReader(str(step6), args.num_layers)._seq_states[0]
     ours.load_state_dict(state)
