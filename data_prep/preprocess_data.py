@@ -111,7 +111,8 @@ def _worker_init(args_dict: dict) -> None:
     global _ENCODER
     # One process per core already; the tokenizer's own thread pool would only oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _ENCODER = _Encoder(args_dict)
+    if _ENCODER is None:  # forked workers inherit the parent's encoder; spawned ones load their own
+        _ENCODER = _Encoder(args_dict)
 
 
 def _worker_encode(task):
@@ -191,6 +192,10 @@ def preprocess(args: argparse.Namespace, log=sys.stderr) -> dict:
         else:
             ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods()
                                               else "spawn")
+            global _ENCODER
+            # Forked workers inherit this (not yet used, so single-threaded) encoder instead of each loading
+            # the tokenizer again: on small corpora that load is a visible share of the run.
+            _ENCODER = encoder
             pool = stack.enter_context(ctx.Pool(args.workers, initializer=_worker_init, initargs=(args_dict,)))
             results = pool.imap(_worker_encode, tasks, chunksize=1)  # imap keeps input order
         for docs, batch_bytes in results:
