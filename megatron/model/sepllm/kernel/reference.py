@@ -20,21 +20,16 @@ from typing import Optional
 
 import torch
 
+from megatron.model.sepllm.rule import dense_mask
+
 
 def dense_sep_mask(
     sep_flags: torch.Tensor, init_start: torch.Tensor, n_init: int, window: int, exclude_diagonal: bool = True
 ) -> torch.Tensor:
-    """Boolean ``[B, S, S]`` mask, True where query (dim 1) may attend key (dim 2)."""
-    bsz, seq = sep_flags.shape
-    dev = sep_flags.device
-    pos = torch.arange(seq, device=dev)
-    q_idx = pos.view(1, seq, 1)
-    k_idx = pos.view(1, 1, seq)
-    causal = k_idx <= q_idx
-    start = init_start.to(dev).view(bsz, 1, 1)
-    is_init = (k_idx >= start) & (k_idx < start + n_init)
-    in_window = (q_idx - k_idx) <= (window - int(exclude_diagonal))
-    return causal & (is_init | sep_flags.view(bsz, 1, seq).bool() | in_window)
+    """Boolean ``[B, S, S]`` mask, True where query (dim 1) may attend key (dim 2): the project's one SepLLM
+    rule (:func:`megatron.model.sepllm.rule.dense_mask`), so the kernel is tested against the same predicate
+    as every other path."""
+    return dense_mask(sep_flags.bool(), init_start, n_init, window, exclude_diagonal)
 
 
 def sep_attention_reference(
