@@ -9,12 +9,14 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 export PATH="$PWD/.venv/bin:$PATH"
-python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+# pip with this machine's index configuration warns once per package about local index folders that do
+# not exist; drop those lines so real errors stay visible.
+pipq() { python -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 if ! python -c "import torch" 2>/dev/null; then
-  python -m pip install -q "torch==2.13.0"
+  pipq install -q "torch==2.13.0"
 fi
-python -m pip install -q -c requirements/constraints.txt -r requirements/requirements.txt
+pipq install -q -c requirements/constraints.txt -r requirements/requirements.txt
 if [ "${1:-}" = "--test" ]; then
-  python -m pip install -q -c requirements/constraints.txt -r requirements/requirements-test.txt
+  pipq install -q -c requirements/constraints.txt -r requirements/requirements-test.txt
 fi
 echo "environment ready: $(python -c 'import torch, sys; print(sys.version.split()[0], "torch", torch.__version__)')"
