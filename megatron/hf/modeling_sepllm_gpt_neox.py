@@ -27,8 +27,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_sepllm_gpt_neox import SepLLMGPTNeoXConfig
-from .rule import adaptive_init_start, bipe_positions, dense_mask, layer_windows, num_initial_tokens, \
-    separator_flags
+from .rule import adaptive_init_start, bipe_next_offsets, bipe_positions, dense_mask, layer_windows, \
+    num_initial_tokens, separator_flags
 from .sep_cache import SepCache, apply_rotary, rope_cos_sin, rope_inv_freq
 
 # transformers renamed the cache field of model outputs (past_key_values -> cache) during 5.x.
@@ -244,11 +244,10 @@ class SepLLMGPTNeoXModel(SepLLMGPTNeoXPreTrainedModel):
         bsz, q = input_ids.shape
         # Duck-typed: the export's own sep_cache.py and megatron.hf.sep_cache define distinct classes.
         sep_cache = cache if getattr(cache, "is_sep_cache", False) else None
-        if sep_cache is not None:
-            if cfg.USE_BiPE:
-                raise ValueError("SepCache does not support BiPE models (their positions need the whole "
-                                 "history); generate with the default cache")
-            sep_cache.prepare_step(input_ids, attention_mask)
+        if sep_cache is not None and cfg.USE_BiPE and sep_cache.APPLY_PE_SHIFT:
+            raise ValueError("SepCache APPLY_PE_SHIFT=True cannot be used with a USE_BiPE=True model: PE shifting "
+                             "has no defined meaning for BiPE's bilevel positions; create the SepCache with "
+                             "APPLY_PE_SHIFT=False")
         state = getattr(cache, "_sepllm_state", None) if cache is not None else None
         past = 0 if cache is None else cache.get_seq_length()
         if past == 0 or state is None:
@@ -264,9 +263,17 @@ class SepLLMGPTNeoXModel(SepLLMGPTNeoXPreTrainedModel):
             new_valid = torch.ones_like(input_ids, dtype=torch.bool)
         else:
             new_valid = attention_mask[:, -q:].bool()
+        bipe = None
         if sep_cache is not None:
             # Only the new tokens' metadata is needed: the cache holds the kept keys' ids and flags.
             ids_all, valid_all = input_ids, new_valid
+            if cfg.USE_BiPE:
+                # BiPE positions continue from per-row state (the next token's intra / inter offsets), so
+                # they equal those of the uncompressed history although evicted tokens are gone.
+                offsets = state.get("bipe_next") if past > 0 else None
+                bipe = bipe_positions(input_ids, cfg.BiPE_seps, offsets)
+                state["bipe_next"] = bipe_next_offsets(input_ids, cfg.BiPE_seps, *bipe)
+            sep_cache.prepare_step(input_ids, attention_mask, positions=None if bipe is None else bipe[1])
         else:
             ids_all = torch.cat([state["ids"], input_ids], dim=-1)
             valid_all = torch.cat([state["valid"], new_valid], dim=-1)
@@ -282,7 +289,7 @@ class SepLLMGPTNeoXModel(SepLLMGPTNeoXPreTrainedModel):
         rope_new = pos_all[:, -q:]
         intra_new = rope_new
         if cfg.USE_BiPE:
-            intra, inter = bipe_positions(ids_all, cfg.BiPE_seps)
+            intra, inter = bipe if bipe is not None else bipe_positions(ids_all, cfg.BiPE_seps)
             pos_all, rope_new, intra_new = inter, inter[:, -q:], intra[:, -q:]
         sepllm = not cfg.USE_ORIGINAL_FULL_ATTEN and not cfg.streamingLLM
         flags = separator_flags(ids_all, cfg.separator_token_ids) if sepllm else \

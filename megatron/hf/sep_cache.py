@@ -13,6 +13,10 @@ Prefill never compresses. A token-id tensor (and a padding-valid tensor) runs al
 can be recognised later; the ids of each step come from :meth:`SepCache.prepare_step`, which the
 ``sepllm_gpt_neox`` model calls itself and :func:`use_sep_cache` calls for stock ``GPTNeoXForCausalLM``.
 
+Rotary / ALiBi positions default to text positions; a model whose positions are not the token index (BiPE's
+inter-segment positions) passes them per step to :meth:`SepCache.prepare_step`, computed incrementally from state
+it keeps itself (the evicted history is not needed). Keys keep the positions they were rotated with.
+
 PE shifting (``APPLY_PE_SHIFT``): positions are slots inside the cache, not text positions. Keys arrive already
 rotated at their slot; after a compression every kept key is rotated by ``new_slot - old_slot`` (rotations
 compose), so keys always sit at ``0 .. len - 1``. The rotation tables come from ``base``/``pe_dim`` inside the
@@ -323,16 +327,26 @@ class SepCache(Cache):
         return (kept + 1e-6) / (seen + 1e-6)
 
     # ------------------------------------------------------------------ the step protocol
-    def prepare_step(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> None:
+    def prepare_step(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                     positions: Optional[torch.Tensor] = None) -> None:
         """Registers the ids of the coming forward and compresses layers that would overflow.
 
         attention_mask: ``[B, q]`` for the new tokens, or the full ``[B, seen + q]`` mask (its tail is used).
+        positions: ``[B, q]`` rotary / ALiBi positions of the new tokens when they are not text positions (e.g.
+            BiPE inter-segment positions); stored as the keys' positions. Not with ``APPLY_PE_SHIFT``.
         """
         if input_ids is None:
             raise ValueError("SepCache needs input_ids for every step (separators are recognised by id)")
         bsz, q = input_ids.shape
         if q == 0:
             raise ValueError("SepCache.prepare_step: empty input_ids")
+        if positions is not None:
+            if self.APPLY_PE_SHIFT:
+                raise ValueError("SepCache: explicit positions (e.g. BiPE) cannot be combined with APPLY_PE_SHIFT "
+                                 "(PE shifting places keys at cache slots)")
+            if tuple(positions.shape) != (bsz, q):
+                raise ValueError(f"SepCache.prepare_step: positions must be [B, q] = {[bsz, q]}, got "
+                                 f"{list(positions.shape)}")
         device = input_ids.device
         if attention_mask is not None:
             valid = attention_mask[:, -q:].to(device=device).bool()
@@ -353,13 +367,16 @@ class SepCache(Cache):
         text_pos = (self._next_text_pos.unsqueeze(-1) + torch.cumsum(valid.long(), -1) - 1).clamp(min=0)
         text_pos = torch.where(valid, text_pos, torch.ones_like(text_pos))
         self._next_text_pos = self._next_text_pos + valid.long().sum(-1)
-        self._pending = {"ids": input_ids.long(), "valid": valid, "text_pos": text_pos, "done": set()}
+        rot_pos = text_pos if positions is None else positions.to(device=device, dtype=torch.long)
+        self._pending = {"ids": input_ids.long(), "valid": valid, "text_pos": text_pos, "rot_pos": rot_pos,
+                         "done": set()}
 
     def step_positions(self, layer_idx: int = 0) -> torch.Tensor:
-        """Rotary positions ``[B, q]`` of the pending tokens in this layer (cache slots when PE shifting)."""
+        """Rotary positions ``[B, q]`` of the pending tokens in this layer (cache slots when PE shifting, else
+        the positions given to :meth:`prepare_step`, by default text positions)."""
         pending = self._require_pending()
         if not self.APPLY_PE_SHIFT:
-            return pending["text_pos"]
+            return pending["rot_pos"]
         q = pending["ids"].shape[1]
         start = self.layers[layer_idx].length()
         pos = torch.arange(start, start + q, device=pending["ids"].device)
@@ -405,7 +422,7 @@ class SepCache(Cache):
         if layer_idx in pending["done"]:
             raise ValueError(f"SepCache: layer {layer_idx} updated twice in one step; call prepare_step first")
         layer = self.layers[layer_idx]
-        rot = self.step_positions(layer_idx) if self.APPLY_PE_SHIFT else pending["text_pos"]
+        rot = self.step_positions(layer_idx)
         layer.append(key_states, value_states, pending["ids"], pending["valid"], rot, pending["text_pos"])
         pending["done"].add(layer_idx)
         if len(pending["done"]) == self.layer_num:
