@@ -55,12 +55,11 @@ def make_mask_mod(sep_flags: torch.Tensor, init_start: torch.Tensor, num_init: i
     """
     window = int(window)
     num_init = int(num_init)
-    edge = window - int(bool(exclude_diagonal))
+    exclude_diagonal = bool(exclude_diagonal)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        start = init_start[b]
-        init_k = (kv_idx >= start) & (kv_idx < start + num_init)
-        return (kv_idx <= q_idx) & (init_k | sep_flags[b, kv_idx] | ((q_idx - kv_idx) <= edge))
+        init_k = is_initial(kv_idx, init_start[b], num_init)
+        return visible(q_idx, kv_idx, init_k, sep_flags[b, kv_idx], window, exclude_diagonal)
 
     return mask_mod
 
@@ -109,7 +108,7 @@ def decode_mask(sep_flags: torch.Tensor, init_start: torch.Tensor, num_init: int
     and, unlike the reference, never a padding key (``key_valid``).
     """
     total = sep_flags.shape[1]
-    q_pos = torch.tensor([total - 1], device=sep_flags.device)
+    q_pos = torch.arange(total - 1, total, device=sep_flags.device)  # made on the device: no host copy
     return dense_mask(sep_flags, init_start, num_init, window, True, q_pos, key_valid, init_limit)
 
 
