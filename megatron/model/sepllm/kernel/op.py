@@ -191,6 +191,21 @@ def launch_gather(k, v, positions, cum, sig=None):
     return kc, vc
 
 
+def _compact_operands(k, v, positions, cum, lo_off: int, gathered, compact, sig):
+    """``(has_compact, gathered, kc, vc)`` shared by the forward and dQ launches: whether any listed key can lie
+    left of the window, whether the listed K/V rows are read from gathered copies (built here unless ``compact``
+    already holds them), and the tensors the kernel reads them from (``k, v`` themselves when not gathered)."""
+    seq = k.shape[2]
+    has_compact = lo_off < seq - 1
+    if gathered is None:
+        gathered = _gather_compact(seq)
+    gathered = gathered and has_compact
+    if gathered and compact is None:
+        compact = launch_gather(k, v, positions, cum, sig)
+    kc, vc = compact if gathered else (k, v)  # never read when not gathered
+    return has_compact, gathered, kc, vc
+
+
 def launch_forward(q, k, v, positions, cum, lo_off: int, scale: float, cfg: tuple, gathered=None, compact=None,
                    sig=None):
     """Runs the forward kernel; returns ``(out, lse)`` (lse in base-2 units, float32 ``[B, H, S]``).
@@ -199,13 +214,7 @@ def launch_forward(q, k, v, positions, cum, lo_off: int, scale: float, cfg: tupl
     follows the sequence length (see ``_gather_compact``).
     """
     bsz, heads, seq, dim = q.shape
-    has_compact = lo_off < seq - 1
-    if gathered is None:
-        gathered = _gather_compact(seq)
-    gathered = gathered and has_compact
-    if gathered and compact is None:
-        compact = launch_gather(k, v, positions, cum, sig)
-    kc, vc = compact if gathered else (k, v)  # never read when not gathered
+    has_compact, gathered, kc, vc = _compact_operands(k, v, positions, cum, lo_off, gathered, compact, sig)
     out = _like(q)
     lse = torch.empty((bsz, heads, seq), device=q.device, dtype=torch.float32)
     bm, bn, warps, stages = cfg
@@ -221,13 +230,7 @@ def launch_backward_dq(q, k, v, out, dout, lse, positions, cum, lo_off: int, sca
                        gathered=None, compact=None, sig=None):
     """Returns ``(dq, delta)``; ``delta = rowsum(dO * O)`` (float32 ``[B, H, S]``) feeds the dK/dV kernels."""
     bsz, heads, seq, dim = q.shape
-    has_compact = lo_off < seq - 1
-    if gathered is None:
-        gathered = _gather_compact(seq)
-    gathered = gathered and has_compact
-    if gathered and compact is None:
-        compact = launch_gather(k, v, positions, cum, sig)
-    kc, vc = compact if gathered else (k, v)
+    has_compact, gathered, kc, vc = _compact_operands(k, v, positions, cum, lo_off, gathered, compact, sig)
     dq = _like(q)
     delta = torch.empty_like(lse)
     bm, bn, warps, stages = cfg
