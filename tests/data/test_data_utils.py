@@ -12,17 +12,11 @@ from megatron.data.data_utils import (
     get_train_valid_test_split_,
     samples_per_split,
 )
-from megatron.data.indexed_dataset import make_builder
+from corpus_utils import write_corpus as _write_corpus
 
 
 def write_corpus(prefix, n_docs, seed, max_len=60):
-    rng = np.random.default_rng(seed)
-    builder = make_builder(f"{prefix}.bin", "mmap", dtype=np.uint16)
-    for _ in range(n_docs):
-        builder.add_item(rng.integers(0, 50000, size=int(rng.integers(1, max_len))))
-        builder.end_document()
-    builder.finalize(f"{prefix}.idx")
-    return str(prefix)
+    return _write_corpus(prefix, n_docs, seed, max_len)
 
 
 def make_args(**overrides):

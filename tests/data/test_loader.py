@@ -8,18 +8,12 @@ import pytest
 import torch
 
 from megatron.data.data_utils import build_train_valid_test_data_iterators
-from megatron.data.indexed_dataset import make_builder
+from corpus_utils import write_corpus as _write_corpus
 from megatron.data.samplers import DistributedBatchSampler
 
 
 def write_corpus(prefix, n_docs, seed, max_len=80):
-    rng = np.random.default_rng(seed)
-    builder = make_builder(f"{prefix}.bin", "mmap", dtype=np.uint16)
-    for _ in range(n_docs):
-        builder.add_item(rng.integers(0, 50000, size=int(rng.integers(1, max_len))))
-        builder.end_document()
-    builder.finalize(f"{prefix}.idx")
-    return str(prefix)
+    return _write_corpus(prefix, n_docs, seed, max_len)
 
 
 def make_args(data_path, **overrides):
