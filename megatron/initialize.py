@@ -54,6 +54,35 @@ def set_random_seed(seed: int, pipe_rank: int = 0) -> int:
     return seed
 
 
+SHM_DIR = "/dev/shm"
+SHM_PREFIX = "deepspeed_allreduce_buffer"
+
+
+def deepspeed_shm_path(rank: int, environ=None) -> str:
+    """The POSIX shared-memory file DeepSpeed's CPU all-reduce op (``ops/csrc/cpu/comm/shm.cpp``) creates
+    for ``rank`` when every rank of the job is on one machine: ``<prefix>_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``."""
+    environ = os.environ if environ is None else environ
+    name = f"{SHM_PREFIX}_{os.getuid()}_{environ.get('MASTER_ADDR', '')}_{environ.get('MASTER_PORT', '')}_{int(rank)}"
+    return os.path.join(SHM_DIR, name)
+
+
+def release_deepspeed_shm(rank: int) -> bool:
+    """Unlinks this rank's all-reduce segment once every rank has mapped it.
+
+    DeepSpeed never unlinks it, so each run left ~66 MB per rank in ``/dev/shm`` (RAM) for good. Every
+    peer maps the segment inside ``init_distributed``; after a barrier the name is no longer needed, and
+    the mappings stay valid until the processes exit, when the kernel frees the memory. Returns whether a
+    file was removed.
+    """
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+    try:
+        os.unlink(deepspeed_shm_path(rank))
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def initialize_megatron(neox_args):
     """Starts the process group (nccl on GPU, gloo on CPU), picks the device, builds the topology and
     seeds every RNG. Sets ``rank``, ``local_rank`` and ``world_size`` on ``neox_args``; returns
@@ -67,6 +96,7 @@ def initialize_megatron(neox_args):
         torch.cuda.set_device(local_rank)
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
+    release_deepspeed_shm(torch.distributed.get_rank())
     neox_args.rank = torch.distributed.get_rank()
     neox_args.local_rank = local_rank
     neox_args.world_size = torch.distributed.get_world_size()

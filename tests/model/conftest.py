@@ -22,4 +22,7 @@ def ds_dist():
                            ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
             os.environ.setdefault(key, value)
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        from megatron.initialize import release_deepspeed_shm
+
+        release_deepspeed_shm(0)
     yield dist

@@ -120,6 +120,20 @@ def test_two_pipeline_stages_two_processes(reference, work):
     assert {"layer_02-model_00-model_states.pt", "layer_06-model_00-model_states.pt"} <= files
 
 
+def _deepspeed_shm_files() -> set:
+    return set(glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*"))
+
+
+def test_two_process_launch_leaves_no_shared_memory(work):
+    """DeepSpeed's CPU all-reduce creates a ~66 MB /dev/shm segment per rank and never unlinks it; the
+    ranks remove their own after start-up (megatron.initialize.release_deepspeed_shm)."""
+    tmp, corpus = work
+    before = _deepspeed_shm_files()
+    run(tmp, "shm", 2, data_path=corpus, train_iters=2, pipe_parallel_size=0, checkpoint_factor=None,
+        zero_optimization={"stage": 1}, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1)
+    assert _deepspeed_shm_files() - before == set()
+
+
 def test_sequential_zero1_two_processes_sigterm_and_exact_resume(reference, work):
     """Data parallel over 2 ranks gives the reference's losses; SIGTERM saves and exits 0; resuming from
     that checkpoint reproduces the uninterrupted run bitwise."""
