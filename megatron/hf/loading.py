@@ -63,7 +63,8 @@ def load_from_neox_args(neox_args, device: str = "cpu"):
     from megatron.checkpointing import resolve_checkpoint
     from megatron.hf.configuration_sepllm_gpt_neox import SepLLMGPTNeoXConfig
     from megatron.hf.modeling_sepllm_gpt_neox import SepLLMGPTNeoXForCausalLM
-    from tools.ckpts.convert_neox_to_hf import CheckpointReader, build_state_dict, resolve_precision, \
+    from megatron.checkpoint_io import CheckpointReader
+    from tools.ckpts.convert_neox_to_hf import build_state_dict, resolve_precision, \
         sepllm_config_dict
 
     # Like training, which resumes from 'load' and writes to 'save': a config that only trained (no 'load')

@@ -21,7 +21,6 @@ import argparse
 import glob
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -32,6 +31,10 @@ import torch
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from megatron.checkpoint_io import CheckpointError, CheckpointReader  # noqa: E402
 HF_SOURCE_DIR = REPO_ROOT / "megatron" / "hf"
 RULE_SOURCE = REPO_ROOT / "megatron" / "model" / "sepllm" / "rule.py"
 ARCHITECTURES = ("sepllm_gpt_neox", "neox")
@@ -53,8 +56,8 @@ SEPLLM_KEYS = ("pos_emb", "mup_rp_embedding_mult", "separator_token_ids", "PADDI
 EXPORT_CODE_FILES = ("configuration_sepllm_gpt_neox.py", "modeling_sepllm_gpt_neox.py", "sep_cache.py")
 
 
-class ConversionError(ValueError):
-    """Bad input for the converter (the message names the file, key or value)."""
+# Bad input for the converter (the message names the file, key or value); checkpoint read errors are the same type.
+ConversionError = CheckpointError
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -102,80 +105,6 @@ def resolve_precision(cfg: Dict, precision: str) -> torch.dtype:
     if (isinstance(bf16, dict) and bf16.get("enabled")) or named in ("bf16", "bfloat16"):
         return torch.bfloat16
     return torch.float32
-
-
-# ---------------------------------------------------------------------------------------- checkpoint
-class CheckpointReader:
-    """Reads per-layer state dicts from either checkpoint layout, one list entry per TP rank."""
-
-    LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt$")
-    MP_FILE = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
-    ZERO3_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
-
-    def __init__(self, input_dir: str, num_layers: int):
-        if not os.path.isdir(input_dir):
-            raise ConversionError(f"--input_dir {input_dir} is not a directory")
-        self.input_dir = input_dir
-        self.num_layers = num_layers
-        names = os.listdir(input_dir)
-        layer_files = [n for n in names if self.LAYER_FILE.match(n)]
-        mp_files = sorted(n for n in names if self.MP_FILE.match(n))
-        self.sequential = not layer_files
-        self._seq_states: List[Dict] = []
-        if self.sequential and not mp_files and any(self.ZERO3_FILE.match(n) for n in names):
-            self._seq_states.append(self._gather_zero3(input_dir))
-            self.tp = 1
-        elif self.sequential:
-            if not mp_files:
-                raise ConversionError(f"{input_dir} holds neither layer_XX-model_YY-model_states.pt files nor "
-                                      "mp_rank_XX_model_states.pt nor ZeRO-3 zero_pp_rank_* shards")
-            for name in mp_files:
-                blob = torch.load(os.path.join(input_dir, name), map_location="cpu", weights_only=False)
-                module = blob.get("module") if isinstance(blob, dict) else None
-                if not module:
-                    raise ConversionError(f"{name} has no 'module' state dict (a pipeline checkpoint whose "
-                                          "layer files are missing?)")
-                self._seq_states.append(module)
-            self.tp = len(self._seq_states)
-        else:
-            ranks = {int(self.LAYER_FILE.match(n).group(2)) for n in layer_files}
-            self.tp = max(ranks) + 1
-            missing = [r for r in range(self.tp) if r not in ranks]
-            if missing:
-                raise ConversionError(f"{input_dir}: layer files of model-parallel ranks {missing} are missing")
-
-    @staticmethod
-    def _gather_zero3(input_dir: str) -> Dict:
-        """ZeRO-3 keeps every parameter partitioned across the data-parallel ranks' shards; DeepSpeed's own
-        consolidation rebuilds the full fp32 module state dict (``sequential.<idx>.`` keys)."""
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        path = os.path.abspath(input_dir)
-        try:
-            return dict(get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(path), tag=os.path.basename(path)))
-        except Exception as exc:  # DeepSpeed raises assorted types for incomplete shard sets
-            raise ConversionError(f"{input_dir}: cannot gather the ZeRO-3 shards: {exc}") from exc
-
-    def layer(self, idx: int, required: bool = True) -> Optional[List[Dict]]:
-        """State dicts of pipeline layer ``idx`` for every TP rank (prefix stripped)."""
-        if self.sequential:
-            prefix = f"sequential.{idx}."
-            out = [{k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)} for sd in self._seq_states]
-            if not out[0]:
-                if required:
-                    raise ConversionError(f"{self.input_dir}: no keys 'sequential.{idx}.*' (layer {idx}) in "
-                                          "mp_rank_XX_model_states.pt")
-                return None
-            return out
-        out = []
-        for rank in range(self.tp):
-            path = os.path.join(self.input_dir, f"layer_{idx:02d}-model_{rank:02d}-model_states.pt")
-            if not os.path.isfile(path):
-                if required:
-                    raise ConversionError(f"missing layer file {path} (layer {idx}, model-parallel rank {rank})")
-                return None
-            out.append(torch.load(path, map_location="cpu", weights_only=False))
-        return out
 
 
 def _take(states: List[Dict], key: str, where: str) -> List[torch.Tensor]:
