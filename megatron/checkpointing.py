@@ -106,8 +106,13 @@ def write_config_copies(neox_args, ckpt_dir: str) -> None:
     else:
         for path in files:
             shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
-    with open(os.path.join(tmp, "resolved_config.yml"), "w") as f:
-        yaml.safe_dump(resolved_config_dict(neox_args), f, sort_keys=True)
+    if hasattr(neox_args, "save_resolved"):
+        # NeoXArgs' own writer, the one deepy.py uses, so that the copy reads back with NeoXArgs.from_resolved
+        # (the exporter's source) with every field, internal ones such as _DEFAULT_SPARSE_BLOCK_SIZE included.
+        neox_args.save_resolved(os.path.join(tmp, "resolved_config.yml"))
+    else:  # plain namespaces standing in for NeoXArgs in unit tests
+        with open(os.path.join(tmp, "resolved_config.yml"), "w") as f:
+            yaml.safe_dump(resolved_config_dict(neox_args), f, sort_keys=True)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 

@@ -127,8 +127,11 @@ class NeoXArgs(RuntimeArgs, TextGenArgs, LauncherArgs, AdjustSoftmaxArgs, SepLLM
         return cls._build(values, origins, given=given, env=env, host_resolver=host_resolver)
 
     @classmethod
-    def from_resolved(cls, path: str, env: Environment = None) -> "NeoXArgs":
-        """Read a config written by `save_resolved` and re-derive / re-validate it for this process."""
+    def from_resolved(cls, path: str, env: Environment = None, overrides: dict = None) -> "NeoXArgs":
+        """Read a config written by `save_resolved` and re-derive / re-validate it for this process.
+
+        `overrides` replace resolved values before derivation (the exporter clears the run's data paths,
+        which a model export does not need and which may not exist where it runs)."""
         if not os.path.isfile(path):
             raise ConfigError(f"resolved config not found: {path} (--neox_config_file)")
         with open(path, encoding="utf-8") as f:
@@ -140,6 +143,8 @@ class NeoXArgs(RuntimeArgs, TextGenArgs, LauncherArgs, AdjustSoftmaxArgs, SepLLM
             raise ConfigError(f"resolved config {path} is not a mapping")
         values["neox_config_file"] = os.path.abspath(path)
         given = set(values.get("user_keys") or values)
+        for raw_key, value in (overrides or {}).items():
+            values[normalise_key(raw_key)] = value
         return cls._build(values, {}, given=given, env=env, on_rank=True)
 
     @classmethod
