@@ -40,6 +40,7 @@ class CheckpointReader:
     LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt$")
     MP_FILE = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
     ZERO3_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+    SEQ_KEY = re.compile(r"sequential\.(\d+)\.")
 
     def __init__(self, input_dir: str, num_layers: int):
         if not os.path.isdir(input_dir):
@@ -51,7 +52,8 @@ class CheckpointReader:
         mp_files = sorted(n for n in names if self.MP_FILE.match(n))
         self.sequential = not layer_files
         self._seq_states: List[Dict] = []
-        if self.sequential and not mp_files and any(self.ZERO3_FILE.match(n) for n in names):
+        self.zero3 = self.sequential and not mp_files and any(self.ZERO3_FILE.match(n) for n in names)
+        if self.zero3:
             self._seq_states.append(self._gather_zero3(input_dir))
             self.tp = 1
         elif self.sequential:
@@ -84,6 +86,22 @@ class CheckpointReader:
             return dict(get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(path), tag=os.path.basename(path)))
         except Exception as exc:  # DeepSpeed raises assorted types for incomplete shard sets
             raise CheckpointError(f"{input_dir}: cannot gather the ZeRO-3 shards: {exc}") from exc
+
+    def layer_indices(self) -> List[int]:
+        """Pipeline layer indices present (of TP rank 0), without loading any layer file."""
+        if self.sequential:
+            found = {int(m.group(1)) for k in self._seq_states[0] for m in [self.SEQ_KEY.match(k)] if m}
+        else:
+            found = {int(m.group(1)) for n in os.listdir(self.input_dir) for m in [self.LAYER_FILE.match(n)]
+                     if m and int(m.group(2)) == 0}
+        return sorted(found)
+
+    def source(self, idx: int) -> str:
+        """The file that holds layer ``idx`` (TP rank 0), for messages."""
+        if self.sequential:
+            name = "ZeRO-3 shards zero_pp_rank_*" if self.zero3 else "mp_rank_00_model_states.pt"
+            return os.path.join(self.input_dir, f"{name} (sequential.{idx}.*)")
+        return os.path.join(self.input_dir, f"layer_{idx:02d}-model_00-model_states.pt")
 
     def layer(self, idx: int, required: bool = True) -> Optional[List[Dict]]:
         """State dicts of pipeline layer ``idx`` for every TP rank (prefix stripped)."""

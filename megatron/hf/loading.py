@@ -2,7 +2,7 @@
 
 Both paths end in the same HF model classes, so generation, streaming and lm-eval share one code path and
 the trainer-vs-HF parity tests cover all of them. A trainer checkpoint becomes a ``sepllm_gpt_neox`` model
-(every attention mode), converted with the exporter's own readers and merge rules.
+(every attention mode), converted with the exporter's own readers, merge rules and shape checks (megatron.hf.export).
 """
 import os
 from typing import List, Optional
@@ -60,24 +60,22 @@ def load_export(model_dir: str, device: str = "cpu", dtype: Optional[torch.dtype
 def load_from_neox_args(neox_args, device: str = "cpu"):
     """``(model, TextTokenizer)`` from the checkpoint ``neox_args.load`` (else ``save``) points at (``latest`` or a
     tag dir)."""
+    from megatron.checkpoint_io import CheckpointReader
     from megatron.checkpointing import resolve_checkpoint
     from megatron.hf.configuration_sepllm_gpt_neox import SepLLMGPTNeoXConfig
+    from megatron.hf.export import build_state_dict
+    from megatron.hf.export_config import export_dtype, sepllm_config_dict
     from megatron.hf.modeling_sepllm_gpt_neox import SepLLMGPTNeoXForCausalLM
-    from megatron.checkpoint_io import CheckpointReader
-    from tools.ckpts.convert_neox_to_hf import build_state_dict, resolve_precision, \
-        sepllm_config_dict
 
     # Like training, which resumes from 'load' and writes to 'save': a config that only trained (no 'load')
     # generates from the checkpoint its training wrote.
-    path = getattr(neox_args, "load", None) or getattr(neox_args, "save", None)
+    path = neox_args.load or neox_args.save
     if not path:
         raise ValueError("set 'load' (or 'save') in the config to the checkpoint directory to generate from")
     load_dir, tag = resolve_checkpoint(path)
-    cfg = {k: v for k, v in neox_args.to_dict().items()}
-    reader = CheckpointReader(os.path.join(load_dir, tag), int(cfg["num_layers"]))
-    sd = build_state_dict(reader, cfg, int(cfg["hidden_size"]), int(cfg["num_attention_heads"]), None,
-                          bool(cfg.get("USE_BiPE", False)))
-    config_dict = sepllm_config_dict(cfg, sd["gpt_neox.embed_in.weight"].shape[0])
+    reader = CheckpointReader(os.path.join(load_dir, tag), neox_args.num_layers)
+    sd = build_state_dict(reader, neox_args)
+    config_dict = sepllm_config_dict(neox_args, sd["gpt_neox.embed_in.weight"].shape[0])
     for key in ("model_type", "architectures", "auto_map", "torch_dtype"):
         config_dict.pop(key, None)
     config = SepLLMGPTNeoXConfig(**config_dict)
@@ -86,16 +84,15 @@ def load_from_neox_args(neox_args, device: str = "cpu"):
     if missing or unexpected:
         raise ValueError(f"checkpoint {load_dir}/{tag} does not fit the model: missing {missing}, "
                          f"unexpected {unexpected}")
-    dtype = resolve_precision(cfg, "auto")
+    dtype = export_dtype(neox_args, "auto")
     if device == "cpu" and dtype == torch.float16:
         dtype = torch.float32  # fp16 matmuls are slow or missing on CPU
     return model.to(device=device, dtype=dtype).eval(), tokenizer_from_neox_args(neox_args)
 
 
 def tokenizer_from_neox_args(neox_args) -> TextTokenizer:
-    vocab_file = getattr(neox_args, "vocab_file", None)
-    if vocab_file and str(vocab_file).endswith(".json") and \
-            getattr(neox_args, "tokenizer_type", "HFTokenizer") == "HFTokenizer":
+    vocab_file = neox_args.vocab_file
+    if vocab_file and str(vocab_file).endswith(".json") and neox_args.tokenizer_type == "HFTokenizer":
         from transformers import GPTNeoXTokenizerFast
 
         return TextTokenizer(hf_tokenizer=GPTNeoXTokenizerFast(tokenizer_file=str(vocab_file)))

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from tools.ckpts.convert_neox_to_hf import export
+from megatron.hf.export import export
 
 SEPS = [15, 13, 32, 2, 28, 27, 209, 186, 187]
 

@@ -225,7 +225,8 @@ def test_zero3_two_processes_exact_resume_and_hf_export(work):
     from megatron.model import build_sequential_model
     from megatron.neox_arguments import NeoXArgs
     from megatron.neox_arguments.environment import Environment
-    from tools.ckpts.convert_neox_to_hf import CheckpointReader, export
+    from megatron.checkpoint_io import CheckpointReader
+    from megatron.hf.export import export
 
     tmp, corpus = work
     keys = dict(data_path=corpus, train_iters=6, pipe_parallel_size=0, zero_optimization={"stage": 3},

@@ -1,0 +1,273 @@
+"""Export a trainer checkpoint (``<save>/global_stepN``) to a HuggingFace model directory.
+
+The command line is ``tools/ckpts/convert_neox_to_hf.py``; this module is the conversion.
+
+* The model is described by the checkpoint's resolved config (:mod:`megatron.hf.export_config`).
+* Weights are read by :class:`megatron.checkpoint_io.CheckpointReader` (pipeline layer files, the sequential
+  ``mp_rank_XX`` file, ZeRO-3 shards). Tensor-parallel shards are merged: column-parallel weights/biases on
+  dim 0, row-parallel weights on dim 1, row-parallel biases summed with the parallel (GPT-J) residual (every
+  rank adds its bias before the all-reduce) and taken once otherwise, norms averaged, embeddings on dim 0.
+* Every tensor's shape is checked against the config on every dimension (hidden, ffn, vocabulary, positions,
+  number of blocks); a mismatch names the file, the tensor, both shapes and the config key.
+* ``neox`` writes a stock ``GPTNeoXForCausalLM`` (full attention only); ``sepllm_gpt_neox`` writes every
+  SepLLM/SA/BiPE key plus self-contained modeling code (config, model, SepCache and a verbatim copy of the
+  trainer's ``rule.py``) for ``trust_remote_code=True``.
+* Nothing that is not a previous export is replaced (:func:`check_output_dir`). The export is assembled in a
+  temporary directory beside ``--output_dir`` and renamed at the end; files and directories get the umask's
+  permissions like any other output.
+"""
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from megatron.checkpoint_io import CheckpointReader
+from megatron.hf.export_config import (ARCHITECTURES, DTYPE_NAMES, ConversionError, export_args, export_dtype,
+                                       make_neox_config, sepllm_config_dict)
+
+HF_SOURCE_DIR = Path(__file__).resolve().parent
+RULE_SOURCE = HF_SOURCE_DIR.parent / "model" / "sepllm" / "rule.py"
+EXPORT_CODE_FILES = ("configuration_sepllm_gpt_neox.py", "modeling_sepllm_gpt_neox.py", "sep_cache.py")
+EXPORT_MARKER = ".sepllm_export.json"
+
+COLUMN_PARALLEL = ("attention.query_key_value.weight", "attention.query_key_value.bias",
+                   "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias")
+ROW_PARALLEL_WEIGHTS = ("attention.dense.weight", "mlp.dense_4h_to_h.weight")
+ROW_PARALLEL_BIASES = ("attention.dense.bias", "mlp.dense_4h_to_h.bias")
+LAYER_NORMS = ("input_layernorm.weight", "input_layernorm.bias", "post_attention_layernorm.weight",
+               "post_attention_layernorm.bias")
+
+
+# ---------------------------------------------------------------------------------------- state dict
+def _take(states: List[Dict], key: str, where: str) -> List[torch.Tensor]:
+    for sd in states:
+        if key not in sd:
+            raise ConversionError(f"{where}: tensor '{key}' is missing (keys: {sorted(sd)[:12]}...)")
+    return [sd[key] for sd in states]
+
+
+def merge_block(states: List[Dict], parallel_residual: bool, where: str) -> Dict[str, torch.Tensor]:
+    """Merges one transformer block across TP ranks (rules in the module docstring)."""
+    out = {}
+    for key in COLUMN_PARALLEL:
+        if key in states[0]:
+            out[key] = torch.cat(_take(states, key, where), dim=0)
+    for key in ROW_PARALLEL_WEIGHTS:
+        out[key] = torch.cat(_take(states, key, where), dim=1)
+    for key in ROW_PARALLEL_BIASES:
+        if key in states[0]:
+            parts = _take(states, key, where)
+            out[key] = sum(parts) if parallel_residual else parts[0]
+    for key in LAYER_NORMS:
+        out[key] = sum(_take(states, key, where)) / len(states)
+    return out
+
+
+def check_block_count(reader: CheckpointReader, args) -> None:
+    """Blocks sit at pipeline indices 2..L+1 with a parameterless gap at L+2; their count must be num_layers."""
+    indices = set(reader.layer_indices())
+    blocks = 0
+    while blocks + 2 in indices:
+        blocks += 1
+    too_many = args.num_layers + 2 in indices
+    too_few = max(indices, default=0) < args.num_layers + 3
+    # A gap inside 2..L+1 with the final norm in place is a missing layer file, which the reader names.
+    if too_many or too_few:
+        raise ConversionError(f"{reader.input_dir} holds {blocks} transformer blocks (pipeline layers 2..{blocks + 1}) "
+                              f"but the config has num_layers={args.num_layers}")
+
+
+def build_state_dict(reader: CheckpointReader, args) -> Dict[str, torch.Tensor]:
+    """HF GPT-NeoX state dict from the checkpoint, shape-checked against ``args`` (a resolved NeoXArgs)."""
+    check_block_count(reader, args)
+    num_layers = args.num_layers
+    sd: Dict[str, torch.Tensor] = {}
+    where: Dict[str, str] = {}
+    emb = reader.layer(0)
+    sd["gpt_neox.embed_in.weight"] = torch.cat(_take(emb, "word_embeddings.weight", reader.source(0)), 0)
+    where["gpt_neox.embed_in.weight"] = reader.source(0)
+    if args.USE_BiPE or args.pos_emb == "learned":
+        # Not vocab-parallel: every rank holds the whole table.
+        sd["gpt_neox.position_embeddings.weight"] = _take(emb, "position_embeddings.weight", reader.source(0))[0]
+        where["gpt_neox.position_embeddings.weight"] = reader.source(0)
+    for i in range(num_layers):
+        block = merge_block(reader.layer(i + 2), args.gpt_j_residual, reader.source(i + 2))
+        for key, value in block.items():
+            sd[f"gpt_neox.layers.{i}.{key}"] = value
+            where[f"gpt_neox.layers.{i}.{key}"] = reader.source(i + 2)
+    norm = reader.layer(num_layers + 3)
+    for part in ("weight", "bias"):
+        sd[f"gpt_neox.final_layer_norm.{part}"] = sum(_take(norm, f"norm.{part}", reader.source(num_layers + 3))) \
+            / len(norm)
+        where[f"gpt_neox.final_layer_norm.{part}"] = reader.source(num_layers + 3)
+    head = reader.layer(num_layers + 4, required=args.no_weight_tying)
+    if head is not None and "final_linear.weight" in head[0]:
+        sd["embed_out.weight"] = torch.cat(_take(head, "final_linear.weight", reader.source(num_layers + 4)), 0)
+        where["embed_out.weight"] = reader.source(num_layers + 4)
+    else:
+        sd["embed_out.weight"] = sd["gpt_neox.embed_in.weight"].clone()
+        where["embed_out.weight"] = where["gpt_neox.embed_in.weight"]
+    check_shapes(sd, where, args)
+    return sd
+
+
+def expected_shapes(args, vocab_rows: int) -> Dict[str, tuple]:
+    """HF tensor name -> (shape, config keys of each dimension)."""
+    h, ffn = args.hidden_size, args.intermediate_size
+    H, F = f"hidden_size={h}", f"intermediate_size={ffn}"
+    V = f"padded_vocab_size={vocab_rows}"
+    out = {"gpt_neox.embed_in.weight": ((vocab_rows, h), (V, H)),
+           "embed_out.weight": ((vocab_rows, h), (V, H)),
+           "gpt_neox.final_layer_norm.weight": ((h,), (H,)),
+           "gpt_neox.final_layer_norm.bias": ((h,), (H,)),
+           "gpt_neox.position_embeddings.weight": ((args.max_position_embeddings, h),
+                                                   (f"max_position_embeddings={args.max_position_embeddings}", H))}
+    for i in range(args.num_layers):
+        p = f"gpt_neox.layers.{i}."
+        out.update({p + "attention.query_key_value.weight": ((3 * h, h), (f"3 x {H}", H)),
+                    p + "attention.query_key_value.bias": ((3 * h,), (f"3 x {H}",)),
+                    p + "attention.dense.weight": ((h, h), (H, H)),
+                    p + "attention.dense.bias": ((h,), (H,)),
+                    p + "mlp.dense_h_to_4h.weight": ((ffn, h), (F, H)),
+                    p + "mlp.dense_h_to_4h.bias": ((ffn,), (F,)),
+                    p + "mlp.dense_4h_to_h.weight": ((h, ffn), (H, F)),
+                    p + "mlp.dense_4h_to_h.bias": ((h,), (H,))})
+        for norm in LAYER_NORMS:
+            out[p + norm] = ((h,), (H,))
+    return out
+
+
+def check_shapes(sd: Dict[str, torch.Tensor], where: Dict[str, str], args) -> None:
+    """Every tensor must match the config on every dimension; the error names file, tensor, shapes and key."""
+    rows = sd["gpt_neox.embed_in.weight"].shape[0]
+    vocab_rows = args.padded_vocab_size if args.padded_vocab_size is not None else rows
+    for name, (shape, keys) in expected_shapes(args, vocab_rows).items():
+        if name not in sd:
+            continue
+        got = tuple(sd[name].shape)
+        if got != shape:
+            bad = [k for dim, k in enumerate(keys) if dim >= len(got) or got[dim] != shape[dim]] or list(keys)
+            raise ConversionError(f"{where[name]}: tensor {name} has shape {got} but the config implies {shape} "
+                                  f"({', '.join(bad)})")
+
+
+# ---------------------------------------------------------------------------------------- tokenizer
+def load_tokenizer(args):
+    """The run's tokenizer as an HF fast tokenizer (HFTokenizer ``tokenizer.json`` only), else ``None``."""
+    if args.tokenizer_type != "HFTokenizer" or not args.vocab_file or not str(args.vocab_file).endswith(".json"):
+        return None  # GPT-2 BPE / SentencePiece / char-level vocabularies are not exported as fast tokenizers
+    if not os.path.isfile(args.vocab_file):
+        raise ConversionError(f"vocab_file {args.vocab_file} (from the config) does not exist")
+    from transformers import GPTNeoXTokenizerFast
+
+    return GPTNeoXTokenizerFast(tokenizer_file=str(args.vocab_file))
+
+
+# ---------------------------------------------------------------------------------------- output dir
+def _inside(path: Path, parent: Path) -> bool:
+    return path == parent or parent in path.parents
+
+
+def check_output_dir(out: Path, input_dir: str, overwrite: bool = False) -> None:
+    """Refuses any existing ``out`` but a previous export (its marker file) or an empty directory; ``overwrite``
+    also allows other directories, never one holding checkpoints, the input or the working directory."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise ConversionError(f"--output_dir {out} exists and is not a directory; refusing to replace it "
+                              f"(give a new directory)")
+    entries = os.listdir(out)
+    checkpoints = sorted(e for e in entries if e == "latest" or e.startswith("global_step"))
+    if checkpoints:
+        raise ConversionError(f"--output_dir {out} holds training checkpoints ({', '.join(checkpoints[:3])}); "
+                              f"refusing to replace it, even with --overwrite")
+    for other, what in ((Path(input_dir).resolve(), "the checkpoint being exported"),
+                        (Path.cwd().resolve(), "the working directory")):
+        if _inside(other, out):
+            raise ConversionError(f"--output_dir {out} contains {what} ({other}); refusing to replace it, "
+                                  f"even with --overwrite")
+    if not entries or EXPORT_MARKER in entries or overwrite:
+        return
+    raise ConversionError(f"--output_dir {out} is a non-empty directory that is not a previous export (no "
+                          f"{EXPORT_MARKER}); refusing to replace it: give a new directory, or --overwrite")
+
+
+def _private_name(out: Path, kind: str) -> Path:
+    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Puts the finished ``tmp`` at ``out``; a replaced old directory is removed only after the rename."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = _private_name(out, "old")
+    os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old)
+
+
+# ---------------------------------------------------------------------------------------- export
+def export(input_dir: str, config_files: Optional[List[str]], output_dir: str, precision: str = "auto",
+           architecture: str = "sepllm_gpt_neox", save_tokenizer: bool = True,
+           rule_source: Optional[Path] = None, overwrite: bool = False,
+           log: Callable[[str], None] = print) -> str:
+    """Converts and writes the export; returns ``output_dir``. Raises :class:`ConversionError` on bad input."""
+    if architecture not in ARCHITECTURES:
+        raise ConversionError(f"unknown --architecture {architecture!r}; choose one of {ARCHITECTURES}")
+    out = Path(output_dir).absolute()
+    check_output_dir(out, input_dir, overwrite)
+    args, user, source = export_args(input_dir, config_files, log)
+    dtype = export_dtype(args, precision)
+    # A --config_file may point at the tokenizer where it is now; model keys are already known to agree.
+    tokenizer = load_tokenizer(user or args) if save_tokenizer else None
+    reader = CheckpointReader(input_dir, args.num_layers)
+    sd = build_state_dict(reader, args)
+    vocab_size = sd["gpt_neox.embed_in.weight"].shape[0]
+    sd = {k: v.detach().to(dtype).contiguous() for k, v in sd.items()}
+    dtype_name = DTYPE_NAMES[dtype]
+    if architecture == "neox":
+        config = make_neox_config(args, vocab_size)
+        config.torch_dtype = dtype_name
+    else:
+        config = sepllm_config_dict(args, vocab_size)
+        config["torch_dtype"] = config["dtype"] = dtype_name
+    rule = Path(rule_source) if rule_source else RULE_SOURCE
+    if architecture != "neox" and not rule.is_file():
+        raise ConversionError(f"the SepLLM rule {rule} is missing; the export needs a verbatim copy")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _private_name(out, "tmp")
+    os.mkdir(tmp)  # mode 0o777 & ~umask, unlike tempfile.mkdtemp's private 0700
+    try:
+        if architecture == "neox":
+            config.save_pretrained(tmp)
+        else:
+            with open(tmp / "config.json", "w") as handle:
+                json.dump(config, handle, indent=2, sort_keys=True)
+            for name in EXPORT_CODE_FILES:
+                shutil.copyfile(HF_SOURCE_DIR / name, tmp / name)
+            shutil.copyfile(rule, tmp / "rule.py")
+        from safetensors.torch import save_file
+
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        with open(tmp / EXPORT_MARKER, "w") as handle:
+            json.dump({"written_by": "megatron.hf.export", "input_dir": os.path.abspath(input_dir),
+                       "config": source, "architecture": architecture, "dtype": dtype_name,
+                       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, handle, indent=2)
+        check_output_dir(out, input_dir, overwrite)  # again: something may have appeared there meanwhile
+        _install(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    seps = config.get("separator_token_ids") if isinstance(config, dict) else None
+    log(f"config from {source}: dtype {dtype_name}, vocab {vocab_size}"
+        + (f", separator_token_ids {seps}, PADDING_ID {config['PADDING_ID']}" if seps is not None else ""))
+    return str(out)
