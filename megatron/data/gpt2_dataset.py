@@ -12,10 +12,16 @@ sizes, sample count, sequence length and seed, so a Pythia run's sample order is
   drawn after the doc_idx shuffle.
 
 They are cached next to the data as `<prefix>_<name>_indexmap_<N>ns_<L>sl_<seed>s_{doc,sample,shuffle}_idx.npy`,
-the names GPT-NeoX uses, so its caches are reused and ours are reusable by it.
+the names GPT-NeoX uses, so its caches are reused and ours are reusable by it. The names say nothing of the
+data they were built from, so beside them `<stem>_source.json` records it (the `.idx` file's size, mtime
+and a hash of its sequence sizes, the document range, and the three files it describes): a cache whose
+data changed (a re-tokenised corpus, another `split`) is rebuilt with a notice. A cache without that
+record (GPT-NeoX's) is used when it is consistent with the data, and the record is then added.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -143,6 +149,88 @@ def _load_index(path: str) -> np.ndarray:
     return np.asarray(np.load(path, allow_pickle=True, mmap_mode="r"))
 
 
+SOURCE_FORMAT = 1
+
+
+def source_record_path(files: dict) -> str:
+    return files["doc"][: -len("_doc_idx.npy")] + "_source.json"
+
+
+def _stat_key(path: str) -> dict:
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def _sizes_hash(sizes) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    flat = np.ascontiguousarray(sizes, dtype=np.int32).reshape(-1)
+    for lo in range(0, flat.shape[0], 1 << 24):  # bounded memory on Pile-sized indices
+        digest.update(flat[lo:lo + (1 << 24)].tobytes())
+    return digest.hexdigest()
+
+
+def _documents_key(documents) -> list:
+    return [int(documents[0]), int(documents[-1]), int(len(documents))] if len(documents) else [0, -1, 0]
+
+
+def _read_source_record(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        return record if isinstance(record, dict) and record.get("format") == SOURCE_FORMAT else None
+    except (OSError, ValueError):
+        return None
+
+
+def write_source_record(files: dict, data_prefix: str, documents, sizes, sizes_hash: str = None) -> None:
+    """Record which data the three cache files were built from (atomically; skipped where not writable)."""
+    record = {
+        "format": SOURCE_FORMAT,
+        "idx": _stat_key(data_prefix + ".idx"),
+        "sizes_blake2b": sizes_hash or _sizes_hash(sizes),
+        "documents": _documents_key(documents),
+        "index_files": {k: _stat_key(p) for k, p in files.items()},
+    }
+    path = source_record_path(files)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as err:
+        print(f"WARNING: could not write {path} ({err}); the index cache is used without a source record")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def cache_state(files: dict, data_prefix: str, documents, sizes) -> tuple[str, str]:
+    """("missing" | "fresh" | "stale" | "unrecorded", why) for the cached index files of one dataset.
+
+    "unrecorded": the files exist without a record that describes them (GPT-NeoX's, or replaced since).
+    """
+    if not all(os.path.isfile(p) for p in files.values()):
+        return "missing", ""
+    record = _read_source_record(source_record_path(files))
+    if record is None or record.get("index_files") != {k: _stat_key(p) for k, p in files.items()}:
+        return "unrecorded", ""
+    documents_now = _documents_key(documents)
+    if record.get("documents") != documents_now:
+        return "stale", (f"documents {record.get('documents')} (first, last, count) then, {documents_now} now; "
+                         f"was 'split' changed?")
+    idx_now = _stat_key(data_prefix + ".idx")
+    if record.get("idx") == idx_now:
+        return "fresh", ""
+    # Touched or copied but with the same sequence sizes: the index arrays are still right.
+    sizes_hash = _sizes_hash(sizes)
+    if record.get("sizes_blake2b") == sizes_hash:
+        write_source_record(files, data_prefix, documents, sizes, sizes_hash)
+        return "fresh", ""
+    then = record.get("idx", {}).get("size")
+    return "stale", (f"{data_prefix}.idx was rewritten since ({then} bytes then, {idx_now['size']} now) and its "
+                     f"sequence sizes differ")
+
+
 def load_or_build_index_mappings(
     name: str,
     data_prefix: str,
@@ -159,7 +247,13 @@ def load_or_build_index_mappings(
     read-only memory-mapped arrays.
     """
     files = index_file_names(data_prefix, name, num_samples, seq_length, seed)
-    if is_index_builder(use_shared_fs) and not all(os.path.isfile(p) for p in files.values()):
+    state = None
+    if is_index_builder(use_shared_fs):
+        state, why = cache_state(files, data_prefix, documents, sizes)
+        if state == "stale":
+            print(f" > the cached {name} index {files['doc'][: -len('_doc_idx.npy')]}_* was built from other "
+                  f"data ({why}); rebuilding it", flush=True)
+    if state in ("missing", "stale"):
         print_rank_0(f" > building the {name} index for {num_samples} samples of {seq_length} tokens ...")
         Path(files["doc"]).parent.mkdir(parents=True, exist_ok=True)
         start = time.time()
@@ -169,6 +263,7 @@ def load_or_build_index_mappings(
         _save_npy_atomic(files["doc"], doc_idx)
         _save_npy_atomic(files["sample"], sample_idx)
         _save_npy_atomic(files["shuffle"], shuffle_idx)
+        write_source_record(files, data_prefix, documents, sizes)
         print_rank_0(
             f"    built and saved in {time.time() - start:.3f} s: {doc_idx.shape[0]} doc_idx entries, "
             f"{shuffle_idx.shape[0]} samples"
@@ -184,13 +279,16 @@ def load_or_build_index_mappings(
     doc_idx = _load_index(files["doc"])
     sample_idx = _load_index(files["sample"])
     shuffle_idx = _load_index(files["shuffle"])
-    _check_loaded(files, documents, doc_idx, sample_idx, shuffle_idx)
+    _check_loaded(files, documents, sizes, seq_length, doc_idx, sample_idx, shuffle_idx)
+    if state == "unrecorded":
+        # Consistent with this data: from now on a change of the data is recognised.
+        write_source_record(files, data_prefix, documents, sizes)
     print_rank_0(f" > loaded the {name} index from {files['doc'][: -len('_doc_idx.npy')]}_*: "
                  f"{sample_idx.shape[0]} sample_idx rows")
     return doc_idx, sample_idx, shuffle_idx
 
 
-def _check_loaded(files, documents, doc_idx, sample_idx, shuffle_idx) -> None:
+def _check_loaded(files, documents, sizes, seq_length, doc_idx, sample_idx, shuffle_idx) -> None:
     """Cheap consistency checks so a stale or foreign cache stops with the file named."""
     n_docs = len(documents)
     if doc_idx.ndim != 1 or n_docs == 0 or doc_idx.shape[0] % n_docs != 0:
@@ -220,6 +318,18 @@ def _check_loaded(files, documents, doc_idx, sample_idx, shuffle_idx) -> None:
             f"{files['shuffle']}: {shuffle_idx.shape[0]} entries, expected {sample_idx.shape[0] - 1}; "
             f"delete the stale index files and rerun"
         )
+    # Sample i spans exactly seq_length tokens of the doc_idx stream from row i to row i+1; a cache built
+    # for other sequence sizes (a re-tokenised corpus) breaks that at almost every row. ~1000 probes.
+    rows = np.unique(np.linspace(0, sample_idx.shape[0] - 2, num=min(1000, sample_idx.shape[0] - 1), dtype=np.int64))
+    for i in rows:
+        (d0, o0), (d1, o1) = (int(v) for v in sample_idx[i]), (int(v) for v in sample_idx[i + 1])
+        span = int(np.sum(sizes[doc_idx[d0:d1]], dtype=np.int64)) - o0 + o1 if d1 >= d0 else -1
+        if span != seq_length:
+            raise ValueError(
+                f"{files['sample']}: sample {int(i)} spans {span} tokens of this data, not seq_length="
+                f"{seq_length}: the cache was built from other data (a re-tokenised corpus?); delete the "
+                f"index files of this stem and rerun"
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,25 +398,23 @@ class GPT2Dataset(torch.utils.data.Dataset):
         first, offset_first = (int(v) for v in self.sample_idx[i])
         last, offset_last = (int(v) for v in self.sample_idx[i + 1])
         ds = self.indexed_dataset
-        out = np.empty(self.seq_length + 1, dtype=np.int64)
         if first == last:
-            piece = ds.get(int(self.doc_idx[first]), offset=offset_first, length=offset_last - offset_first + 1)
-            n = len(piece)
-            out[:n] = piece
+            pieces = [ds.get(int(self.doc_idx[first]), offset=offset_first, length=offset_last - offset_first + 1)]
         else:
-            piece = ds.get(int(self.doc_idx[first]), offset=offset_first)
-            n = len(piece)
-            out[:n] = piece
-            for j in range(first + 1, last):
-                piece = ds.get(int(self.doc_idx[j]))
-                out[n : n + len(piece)] = piece
-                n += len(piece)
-            piece = ds.get(int(self.doc_idx[last]), length=offset_last + 1)
-            out[n : n + len(piece)] = piece
-            n += len(piece)
+            pieces = [ds.get(int(self.doc_idx[first]), offset=offset_first)]
+            pieces += [ds.get(int(self.doc_idx[j])) for j in range(first + 1, last)]
+            pieces.append(ds.get(int(self.doc_idx[last]), length=offset_last + 1))
+        n = sum(len(p) for p in pieces)
+        # Checked before copying: index files of other data would otherwise overflow `out` with a bare
+        # numpy broadcast error.
         if n != self.seq_length + 1:
             raise ValueError(
                 f"dataset {self.name!r} ({self.data_prefix}): sample {i} has {n} tokens, expected "
                 f"{self.seq_length + 1}; the index files do not match the data (delete them and rerun)"
             )
+        out = np.empty(self.seq_length + 1, dtype=np.int64)
+        pos = 0
+        for piece in pieces:
+            out[pos : pos + len(piece)] = piece
+            pos += len(piece)
         return out

@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 
 from megatron.data import gpt2_dataset
-from megatron.data.gpt2_dataset import GPT2Dataset, build_index_arrays, index_file_names, num_epochs_needed
+from megatron.data.gpt2_dataset import (
+    GPT2Dataset,
+    build_index_arrays,
+    index_file_names,
+    num_epochs_needed,
+    source_record_path,
+)
 from megatron.data.indexed_dataset import make_builder, make_dataset
 
 
@@ -114,10 +120,10 @@ def test_gpt_neox_file_names_and_cache_reuse(tmp_path, monkeypatch):
     GPT2Dataset("valid", prefix, documents, ds, 77, 16, 1234)
     expected = {
         f"pile_text_document_valid_indexmap_77ns_16sl_1234s_{k}_idx.npy" for k in ("doc", "sample", "shuffle")
-    }
+    } | {"pile_text_document_valid_indexmap_77ns_16sl_1234s_source.json"}
     names = set(os.listdir(tmp_path)) - {"pile_text_document.bin", "pile_text_document.idx"}
     assert names == expected  # and no temporary files left behind
-    assert set(map(os.path.basename, index_file_names(prefix, "valid", 77, 16, 1234).values())) == expected
+    assert set(map(os.path.basename, index_file_names(prefix, "valid", 77, 16, 1234).values())) < expected
 
     # Second construction reuses the files: building again would fail.
     def no_build(*a, **k):
@@ -142,12 +148,69 @@ def test_stale_or_bad_cache_is_named(tmp_path):
     np.save(files["shuffle"], np.arange(3, dtype=np.uint32))
     with pytest.raises(ValueError, match="shuffle_idx.npy"):
         GPT2Dataset("train", prefix, np.arange(20, dtype=np.int32), ds, 10, 8, 1)
-    # Same name and counts over other documents (GPT-NeoX's names do not encode the range): detected.
+    # Same name and counts over other documents (GPT-NeoX's names do not encode the range): without our
+    # source record (a GPT-NeoX cache) detected and named; with it, rebuilt (test below).
     GPT2Dataset("valid", prefix, np.arange(0, 10, dtype=np.int32), ds, 10, 8, 1)
+    os.remove(source_record_path(index_file_names(prefix, "valid", 10, 8, 1)))
     with pytest.raises(ValueError, match=r"valid_indexmap_10ns_8sl_1s_doc_idx.npy: holds document ids in \[0, 9\]"):
         GPT2Dataset("valid", prefix, np.arange(10, 20, dtype=np.int32), ds, 10, 8, 1)
     with pytest.raises(ValueError, match=r"document ids must lie in \[0, 20\)"):
         GPT2Dataset("train", prefix, np.arange(15, 25, dtype=np.int32), ds, 10, 8, 1)
+
+
+def _all_samples(g):
+    return [g.get_sample(i) for i in range(g.sample_idx.shape[0] - 1)]
+
+
+def _no_build(*a, **k):
+    raise AssertionError("index rebuilt although the cache matches the data")
+
+
+def test_cache_of_retokenised_data_is_rebuilt(tmp_path, capsys):
+    """prepare_data.py --force with a new vocabulary: same documents, other sizes; the old cache is stale."""
+    prefix = str(tmp_path / "c")
+    documents = np.arange(40, dtype=np.int32)
+    old = write_dataset(prefix, random_docs(np.random.default_rng(7), 40, 30))
+    GPT2Dataset("train", prefix, documents, old, 50, 16, 1)
+    new = write_dataset(prefix, random_docs(np.random.default_rng(8), 40, 30))
+    capsys.readouterr()
+    g = GPT2Dataset("train", prefix, documents, new, 50, 16, 1)
+    out = capsys.readouterr().out
+    assert "c_train_indexmap_50ns_16sl_1s_* was built from other data" in out and "c.idx was rewritten" in out
+    for got, want in zip((g.doc_idx, g.sample_idx, g.shuffle_idx), build_index_arrays(documents, new.sizes, 50, 16, 1)):
+        np.testing.assert_array_equal(got, want)
+    assert all(s.shape == (17,) for s in _all_samples(g))
+
+
+def test_cache_without_source_record_is_used_when_consistent(tmp_path, monkeypatch):
+    prefix = str(tmp_path / "c")
+    documents = np.arange(40, dtype=np.int32)
+    ds = write_dataset(prefix, random_docs(np.random.default_rng(7), 40, 30))
+    files = index_file_names(prefix, "train", 50, 16, 1)
+    GPT2Dataset("train", prefix, documents, ds, 50, 16, 1)
+    os.remove(source_record_path(files))  # now it looks like GPT-NeoX's cache
+    monkeypatch.setattr(gpt2_dataset, "build_index_arrays", _no_build)
+    GPT2Dataset("train", prefix, documents, ds, 50, 16, 1)
+    assert os.path.isfile(source_record_path(files))  # adopted: a later change of the data is recognised
+    # Data touched or copied (new mtime and inode, same sizes): still fresh, no rebuild.
+    os.utime(prefix + ".idx", ns=(1, 1))
+    GPT2Dataset("train", prefix, documents, ds, 50, 16, 1)
+    # Re-tokenised data under a cache without the record: GPT-NeoX's cache is not ours to replace; it is
+    # named before any sample is read (a bare numpy broadcast error before).
+    new = write_dataset(prefix, random_docs(np.random.default_rng(8), 40, 30))
+    os.remove(source_record_path(files))
+    with pytest.raises(ValueError, match=r"c_train_indexmap_50ns_16sl_1s_sample_idx.npy: sample \d+ spans \d+ tokens"):
+        GPT2Dataset("train", prefix, documents, new, 50, 16, 1)
+
+
+def test_sample_of_mismatched_index_is_named(tmp_path):
+    prefix = str(tmp_path / "c")
+    ds = write_dataset(prefix, random_docs(np.random.default_rng(7), 40, 30))
+    g = GPT2Dataset("train", prefix, np.arange(40, dtype=np.int32), ds, 50, 16, 1)
+    g.sample_idx = np.array(g.sample_idx)
+    g.sample_idx[1, 1] += 3  # sample 0 would be 3 tokens too long
+    with pytest.raises(ValueError, match="sample 0 has 20 tokens, expected 17"):
+        g.get_sample(0)
 
 
 def test_int32_token_files_and_large_vocab(tmp_path):
