@@ -112,9 +112,28 @@ def open_indexed_dataset(prefix: str, data_impl: str = "mmap", skip_warmup: bool
     return dataset
 
 
+def check_dataset_token_ids(prefix: str, neox_args, key: str) -> None:
+    """Token ids of `prefix` against padded_vocab_size, once per dataset at load (every rank calls this).
+
+    The launcher scanned the data before launch and cached the result, so this usually reads a small json;
+    where it finds no cache (another node's copy of the data) the builder rank scans while the others wait.
+    """
+    if neox_args.padded_vocab_size is None:
+        return
+    from megatron.data.gpt2_dataset import barrier, is_index_builder
+    from megatron.data.token_ids import check_token_ids, token_id_range
+
+    if is_index_builder(neox_args.use_shared_fs):
+        token_id_range(prefix, log=print_rank_0)
+    barrier()
+    source = f"tokenizer_type {neox_args.tokenizer_type}"
+    check_token_ids(prefix, int(neox_args.padded_vocab_size), key, source, log=print_rank_0)
+
+
 def build_the_dataset(prefix, name, num_samples, neox_args, key, build_index_mappings=True):
     """One GPT2Dataset over all documents of `prefix`."""
     indexed = open_indexed_dataset(prefix, neox_args.data_impl, not neox_args.mmap_warmup, key)
+    check_dataset_token_ids(prefix, neox_args, key)
     documents = np.arange(0, indexed.sizes.shape[0], dtype=np.int32)
     return GPT2Dataset(
         name, prefix, documents, indexed, num_samples, neox_args.seq_length, neox_args.seed,
@@ -125,6 +144,7 @@ def build_the_dataset(prefix, name, num_samples, neox_args, key, build_index_map
 def build_train_valid_test_datasets(data_prefix, splits_string, num_samples, neox_args):
     """Split one dataset into contiguous document ranges; a split with no documents is None."""
     indexed = open_indexed_dataset(data_prefix, neox_args.data_impl, not neox_args.mmap_warmup, "data_path")
+    check_dataset_token_ids(data_prefix, neox_args, "data_path")
     total_docs = indexed.sizes.shape[0]
     bounds = get_train_valid_test_split_(splits_string, total_docs)
     datasets = []

@@ -26,7 +26,8 @@ def make_args(**overrides):
         seq_length=16, seed=1234, data_path=None, split="969,30,1", train_data_paths=None,
         valid_data_paths=None, test_data_paths=None, train_data_weights=None, valid_data_weights=None,
         test_data_weights=None, weight_by_num_documents=False, weighted_sampler_alpha=0.3, data_impl="mmap",
-        mmap_warmup=False, num_workers=0, use_shared_fs=True, iteration=0, rank=0,
+        mmap_warmup=False, num_workers=0, use_shared_fs=True, iteration=0, rank=0, padded_vocab_size=50304,
+        tokenizer_type="HFTokenizer",
     )
     args.update(overrides)
     return SimpleNamespace(**args)
@@ -69,7 +70,7 @@ def test_weights_and_sample_counts():
     ]
 
 
-def test_split_datasets_use_contiguous_document_ranges(tmp_path):
+def test_split_datasets_use_contiguous_document_ranges(tmp_path, capsys):
     prefix = write_corpus(tmp_path / "corpus", 200, seed=1)
     args = make_args(data_path=prefix, split="90,8,2")
     train, valid, test = build_train_valid_test_datasets_from_args(args)
@@ -83,8 +84,16 @@ def test_split_datasets_use_contiguous_document_ranges(tmp_path):
     assert (tmp_path / f"corpus_test_indexmap_{n_test}ns_16sl_1234s_sample_idx.npy").exists()
     assert set(np.asarray(train.doc_idx).tolist()) <= set(range(180))
     assert len(train) >= n_train - 1 and len(valid) >= n_valid - 1
-    # GPT-NeoX's cache names do not include the split: a changed split meets the old train index,
-    # which is detected and named instead of being used silently.
+    # GPT-NeoX's cache names do not include the split: a changed split meets the old train index. Ours
+    # records the documents it was built over, so it is rebuilt with a notice.
+    capsys.readouterr()
+    train, _, _ = build_train_valid_test_datasets_from_args(make_args(data_path=prefix, split="1,0,0"))
+    assert "corpus_train_indexmap_" in capsys.readouterr().out.split("was built from other data")[0]
+    assert set(np.asarray(train.doc_idx).tolist()) == set(range(200))
+    # A cache without that record (GPT-NeoX's) is not replaced: the mismatch is detected and named.
+    build_train_valid_test_datasets_from_args(args)
+    for record in tmp_path.glob("corpus_*_source.json"):
+        record.unlink()
     with pytest.raises(ValueError, match=r"corpus_train_indexmap_.*_doc_idx.npy: 180 entries"):
         build_train_valid_test_datasets_from_args(make_args(data_path=prefix, split="1,0,0"))
     # An empty split gives None.

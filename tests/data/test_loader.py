@@ -23,6 +23,7 @@ def make_args(data_path, **overrides):
         seq_length=16, seed=1234, data_path=data_path, split="80,15,5", train_data_paths=None,
         valid_data_paths=None, test_data_paths=None, train_data_weights=None, valid_data_weights=None,
         test_data_weights=None, data_impl="mmap", mmap_warmup=False, num_workers=0, use_shared_fs=True,
+        padded_vocab_size=50304, tokenizer_type="HFTokenizer",
         iteration=0, rank=0,
     )
     args.update(overrides)
