@@ -6,7 +6,8 @@ the scheduler writes the rate into every parameter group of the optimizer.
 
 Semantics (``start_lr`` = the optimizer's ``lr``, ``W`` = warmup iterations, ``D`` = ``lr_decay_iters``):
 
-* warmup: ``lr = start_lr * it / W`` for ``it <= W`` (``W = 0`` skips warmup);
+* warmup: ``lr = start_lr * it / W`` for ``it <= W`` (``W = 0`` skips warmup); ``W`` is the derived
+  ``warmup_iters`` and may be fractional (GPT-NeoX's unrounded ``warmup * lr_decay_iters``);
 * after warmup the decay runs over ``D - W`` iterations and is clamped at ``D`` (iterations past
   ``lr_decay_iters`` keep the final rate);
 * ``constant``: ``start_lr``; ``linear``: ``start_lr * (D - it) / (D - W)``; ``cosine``:
@@ -17,21 +18,8 @@ Semantics (``start_lr`` = the optimizer's ``lr``, ``W`` = warmup iterations, ``D
 import math
 from typing import Optional
 
-DECAY_STYLES = ("constant", "linear", "cosine", "exponential")
 
-
-def warmup_iterations(warmup: Optional[float], lr_decay_iters: int) -> int:
-    """Warmup length in iterations: a value in [0, 1) is a fraction of ``lr_decay_iters`` (GPT-NeoX's
-    ``warmup: 0.01``), an integer value >= 1 is a number of iterations."""
-    if warmup is None:
-        return 0
-    if warmup < 0:
-        raise ValueError(f"warmup={warmup!r}: must be >= 0 (a fraction of lr_decay_iters, or iterations)")
-    if warmup < 1:
-        return int(warmup * lr_decay_iters)
-    if float(warmup) != int(warmup):
-        raise ValueError(f"warmup={warmup!r}: values >= 1 are iteration counts and must be whole numbers")
-    return int(warmup)
+from megatron.neox_arguments.optimizer_args import LR_DECAY_STYLES as DECAY_STYLES
 
 
 class AnnealingLR:
@@ -41,7 +29,7 @@ class AnnealingLR:
     ``param_groups``. Groups may carry an ``lr_mult`` factor (kept from GPT-NeoX's param-group API).
     """
 
-    def __init__(self, optimizer, start_lr: float, warmup_iter: int, total_iters: int,
+    def __init__(self, optimizer, start_lr: float, warmup_iter: float, total_iters: int,
                  decay_style: str = "cosine", min_lr: float = 0.0, last_iter: int = 0):
         style = str(decay_style).lower()
         if style not in DECAY_STYLES:
@@ -55,7 +43,7 @@ class AnnealingLR:
         self.optimizer = optimizer
         self.start_lr = float(start_lr)
         self.min_lr = float(min_lr)
-        self.warmup_iter = int(warmup_iter)
+        self.warmup_iter = float(warmup_iter)
         self.end_iter = int(total_iters)
         self.decay_style = style
         self.num_iters = int(last_iter)
@@ -101,23 +89,15 @@ class AnnealingLR:
 
 
 def build_lr_scheduler(neox_args, optimizer) -> AnnealingLR:
-    """The scheduler the configuration describes (``lr``, ``min_lr``, ``warmup``, ``lr_decay_style``,
-    ``lr_decay_iters`` defaulting to ``train_iters``; a derived ``warmup_iters`` wins over ``warmup``)."""
-    decay_iters = getattr(neox_args, "lr_decay_iters", None) or neox_args.train_iters
-    warmup = getattr(neox_args, "warmup_iters", None)
-    if warmup is None:
-        warmup = warmup_iterations(getattr(neox_args, "warmup", 0.0), decay_iters)
-    return AnnealingLR(optimizer, start_lr=learning_rate(neox_args), warmup_iter=int(warmup),
-                       total_iters=decay_iters, decay_style=getattr(neox_args, "lr_decay_style", "cosine"),
-                       min_lr=float(getattr(neox_args, "min_lr", 0.0) or 0.0),
-                       last_iter=int(getattr(neox_args, "iteration", 0) or 0))
+    """The scheduler the resolved configuration describes; derivation settled ``lr`` (from
+    ``optimizer.params.lr``), ``lr_decay_iters`` (default ``train_iters``) and ``warmup_iters``."""
+    return AnnealingLR(optimizer, start_lr=learning_rate(neox_args), warmup_iter=neox_args.warmup_iters,
+                       total_iters=neox_args.lr_decay_iters, decay_style=neox_args.lr_decay_style,
+                       min_lr=neox_args.min_lr, last_iter=neox_args.iteration or 0)
 
 
 def learning_rate(neox_args) -> float:
-    """The peak learning rate: ``optimizer.params.lr`` as GPT-NeoX configs give it, else ``lr``."""
-    opt = getattr(neox_args, "optimizer", None) or {}
-    params = opt.get("params", {}) if isinstance(opt, dict) else {}
-    lr = params.get("lr", getattr(neox_args, "lr", None))
-    if lr is None:
+    """The peak learning rate (derived from ``optimizer.params.lr`` when the config gives it there)."""
+    if neox_args.lr is None:
         raise ValueError("no learning rate configured: set optimizer.params.lr (or lr)")
-    return float(lr)
+    return float(neox_args.lr)

@@ -207,7 +207,22 @@ def derive_schedule(args, given):
             raise ConfigError(f"keys 'warmup' ({args.warmup}) and 'warmup_iters' ({args.warmup_iters}) are both "
                               f"given; give one of them")
     elif args.lr_decay_iters is not None:
-        args.warmup_iters = int(round(args.warmup * args.lr_decay_iters))
+        args.warmup_iters = warmup_iterations(args.warmup, args.lr_decay_iters)
+
+
+def warmup_iterations(warmup: float, lr_decay_iters: int) -> float:
+    """The warmup length in iterations. A fraction stays unrounded: GPT-NeoX's AnnealingLR is given
+    ``warmup * lr_decay_iters`` as a float, and rounding would change its schedule whenever that product
+    is not whole. A whole number above 1 is a number of iterations (a project extension; 1.0 stays
+    GPT-NeoX's "all of lr_decay_iters")."""
+    if warmup < 0:
+        raise ConfigError(f"key 'warmup' must be >= 0 (a fraction of lr_decay_iters, or iterations), got {warmup!r}")
+    if warmup <= 1:
+        return float(warmup) * lr_decay_iters
+    if float(warmup) != int(warmup):
+        raise ConfigError(f"key 'warmup' is {warmup!r}: values above 1 are iteration counts and must be whole "
+                          "numbers")
+    return float(int(warmup))
 
 
 def _tokenizer_files_exist(args):
@@ -226,12 +241,16 @@ def derive_vocab(args, given):
         return
     try:
         from megatron.tokenizer import build_tokenizer
+        from megatron.tokenizer.tokenizer import TokenizerError
     except ImportError as err:
         # Only the tokenizer package itself being absent (or not yet providing build_tokenizer) is tolerated.
-        if err.name != "megatron.tokenizer":
+        if err.name not in ("megatron.tokenizer", "megatron.tokenizer.tokenizer"):
             raise
         return
-    build_tokenizer(args)
+    try:
+        build_tokenizer(args)
+    except (TokenizerError, OSError) as err:
+        raise ConfigError(f"key 'vocab_file' (tokenizer_type {args.tokenizer_type}): {err}") from None
 
 
 def derive_backend(args, env):

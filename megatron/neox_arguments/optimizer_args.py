@@ -9,7 +9,8 @@ TRAINER_OPTIMIZERS = ("adam", "adamw")
 # Optimizer types only DeepSpeed provides; these always go into the DeepSpeed config.
 DEEPSPEED_ONLY_OPTIMIZERS = ("onebitadam", "zerooneadam", "onebitlamb", "lamb", "adagrad")
 OPTIMIZER_TYPES = TRAINER_OPTIMIZERS + DEEPSPEED_ONLY_OPTIMIZERS
-LR_DECAY_STYLES = ("constant", "linear", "cosine")
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "exponential")
+"""The decay styles of GPT-NeoX's AnnealingLR; megatron/learning_rates.py implements each."""
 
 
 @dataclass
@@ -33,15 +34,20 @@ class OptimizerArgs:
 
 @dataclass
 class LRScheduleArgs:
-    """Learning-rate schedule: warmup, then constant / linear / cosine decay to `min_lr`."""
+    """Learning-rate schedule: warmup, then constant / linear / cosine / exponential decay to `min_lr`."""
 
-    lr_decay_style: str = arg("linear", "Decay after warmup.", choices=LR_DECAY_STYLES)
+    lr_decay_style: str = arg(
+        "linear", "Decay after warmup: constant, linear, cosine (to min_lr) or exponential (GPT-NeoX's "
+                  "start_lr * exp(-0.693 * (it - warmup) / lr_decay_iters), floored at min_lr).",
+        choices=LR_DECAY_STYLES)
     lr_decay_iters: Optional[int] = arg(
         None, "Iterations over which the LR decays (then stays at min_lr). None means train_iters.")
     min_lr: float = arg(0.0, "Floor of the learning rate.")
-    warmup: float = arg(0.01, "Warmup length as a fraction of lr_decay_iters (GPT-NeoX).")
-    warmup_iters: Optional[int] = arg(
-        None, "Warmup length in iterations; derived as round(warmup * lr_decay_iters) unless given.",
+    warmup: float = arg(
+        0.01, "Warmup length: a value in [0, 1] is a fraction of lr_decay_iters, used unrounded as GPT-NeoX "
+              "does (0.01 x 150 = 1.5 iterations); a whole number above 1 is a number of iterations.")
+    warmup_iters: Optional[float] = arg(
+        None, "Warmup length in iterations, derived from `warmup` unless given (then `warmup` must not be).",
         role="derived")
     override_lr_scheduler: bool = arg(False, "On load, take the schedule from the config, not the checkpoint.")
     use_checkpoint_lr_scheduler: bool = arg(False, "On load, take the schedule from the checkpoint.")

@@ -75,10 +75,11 @@ def validate_schedule(args):
         raise ConfigError(f"learning rate must be >= 0, got lr={args.lr}")
     if args.lr is not None and args.min_lr > args.lr:
         raise ConfigError(f"min_lr={args.min_lr} exceeds lr={args.lr}")
-    if not 0.0 <= args.warmup <= 1.0:
-        raise ConfigError(f"key 'warmup' is a fraction of lr_decay_iters in [0, 1], got {args.warmup}")
     if args.warmup_iters is not None and args.warmup_iters < 0:
         raise ConfigError(f"key 'warmup_iters' must be >= 0, got {args.warmup_iters}")
+    if args.warmup_iters is not None and args.lr_decay_iters is not None and args.warmup_iters > args.lr_decay_iters:
+        raise ConfigError(f"the warmup ({args.warmup_iters:g} iterations, from 'warmup'/'warmup_iters') is longer "
+                          f"than lr_decay_iters ({args.lr_decay_iters})")
     if args.lr_decay_style not in LR_DECAY_STYLES:
         raise ConfigError(f"key 'lr_decay_style' is {args.lr_decay_style!r}; expected one of {list(LR_DECAY_STYLES)}")
     _positive(args, "eval_interval", "log_interval", "steps_per_print")

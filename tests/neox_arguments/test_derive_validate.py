@@ -126,8 +126,11 @@ def test_optimizer_and_schedule_derivation():
         NeoXArgs.from_dict(small(lr=0.1, optimizer={"type": "Adam", "params": {"lr": 1e-3}}), env=cpu())
     with pytest.raises(ConfigError, match="min_lr=0.1 exceeds lr=0.01"):
         NeoXArgs.from_dict(small(lr=0.01, min_lr=0.1), env=cpu())
-    with pytest.raises(ConfigError, match="'lr_decay_style' has value 'exponential'"):
-        NeoXArgs.from_dict(small(lr_decay_style="exponential"), env=cpu())
+    assert NeoXArgs.from_dict(small(lr_decay_style="exponential"), env=cpu()).lr_decay_style == "exponential"
+    with pytest.raises(ConfigError, match="'lr_decay_style' has value 'triangular'"):
+        NeoXArgs.from_dict(small(lr_decay_style="triangular"), env=cpu())
+    with pytest.raises(ConfigError, match=r"warmup \(200 iterations.*longer than lr_decay_iters \(100\)"):
+        NeoXArgs.from_dict(small(lr=1e-3, train_iters=100, warmup=200), env=cpu())
 
 
 def test_training_script_needs_iters_lr_data(tmp_path):

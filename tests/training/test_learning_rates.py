@@ -5,7 +5,17 @@ import random
 import pytest
 import torch
 
-from megatron.learning_rates import AnnealingLR, build_lr_scheduler, warmup_iterations
+from megatron.learning_rates import AnnealingLR, build_lr_scheduler
+from megatron.neox_arguments import ConfigError, NeoXArgs, Environment
+from megatron.neox_arguments.derive import warmup_iterations
+
+CPU = Environment(cuda_device_count=0, environ={})
+SMALL = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 32,
+         "padded_vocab_size": 128, "USE_ORIGINAL_FULL_ATTEN": True}
+
+
+def resolved(**keys):
+    return NeoXArgs.from_dict({**SMALL, **keys}, env=CPU)
 
 
 def reference_lr(it, start, min_lr, warmup, end, style):
@@ -17,12 +27,14 @@ def reference_lr(it, start, min_lr, warmup, end, style):
         lr = start * (span - it) / span
     elif style == "cosine":
         lr = min_lr + (start - min_lr) / 2.0 * (math.cos(math.pi * it / span) + 1)
+    elif style == "exponential":
+        lr = start * math.exp(-0.693 * it / end)
     else:
         lr = start
     return max(lr, min_lr)
 
 
-@pytest.mark.parametrize("style", ["constant", "linear", "cosine"])
+@pytest.mark.parametrize("style", ["constant", "linear", "cosine", "exponential"])
 def test_schedule_matches_reference_on_random_settings(style):
     rng = random.Random(0)
     for _ in range(20):
@@ -36,13 +48,27 @@ def test_schedule_matches_reference_on_random_settings(style):
 
 
 def test_warmup_fraction_and_iterations():
-    assert warmup_iterations(0.01, 143000) == 1430  # the Pythia schedule
+    assert warmup_iterations(0.01, 143000) == 0.01 * 143000  # the Pythia schedule
+    assert warmup_iterations(0.01, 150) == 1.5  # GPT-NeoX does not round the product
     assert warmup_iterations(0.0, 100) == 0
     assert warmup_iterations(25, 100) == 25
-    with pytest.raises(ValueError, match="warmup"):
+    assert warmup_iterations(1.0, 100) == 100  # GPT-NeoX: the whole of lr_decay_iters
+    with pytest.raises(ConfigError, match="'warmup'"):
         warmup_iterations(-0.1, 100)
-    with pytest.raises(ValueError, match="whole"):
+    with pytest.raises(ConfigError, match="whole"):
         warmup_iterations(2.5, 100)
+
+
+def test_integer_and_fractional_warmup_through_the_config():
+    """The derived warmup_iters is what the scheduler uses: an integer warmup is iterations, a fraction is
+    GPT-NeoX's unrounded share of lr_decay_iters."""
+    s = build_lr_scheduler(resolved(lr=1e-3, train_iters=100, warmup=25, lr_decay_style="exponential"), None)
+    assert s.warmup_iter == 25 and s.get_lr(25) == pytest.approx(1e-3) and s.get_lr(24) < 1e-3
+    assert s.get_lr(125) == pytest.approx(1e-3 * math.exp(-0.693), rel=1e-12) or s.get_lr(125) == s.get_lr(100)
+    s = build_lr_scheduler(resolved(lr=1e-3, train_iters=150, warmup=0.01), None)
+    assert s.warmup_iter == 1.5 and s.get_lr(1) == pytest.approx(1e-3 / 1.5)
+    with pytest.raises(ConfigError, match="'warmup'"):
+        resolved(lr=1e-3, train_iters=100, warmup=2.5)
 
 
 def test_endpoints_floor_and_clamp():
@@ -79,17 +105,14 @@ def test_writes_param_groups_and_resumes():
 
 
 def test_build_from_args_uses_optimizer_params_and_iteration():
-    class Args:
-        optimizer = {"type": "Adam", "params": {"lr": 6e-4}}
-        train_iters, lr_decay_iters, warmup, lr_decay_style, min_lr, iteration = 200, 100, 0.1, "linear", 0.0, 30
-    s = build_lr_scheduler(Args(), None)
+    args = resolved(optimizer={"type": "Adam", "params": {"lr": 6e-4}}, train_iters=200, lr_decay_iters=100,
+                    warmup=0.1, lr_decay_style="linear", min_lr=0.0)
+    args.iteration = 30
+    s = build_lr_scheduler(args, None)
     assert s.warmup_iter == 10 and s.end_iter == 100 and s.num_iters == 30
     assert s.get_lr() == pytest.approx(6e-4 * 70 / 90)
 
 
 def test_derived_warmup_iters_wins():
-    class Args:
-        optimizer, lr = None, 1e-3
-        train_iters, lr_decay_iters, warmup, warmup_iters, lr_decay_style, min_lr, iteration = 50, None, 0.5, 7, "cosine", 0.0, 0
-    s = build_lr_scheduler(Args(), None)
+    s = build_lr_scheduler(resolved(lr=1e-3, train_iters=50, warmup_iters=7, lr_decay_style="cosine"), None)
     assert s.warmup_iter == 7 and s.end_iter == 50
