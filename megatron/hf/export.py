@@ -201,6 +201,27 @@ def _private_name(out: Path, kind: str) -> Path:
     return out.parent / f".{out.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def _umask() -> int:
+    try:  # Linux reports it without changing it (os.umask would, process-wide)
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _public(tmp: Path) -> None:
+    """safetensors writes its file 0600; an export is shared like any other output, so the umask decides."""
+    mode = 0o666 & ~_umask()
+    for path in tmp.iterdir():
+        if path.is_file():
+            os.chmod(path, mode)
+
+
 def _install(tmp: Path, out: Path) -> None:
     """Puts the finished ``tmp`` at ``out``; a replaced old directory is removed only after the rename."""
     if not out.exists():
@@ -262,6 +283,7 @@ def export(input_dir: str, config_files: Optional[List[str]], output_dir: str, p
             json.dump({"written_by": "megatron.hf.export", "input_dir": os.path.abspath(input_dir),
                        "config": source, "architecture": architecture, "dtype": dtype_name,
                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, handle, indent=2)
+        _public(tmp)
         check_output_dir(out, input_dir, overwrite)  # again: something may have appeared there meanwhile
         _install(tmp, out)
     finally:

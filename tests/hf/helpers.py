@@ -40,12 +40,15 @@ def trainer_logits(model, ids):
         return model((ids, pos, None)).float()
 
 
-def save_checkpoint(model, cfg, ckpt_dir: Path, layout="sequential", tp=1):
-    """Writes ``ckpt_dir`` in the documented layout (tp > 1 splits the tensors like Megatron's TP ranks)."""
+def save_checkpoint(model, cfg, ckpt_dir: Path, layout="sequential", tp=1, resolved_args=None):
+    """Writes ``ckpt_dir`` in the documented layout (tp > 1 splits the tensors like Megatron's TP ranks);
+    ``resolved_args`` (a NeoXArgs) adds ``configs/resolved_config.yml`` as training writes it."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     (ckpt_dir / "configs").mkdir(exist_ok=True)
     with open(ckpt_dir / "configs" / "model.yml", "w") as handle:
         yaml.safe_dump(cfg, handle)
+    if resolved_args is not None:
+        resolved_args.save_resolved(str(ckpt_dir / "configs" / "resolved_config.yml"))
     sd = model.state_dict()
     if layout == "sequential":
         torch.save({"module": sd, "iteration": 1}, ckpt_dir / "mp_rank_00_model_states.pt")
