@@ -11,7 +11,12 @@ Command-line options override the launcher keys of the configs (see `python deep
 """
 import argparse
 import os
+import re
+import shlex
+import signal
+import subprocess
 import sys
+import threading
 import time
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -144,10 +149,141 @@ def build_runner_argv(args, resolved_path: str, has_cuda: bool) -> list:
     return argv
 
 
-def _deepspeed_runner(argv):
-    from deepspeed.launcher.runner import main as runner_main
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    return runner_main(argv)
+
+class RunSupervisor:
+    """Runs DeepSpeed's runner as a child in a session of its own and turns signals to deepy.py into stops.
+
+    In its own session the runner, DeepSpeed's launcher and the ranks are out of reach of a terminal's
+    Ctrl-C and of `kill -TERM -<deepy's pgid>`: only deepy.py is signalled, and it never signals the runner
+    or the launcher. That matters: DeepSpeed's launcher SIGTERMs the ranks on top of the user's signal and
+    exits 1, and its multi-node pdsh runner answers a signal with `pkill -f` of every DeepSpeed launch of
+    the same command line on every host, other users' runs included.
+
+    The first SIGINT / SIGTERM / SIGHUP (and repeats within GRACE_SECONDS) asks for a checkpoint at the
+    next step boundary: the same signal goes to the local ranks, and for ranks on other hosts a
+    stop-request file appears beside the resolved config (megatron.utils.stop_request_path), which the
+    ranks poll once per step. A repeat after the window forces: SIGKILL to the child's process group and,
+    for pdsh hosts, `pkill -KILL` of the processes that carry this launch's resolved-config path.
+    """
+
+    GRACE_SECONDS = 5.0
+
+    def __init__(self, argv, remote_hosts=(), launcher="pdsh"):
+        from megatron.utils import stop_request_path
+
+        self.argv = list(argv)
+        self.resolved = self.argv[self.argv.index("--neox_config_file") + 1]
+        self.stop_file = stop_request_path(self.resolved)
+        self.remote_hosts, self.launcher = list(remote_hosts), launcher
+        self.child = None
+        self.first_at = None
+        self.forced = None
+
+    def run(self) -> int:
+        if os.path.exists(self.stop_file):  # left by an earlier launch with the same --resolved_config
+            os.remove(self.stop_file)
+        handled = list(STOP_SIGNALS)
+        # Under nohup SIGHUP is ignored and must stay so; otherwise a closed terminal would orphan the run.
+        if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
+            handled.append(signal.SIGHUP)
+        previous = {s: signal.signal(s, self._handle) for s in handled}
+        try:
+            self.child = subprocess.Popen([sys.executable, "-u", "-m", "deepspeed.launcher.runner", *self.argv],
+                                          start_new_session=True)
+            code = self.child.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if os.path.exists(self.stop_file):
+                os.remove(self.stop_file)
+        if self.forced is not None:
+            return 128 + self.forced
+        return 128 - code if code < 0 else code
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        now = time.monotonic()
+        if self.first_at is None:
+            self.first_at = now
+            print(f"deepy.py: {name}: asking the ranks to save a checkpoint at the next step boundary and stop "
+                  f"(a repeat within {self.GRACE_SECONDS:.0f} s is the same request; a later one forces an exit)",
+                  file=sys.stderr, flush=True)
+            forwarded = signal.SIGTERM if signum == signal.SIGHUP else signum
+            self._write_stop_file(signal.Signals(forwarded).name)
+            for proc in self.local_ranks():
+                try:
+                    proc.send_signal(forwarded)
+                except Exception:  # psutil.NoSuchProcess: it ended meanwhile
+                    pass
+            timer = threading.Timer(self.GRACE_SECONDS, self._window_closed)
+            timer.daemon = True  # must not keep deepy.py alive once the run has ended
+            timer.start()
+        elif now - self.first_at > self.GRACE_SECONDS and self.forced is None:
+            self.forced = signum
+            print(f"deepy.py: {name} again: killing the run now, nothing more is saved", file=sys.stderr, flush=True)
+            self._kill()
+
+    def _window_closed(self) -> None:
+        if self.child is not None and self.child.poll() is None:
+            print("deepy.py: still stopping; a further SIGINT/SIGTERM now kills the run", file=sys.stderr, flush=True)
+
+    def _write_stop_file(self, content: str) -> None:
+        tmp = f"{self.stop_file}.tmp.{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(content + "\n")
+        os.replace(tmp, self.stop_file)
+
+    def local_ranks(self) -> list:
+        """The child's descendants that are ranks of this launch (not their forked data-loader workers)."""
+        import psutil
+
+        def is_rank(proc) -> bool:
+            try:
+                cmd = proc.cmdline()
+            except psutil.Error:
+                return False
+            return self.resolved in cmd and any(a.startswith("--local_rank=") for a in cmd)
+
+        if self.child is None:
+            return []
+        try:
+            descendants = psutil.Process(self.child.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+        ranks = []
+        for proc in descendants:
+            try:
+                parent = proc.parent()
+            except psutil.Error:
+                continue
+            if is_rank(proc) and not (parent is not None and is_rank(parent)):
+                ranks.append(proc)
+        return ranks
+
+    def _kill(self) -> None:
+        if self.child is not None and self.child.poll() is None:
+            try:
+                os.killpg(self.child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.remote_hosts and self.launcher == "pdsh":
+            # Matches only processes started with this launch's resolved config (ranks, their launcher),
+            # unlike DeepSpeed's own kill command.
+            pattern = shlex.quote(re.escape(f"--neox_config_file {self.resolved}"))
+            subprocess.run(["pdsh", "-S", "-w", ",".join(self.remote_hosts), "pkill", "-KILL", "-f", "--", pattern],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=False)
+
+
+def remote_hosts(args) -> list:
+    """Hosts the multi-node backend starts ranks on (none for a local launch)."""
+    hosts = list(args._resources)
+    return hosts if args.hostfile and (len(hosts) > 1 or args.force_multi) else []
+
+
+def _deepspeed_runner(argv, hosts=(), launcher="pdsh"):
+    return RunSupervisor(argv, hosts, launcher).run()
 
 
 def main(argv=None, runner=None, env=None, host_resolver=None) -> int:
@@ -180,7 +316,8 @@ def main(argv=None, runner=None, env=None, host_resolver=None) -> int:
     print("deepy.py: deepspeed " + " ".join(runner_argv), flush=True)
     if cli.dry_run:
         return 0
-    result = (runner or _deepspeed_runner)(runner_argv)
+    # Only the real runner is supervised in a child process; a test's `runner` is called in-process.
+    result = runner(runner_argv) if runner else _deepspeed_runner(runner_argv, remote_hosts(args), args.launcher)
     return int(result or 0)
 
 

@@ -13,8 +13,15 @@ is untouched) and counted; ``max_consecutive_bad_steps`` such steps in a row sto
 code 1 and nothing is saved past the last good checkpoint. With fp16 the loss scaler's own overflow
 skips are normal and only a non-finite *loss* counts as bad.
 
-Signals: SIGTERM / SIGINT are recorded; at the next step boundary every rank agrees (one small
-all-reduce per step), saves a checkpoint and ``pretrain`` returns 0.
+A non-finite loss whose gradients are finite (an inf added to the loss) is made a bad step too: the
+loss is multiplied by NaN when it is not finite, so every gradient is NaN on every stage and replica, and
+the guard of each rank skips the step without an extra collective.
+
+Signals: from the start of ``pretrain``, SIGTERM / SIGINT (and deepy.py's stop-request file) are recorded
+(``megatron.utils.StopSignal``: repeats within a few seconds are the same request, a later repeat forces
+exit 128 + signal number); at the next step boundary every rank agrees (one small all-reduce per step),
+saves a checkpoint and ``pretrain`` returns 0. A request before training starts ends the run with 0 and
+saves nothing. Resuming a run that already reached ``train_iters`` runs nothing and returns 0.
 """
 import time
 from typing import Iterator, Optional
@@ -27,7 +34,7 @@ from megatron.initialize import initialize_megatron
 from megatron.learning_rates import build_lr_scheduler, learning_rate
 from megatron.logging import TrainingLogger, collect_extra_metrics
 from megatron.utils import (StopSignal, all_reduce_max, get_ltor_masks_and_position_ids,
-                            get_params_for_weight_decay_optimization, print_rank_0)
+                            get_params_for_weight_decay_optimization, print_rank_0, stop_request_path)
 
 EXIT_OK = 0
 EXIT_BAD_STEPS = 1
@@ -60,10 +67,19 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor)
     return (losses * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def poison_non_finite(loss: torch.Tensor) -> torch.Tensor:
+    """``loss``, or NaN when it is not finite, so that its gradients are not finite either.
+
+    An inf added to the loss leaves the gradients finite, and the optimizer would apply the step; with
+    NaN gradients every stage and data-parallel replica skips it (:class:`NonFiniteStepGuard`). No host
+    sync; a finite loss is multiplied by exactly 1.0, which changes no bit of it or of its gradients."""
+    return loss * torch.where(torch.isfinite(loss), 1.0, float("nan")).to(loss.dtype)
+
+
 def pipe_loss_fn(outputs, targets):
     """``PipelineModule.loss_fn``: ``targets`` is ``(labels, loss_mask)`` as :func:`get_batch_pipe` gives."""
     labels, loss_mask = targets
-    return lm_loss(outputs, labels, loss_mask)
+    return poison_non_finite(lm_loss(outputs, labels, loss_mask))
 
 
 class PipeBatchFn:
@@ -226,7 +242,7 @@ def train_step_sequential(engine, data_iter: Iterator, neox_args, eod_token, dev
         tokens, labels, loss_mask, position_ids = get_batch(next(data_iter), eod_token,
                                                             getattr(neox_args, "eod_mask_loss", False), device)
         logits = engine(model_inputs(tokens, position_ids))
-        loss = lm_loss(logits, labels, loss_mask)
+        loss = poison_non_finite(lm_loss(logits, labels, loss_mask))
         engine.backward(loss)
         engine.step()
         losses.append(loss.detach())
@@ -307,13 +323,16 @@ class Trainer:
             self.logger.log_evaluation(iteration, split, loss)
         return loss
 
-    def train(self, train_iter, valid_iter, iteration: int, consumed: int) -> int:
-        """Runs until ``train_iters``, a stop signal, ``exit_interval`` or too many bad steps.
+    def train(self, train_iter, valid_iter, iteration: int, consumed: int, stop: Optional[StopSignal] = None) -> int:
+        """Runs until ``train_iters``, a stop request, ``exit_interval`` or too many bad steps.
 
-        Returns the process exit code.
+        ``stop``: the request ``pretrain`` installed at start-up; without one, signals are handled from here
+        on. Returns the process exit code.
         """
         args, engine = self.args, self.engine
-        stop = StopSignal().install()
+        own_stop = stop is None
+        if own_stop:
+            stop = StopSignal().install()
         if self.is_pipe:
             engine.set_batch_fn(PipeBatchFn(self.eod, getattr(args, "eod_mask_loss", False), self.device))
         engine.train()
@@ -340,7 +359,7 @@ class Trainer:
                     bad = not bool(torch.isfinite(loss))
                 else:
                     bad = self.guard.skipped or not engine.was_step_applied()
-                bad_any, stop_any = all_reduce_max([float(bad), float(stop.received is not None)], self.device)
+                bad_any, stop_any = all_reduce_max([float(bad), float(stop.requested)], self.device)
                 iters_in_interval += 1
                 if bad_any:
                     consecutive_bad += 1
@@ -372,9 +391,9 @@ class Trainer:
                 if args.save and (stopping or scheduled):
                     self.save(iteration, consumed)
                 if stopping:
-                    why = f"signal {stop.name}" if stop_any else f"exit_interval={exit_interval}"
-                    if stop_any and stop.received is None:
-                        why = "a stop signal on another rank"
+                    why = stop.name if stop_any else f"exit_interval={exit_interval}"
+                    if stop_any and not stop.requested:
+                        why = "a stop request on another rank"
                     self.logger.print(f"exiting at iteration {iteration} on {why}"
                                       + ("" if args.save else " (no 'save' directory: nothing saved)"))
                     return EXIT_OK
@@ -382,7 +401,8 @@ class Trainer:
                     self.run_eval(iteration, valid_iter, "validation")
                     interval_start = time.perf_counter()
         finally:
-            stop.restore()
+            if own_stop:
+                stop.restore()
         return EXIT_OK
 
     def _log(self, iteration, lr, loss_sum, good, skipped, iters, elapsed) -> None:
@@ -410,8 +430,18 @@ def _eod_token(tokenizer) -> Optional[int]:
 
 
 def pretrain(neox_args) -> int:
-    """Trains the model ``neox_args`` describes; returns the exit code (0 done or stopped cleanly,
-    1 stopped after too many bad steps)."""
+    """Trains the model ``neox_args`` describes; returns the exit code (0 done, already complete or stopped
+    cleanly, 1 stopped after too many bad steps)."""
+    # Installed first, so that a signal during start-up (model build, checkpoint load) stops the run cleanly.
+    stop_file = stop_request_path(neox_args.neox_config_file) if neox_args.neox_config_file else None
+    stop = StopSignal(stop_file).install()
+    try:
+        return _pretrain(neox_args, stop)
+    finally:
+        stop.restore()
+
+
+def _pretrain(neox_args, stop: StopSignal) -> int:
     topology, device = initialize_megatron(neox_args)
     from megatron.tokenizer import build_tokenizer
 
@@ -426,6 +456,11 @@ def pretrain(neox_args) -> int:
             iteration, consumed = load_iter, load_consumed
         print_rank_0(f"loaded checkpoint from {neox_args.load} at iteration {load_iter}")
     neox_args.iteration = iteration
+    if iteration >= neox_args.train_iters:
+        # A requeued job that had finished: its final save, evaluation and test already ran.
+        print_rank_0(f"training is complete: the checkpoint is at iteration {iteration}, train_iters is "
+                     f"{neox_args.train_iters}; nothing to run")
+        return EXIT_OK
     if consumed != iteration * neox_args.train_batch_size:
         raise ValueError(f"the checkpoint consumed {consumed} samples in {iteration} iterations, which does not "
                          f"match train_batch_size={neox_args.train_batch_size}; resuming with a different global "
@@ -434,19 +469,21 @@ def pretrain(neox_args) -> int:
     from megatron.data.data_utils import build_train_valid_test_data_iterators
 
     train_iter, valid_iter, test_iter = build_train_valid_test_data_iterators(neox_args)
+    # Every rank must take the same branch: a request seen by one rank only would leave the others waiting
+    # in their first collective.
+    if all_reduce_max([float(stop.requested)], device)[0]:
+        print_rank_0(f"stop requested before training started ({stop.name or 'on another rank'}): exiting, "
+                     "nothing trained, nothing saved")
+        return EXIT_OK
     rank = torch.distributed.get_rank()
     logger = TrainingLogger(neox_args, rank=rank)
     trainer = Trainer(neox_args, engine, scheduler, guard, is_pipe, device, _eod_token(tokenizer), logger)
     try:
         if iteration == 0 and 0 in checkpointing.checkpoint_iterations(neox_args) and neox_args.save:
             trainer.save(0, 0)
-        if iteration >= neox_args.train_iters:
-            logger.print(f"nothing to train: iteration {iteration} >= train_iters {neox_args.train_iters}")
-            code = EXIT_OK
-        else:
-            if train_iter is None:
-                raise ValueError("no training data: the train split is empty (check data paths and 'split')")
-            code = trainer.train(train_iter, valid_iter, iteration, consumed)
+        if train_iter is None:
+            raise ValueError("no training data: the train split is empty (check data paths and 'split')")
+        code = trainer.train(train_iter, valid_iter, iteration, consumed, stop=stop)
         if code == EXIT_OK and neox_args.iteration >= neox_args.train_iters:
             if valid_iter is not None and getattr(neox_args, "eval_interval", 0) \
                     and neox_args.iteration % neox_args.eval_interval != 0:
@@ -455,4 +492,3 @@ def pretrain(neox_args) -> int:
     finally:
         logger.close()
     return code
-

@@ -1,5 +1,8 @@
 """Small helpers of the training loop: batch masks, weight-decay groups, cross-rank flags, signals."""
+import os
 import signal
+import sys
+import time
 from typing import Iterable, List, Optional, Tuple
 
 import torch
@@ -60,16 +63,30 @@ def all_reduce_max(values: Iterable[float], device) -> List[float]:
     return tensor.tolist()
 
 
-class StopSignal:
-    """Records SIGTERM/SIGINT instead of dying, so the loop can save at the next step boundary.
+def stop_request_path(resolved_config: str) -> str:
+    """The file through which deepy.py asks the ranks of every node to stop: beside the resolved config,
+    which every node reads at the same path, and unique to one launch as that config is."""
+    return resolved_config + ".stop"
 
-    A second signal of the same kind restores the default behaviour (a user's double Ctrl-C kills).
+
+class StopSignal:
+    """A request to stop: SIGTERM / SIGINT, or deepy.py's stop-request file (:func:`stop_request_path`).
+
+    The first signal, and repeats within ``GRACE_SECONDS`` of it, ask for a checkpoint at the next step
+    boundary: one Ctrl-C or scheduler kill can reach a rank two or three times within milliseconds (from
+    the terminal or scheduler, and forwarded by DeepSpeed's launcher), and that must not cost the save.
+    Only a repeat after the window forces an exit, with code 128 + signal number and nothing saved.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    GRACE_SECONDS = 5.0
 
-    def __init__(self):
+    def __init__(self, stop_file: Optional[str] = None, clock=time.monotonic):
+        self.stop_file = stop_file
         self.received: Optional[int] = None
+        self.file_request: Optional[str] = None
+        self._clock = clock
+        self._first_at: Optional[float] = None
         self._previous = {}
 
     def install(self) -> "StopSignal":
@@ -78,11 +95,30 @@ class StopSignal:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.received is not None:
-            self.restore()
-            signal.raise_signal(signum)
+        now = self._clock()
+        if self._first_at is None:
+            self._first_at, self.received = now, signum
             return
-        self.received = signum
+        if now - self._first_at <= self.GRACE_SECONDS:
+            return
+        name = signal.Signals(signum).name
+        print(f"{name} again {now - self._first_at:.0f} s after the first stop request: exiting now, "
+              "nothing saved", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # os._exit: unwinding could block in a collective that the other ranks never join.
+        os._exit(128 + signum)
+
+    @property
+    def requested(self) -> bool:
+        """A signal came, or the stop-request file exists (one stat per call: called once per step)."""
+        if self.received is None and self.file_request is None and self.stop_file \
+                and os.path.exists(self.stop_file):
+            try:
+                with open(self.stop_file, encoding="utf-8") as f:
+                    self.file_request = f.read().strip() or "stop"
+            except OSError:  # removed between the check and the read: the launcher is ending the run anyway
+                self.file_request = "stop"
+        return self.received is not None or self.file_request is not None
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -91,4 +127,9 @@ class StopSignal:
 
     @property
     def name(self) -> str:
-        return signal.Signals(self.received).name if self.received is not None else ""
+        """What asked for the stop, for the log: ``signal SIGTERM`` or ``deepy.py's stop request (...)``."""
+        if self.received is not None:
+            return f"signal {signal.Signals(self.received).name}"
+        if self.file_request is not None:
+            return f"deepy.py's stop request ({self.file_request}, {self.stop_file})"
+        return ""
