@@ -1,9 +1,12 @@
 """Normalisation layers: LayerNorm (torch) and GPT-NeoX's RMSNorm (parameter ``scale``)."""
-from typing import Tuple
+import functools
+from typing import Callable, Tuple
 
 import torch
 from torch import nn
 from torch.nn import LayerNorm
+
+from megatron.neox_arguments.model_args import NORMS
 
 
 class RMSNorm(nn.Module):
@@ -40,14 +43,16 @@ class RMSNorm(nn.Module):
         return out
 
 
-NORMS = ("layernorm", "rmsnorm")
 
 
-def get_norm(neox_args) -> Tuple[type, float]:
-    """``(norm_class, eps)`` for ``neox_args.norm`` (GPT-NeoX's key names for the epsilons)."""
-    name = getattr(neox_args, "norm", "layernorm")
-    if name == "layernorm":
-        return LayerNorm, float(getattr(neox_args, "layernorm_epsilon", 1e-5))
-    if name == "rmsnorm":
-        return RMSNorm, float(getattr(neox_args, "rms_norm_epsilon", 1e-8))
-    raise ValueError(f"norm {name!r} is not supported; choose one of {', '.join(NORMS)}")
+def get_norm(neox_args) -> Tuple[Callable[..., nn.Module], float]:
+    """``(norm factory, eps)`` for ``neox_args.norm``; the factory takes ``(dim, eps=...)``.
+
+    ``use_bias_in_norms`` gives LayerNorm its ``bias`` and RMSNorm its ``offset``, as current GPT-NeoX's
+    ``get_norm`` does, so a GPT-NeoX checkpoint of either kind has the same parameters here.
+    """
+    if neox_args.norm == "layernorm":
+        return functools.partial(LayerNorm, bias=neox_args.use_bias_in_norms), neox_args.layernorm_epsilon
+    if neox_args.norm == "rmsnorm":
+        return functools.partial(RMSNorm, bias=neox_args.use_bias_in_norms), neox_args.rms_norm_epsilon
+    raise ValueError(f"norm {neox_args.norm!r} is not supported; choose one of {', '.join(NORMS)}")

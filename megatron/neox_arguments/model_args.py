@@ -4,6 +4,9 @@ from typing import Optional
 
 from .field import arg
 
+NORMS = ("layernorm", "rmsnorm")
+"""The accepted values of the `norm` key (megatron/model/norms.py builds each)."""
+
 ATTENTION_TYPES = ("global", "flash")
 """Attention types accepted in `attention_config`. Both mean full causal attention through SDPA (flash or
 cuDNN kernels on GPU); the SepLLM modes are selected by the SepLLM keys, not here."""
@@ -30,10 +33,12 @@ class ModelArgs:
                        choices=("learned", "rotary", "alibi", "none"))
     rotary_pct: float = arg(1.0, "Fraction of each head's dimensions that rotary embeddings rotate (0, 1].")
     rotary_emb_base: int = arg(10000, "Base of the rotary embedding frequencies.")
-    norm: str = arg("layernorm", "Normalisation layer: layernorm or rmsnorm.", choices=("layernorm", "rmsnorm"))
+    norm: str = arg("layernorm", "Normalisation layer: layernorm or rmsnorm.", choices=NORMS)
     layernorm_epsilon: float = arg(1.0e-5, "LayerNorm epsilon.")
     rms_norm_epsilon: float = arg(1.0e-8, "RMSNorm epsilon.")
-    use_bias_in_norms: bool = arg(True, "Give the norm layers a bias (LayerNorm only).")
+    use_bias_in_norms: bool = arg(
+        True, "Give the norm layers an additive bias: LayerNorm's `bias`, RMSNorm's `offset` (GPT-NeoX's "
+              "meaning; false drops both).")
     use_bias_in_attn_linear: bool = arg(True, "Give the QKV and attention output projections a bias.")
     use_bias_in_mlp: bool = arg(True, "Give the MLP projections (h->4h, 4h->h) a bias.")
     no_weight_tying: bool = arg(False, "Untie the input embedding and the output projection (Pythia: true).")

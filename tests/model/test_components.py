@@ -54,10 +54,27 @@ def test_rmsnorm_matches_gpt_neox_formula():
     rms = x.norm(2, dim=-1, keepdim=True) / math.sqrt(32)
     torch.testing.assert_close(norm(x), norm.scale * x / (rms + 1e-8))
     assert [n for n, _ in norm.named_parameters()] == ["scale"]
-    cls, eps = get_norm(SimpleNamespace(norm="rmsnorm", rms_norm_epsilon=1e-6))
-    assert cls is RMSNorm and eps == 1e-6
-    with pytest.raises(ValueError, match="norm 'scalenorm2'"):
-        get_norm(SimpleNamespace(norm="scalenorm2"))
+    factory, eps = get_norm(make_args(norm="rmsnorm", rms_norm_epsilon=1e-6, use_bias_in_norms=False))
+    assert isinstance(factory(8, eps=eps), RMSNorm) and eps == 1e-6
+
+
+@pytest.mark.parametrize("norm,bias_name", [("layernorm", "bias"), ("rmsnorm", "offset")])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_use_bias_in_norms_decides_the_norm_bias(norm, bias_name, use_bias):
+    """GPT-NeoX's meaning: the key gives (or drops) LayerNorm's bias and RMSNorm's offset, in every norm of
+    the model, the final one included."""
+    from megatron.model import build_sequential_model
+
+    model = build_sequential_model(make_args(norm=norm, use_bias_in_norms=use_bias))
+    names = set(dict(model.named_parameters()))
+    norm_layers = {n.rsplit(".", 1)[0] for n in names if "layernorm" in n or ".norm." in n}
+    assert len(norm_layers) == 2 * 2 + 1  # two per block, the final norm
+    assert all((f"{layer}.{bias_name}" in names) is use_bias for layer in norm_layers), sorted(names)
+    if norm == "layernorm" and not use_bias:
+        # Without the bias, a LayerNorm is exactly F.layer_norm with weight only.
+        ln = model.sequential[2].input_layernorm
+        x = torch.randn(2, 3, ln.normalized_shape[0])
+        torch.testing.assert_close(ln(x), F.layer_norm(x, ln.normalized_shape, ln.weight, None, ln.eps))
 
 
 def test_rmsnorm_model_matches_hf_free_reference():
