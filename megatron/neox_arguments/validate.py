@@ -3,6 +3,7 @@
 Runs after derivation, in deepy.py before any rank starts and again on every rank
 (`NeoXArgs.consume_neox_args`). Also calls the SepLLM argument checker, which may rewrite SepLLM fields.
 """
+import dataclasses
 import os
 
 from .errors import ConfigError
@@ -10,6 +11,8 @@ from .optimizer_args import LR_DECAY_STYLES
 from .tokenizer_args import NEEDS_MERGE_FILE, NEEDS_VOCAB_FILE
 
 TRAINING_SCRIPTS = ("train.py",)
+# The optimizer params megatron.training.build_optimizer passes to its torch AdamW.
+TRAINER_OPTIMIZER_PARAMS = ("lr", "betas", "eps")
 
 
 def _is_training(args):
@@ -94,6 +97,35 @@ def validate_schedule(args):
         raise ConfigError(f"key 'gradient_clipping' must be >= 0, got {args.gradient_clipping}")
     if args.peak_tflops_per_gpu <= 0:
         raise ConfigError(f"key 'peak_tflops_per_gpu' must be > 0, got {args.peak_tflops_per_gpu}")
+    # numpy's RandomState (the data index shuffle) takes seeds in [0, 2**32).
+    if isinstance(args.seed, bool) or not 0 <= args.seed < 2**32:
+        raise ConfigError(f"key 'seed' must be in [0, 2**32), got {args.seed}")
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_optimizer(args):
+    """The optimizer's params as the trainer's AdamW and DeepSpeed's optimizers take them, before a rank
+    builds one (torch and DeepSpeed reject them only there, after the model is built)."""
+    params = (args.optimizer or {}).get("params") or {}
+    if "betas" in params:
+        betas = params["betas"]
+        if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_number(b) for b in betas)
+                and all(0.0 <= b < 1.0 for b in betas)):
+            raise ConfigError(f"key 'optimizer.params.betas' must be two numbers in [0, 1) like [0.9, 0.95], "
+                              f"got {betas!r}")
+    if "eps" in params and not (_number(params["eps"]) and params["eps"] > 0):
+        raise ConfigError(f"key 'optimizer.params.eps' must be a number > 0, got {params['eps']!r}")
+    if not args.deepspeed_builds_optimizer:
+        unused = sorted(k for k in params if k not in TRAINER_OPTIMIZER_PARAMS)
+        if unused:
+            raise ConfigError(f"key 'optimizer.params.{unused[0]}' is not used by the trainer's {args.optimizer_type}"
+                              f" (it takes {', '.join(TRAINER_OPTIMIZER_PARAMS)}; weight decay is the key "
+                              f"'weight_decay'); remove it, or set use_deepspeed_optimizer: true for DeepSpeed's")
+    if args.weight_decay < 0:
+        raise ConfigError(f"key 'weight_decay' must be >= 0, got {args.weight_decay}")
 
 
 def _check_dataset_prefix(key, prefix):
@@ -121,6 +153,13 @@ def validate_data(args):
     if args.data_path is not None:
         _check_dataset_prefix("data_path", args.data_path)
         _parse_split(args.split)
+        given = [k for k in ("valid_data_paths", "test_data_paths", "weight_by_num_documents") if getattr(args, k)]
+        if given:
+            raise ConfigError(f"key '{given[0]}' applies to train/valid/test_data_paths, but 'data_path' is given "
+                              f"(split by 'split'); use one way of naming the data")
+    if args.data_impl == "cached":
+        raise ConfigError("key 'data_impl' is 'cached', which this project does not implement; use 'mmap' "
+                          "(or 'infer', which reads mmap datasets)")
     for split in ("train", "valid", "test"):
         paths = getattr(args, f"{split}_data_paths")
         weights = getattr(args, f"{split}_data_weights")
@@ -193,6 +232,13 @@ def validate_deepspeed(args):
     if "scheduler" in extra:
         raise ConfigError("key 'deepspeed_extra_args.scheduler': the learning-rate schedule is the trainer's "
                           "(lr_decay_style, warmup, lr_decay_iters, min_lr), not DeepSpeed's")
+    # A DeepSpeed key this config derives (batch sizes, ZeRO, precision, optimizer, ...) would override the
+    # derived value on the ranks only, behind every check made here.
+    own = {f.name for f in dataclasses.fields(args)}
+    for key in extra:
+        if key in own:
+            raise ConfigError(f"key 'deepspeed_extra_args.{key}' is a key of this config: set '{key}' itself "
+                              f"(deepspeed_extra_args is for DeepSpeed keys the config does not have)")
 
 
 def validate_launcher(args, on_rank, host_resolver=None):
@@ -225,6 +271,7 @@ def validate_all(args, env, on_rank=False, host_resolver=None):
     validate_model(args)
     validate_parallelism(args)
     validate_schedule(args)
+    validate_optimizer(args)
     validate_data(args)
     validate_tokenizer(args)
     validate_checkpoints(args)

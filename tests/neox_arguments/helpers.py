@@ -3,6 +3,8 @@ import os
 import textwrap
 from pathlib import Path
 
+import numpy as np
+
 from megatron.neox_arguments import Environment
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -39,12 +41,25 @@ def write(path: Path, text: str) -> str:
     return str(path)
 
 
-def make_dataset(tmp_path: Path, name: str = "corpus_text_document") -> str:
-    """An (empty) .bin/.idx pair: validation checks presence; the data tests own the format."""
+def make_dataset(tmp_path: Path, name: str = "corpus_text_document", ids=(5, 17, 0, 99, 3, 0)) -> str:
+    """A small valid .bin/.idx pair (deepy.py opens and scans the data before launch), one document per
+    0-terminated run of `ids`; the default ids fit every vocabulary the tests use."""
+    from megatron.data.indexed_dataset import MMapIndexedDatasetBuilder
+
     prefix = tmp_path / "data" / name
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    for ext in (".bin", ".idx"):
-        (Path(str(prefix) + ext)).write_bytes(b"")
+    builder = MMapIndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
+    doc = []
+    for token in ids:
+        doc.append(token)
+        if token == 0:
+            builder.add_item(doc)
+            builder.end_document()
+            doc = []
+    if doc:
+        builder.add_item(doc)
+        builder.end_document()
+    builder.finalize(str(prefix) + ".idx")
     return str(prefix)
 
 
