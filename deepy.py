@@ -305,6 +305,8 @@ def main(argv=None, runner=None, env=None, host_resolver=None) -> int:
             raise ConfigError(f"script not found: {cli.user_script}")
         args = NeoXArgs.from_ymls(config_paths(cli.conf_files, cli.conf_dir), overrides=cli_overrides(cli),
                                   env=env, host_resolver=host_resolver)
+        from megatron.neox_arguments.preflight import check_before_launch  # DeepSpeed's parser, data files
+        check_before_launch(args)
         check_with_deepspeed(args)
     except ConfigError as err:
         print(f"deepy.py: configuration error: {err}", file=sys.stderr)
