@@ -32,6 +32,11 @@ class TrainingArgs:
     finetune: bool = arg(False, "Load weights only and restart at iteration 0.")
     checkpoint_validation_with_forward_pass: bool = arg(
         False, "Save a forward pass's input/output with the checkpoint and compare after loading.")
+    checkpoint_save_failure: str = arg(
+        "exit", "Project key: what a failed checkpoint save (full disk, I/O error) does. The partial checkpoint is "
+                "removed and the previous one and `latest` are kept either way; `exit` then stops the run with exit "
+                "code 3, `continue` logs the failure and trains on (the next scheduled save tries again).",
+        choices=("exit", "continue"))
     exit_interval: Optional[int] = arg(None, "Exit (after saving) when the iteration is divisible by this.")
     max_consecutive_bad_steps: int = arg(
         10, "Project key: stop training after this many consecutive steps with NaN/inf loss (skipped steps).")

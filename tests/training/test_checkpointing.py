@@ -16,6 +16,8 @@ class FakeEngine:
     def __init__(self, crash_after_partial_write=False):
         self.crash = crash_after_partial_write
         self.loaded = None
+        self.module = torch.nn.Linear(4, 4)
+        self.device = torch.device("cpu")
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         assert save_latest is False  # `latest` is ours to write, after the configs
@@ -38,7 +40,8 @@ class FakeEngine:
 def make_args(tmp_path, **over):
     d = dict(save=str(tmp_path / "ckpt"), load=None, train_batch_size=8, world_size=1, checkpoint_factor=3,
              extra_save_iters=[1, 4], config_files={"model.yml": "num_layers: 2\n", "data.yml": "seq_length: 64\n"},
-             num_layers=2)
+             num_layers=2, precision="fp32", data_parallel_size=1, pipe_parallel_size=0, model_parallel_size=1,
+             zero_stage=0, no_load_optim=False, finetune=False)
     d.update(over)
     return types.SimpleNamespace(**d)
 

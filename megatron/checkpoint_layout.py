@@ -1,0 +1,286 @@
+"""The parallel layout a checkpoint was saved in, and whether a run in another layout can resume from it.
+
+Each checkpoint records its layout in ``<save>/global_stepN/layout.json`` (world size, data / pipeline /
+model parallel sizes, ZeRO stage); older checkpoints are read from their ``configs/resolved_config.yml``.
+
+What DeepSpeed can restore:
+
+* the same layout: everything (``engine.load_checkpoint``; resumes are bitwise exact);
+* another data-parallel size under ZeRO stage 0, same pipeline structure: everything as well (only data-parallel
+  rank 0 writes, every rank reads the same files);
+* anything else with the optimizer state (ZeRO partitions over another data-parallel size, another ZeRO stage,
+  another number of pipeline stages, pipeline <-> sequential): nothing. DeepSpeed either fails deep inside a
+  rank or, worse, silently starts a fresh optimizer. Such a resume is refused before launch
+  (:func:`check_resume_before_launch`), naming both layouts and the way out.
+
+Weights alone (``no_load_optim`` / ``finetune``) load into any layout: :func:`load_weights_any_layout` reads the
+checkpoint layer by layer through :class:`megatron.checkpoint_io.CheckpointReader` (pipeline layer files,
+the sequential ``mp_rank_00`` file or ZeRO-3 shards) and copies each tensor into this rank's part of the
+model, after checking its shape.
+"""
+import json
+import os
+import zipfile
+from dataclasses import asdict, dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from megatron.checkpoint_io import CheckpointError, CheckpointReader, load_state_file
+from megatron.neox_arguments.errors import ConfigError
+
+LAYOUT_FILE = "layout.json"
+RESOLVED_CONFIG = os.path.join("configs", "resolved_config.yml")
+
+# Keys that decide the shapes (or the meaning) of the weights: a checkpoint never loads into another value.
+MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "intermediate_size", "no_weight_tying")
+
+
+@dataclass(frozen=True)
+class Layout:
+    world_size: int
+    data_parallel_size: int
+    pipe_parallel_size: int  # 0: the sequential model, >= 1: a PipelineModule with that many stages
+    model_parallel_size: int
+    zero_stage: int
+
+    def describe(self) -> str:
+        pipe = "sequential model" if self.pipe_parallel_size == 0 else f"pipeline stages {self.pipe_parallel_size}"
+        return (f"world size {self.world_size} (data parallel {self.data_parallel_size}, {pipe}, "
+                f"model parallel {self.model_parallel_size}, ZeRO stage {self.zero_stage})")
+
+
+def layout_of(args) -> Layout:
+    """The layout a run's resolved arguments describe (the launcher's derivation or a rank's)."""
+    return Layout(world_size=int(args.world_size), data_parallel_size=int(args.data_parallel_size),
+                  pipe_parallel_size=int(args.pipe_parallel_size), model_parallel_size=int(args.model_parallel_size),
+                  zero_stage=int(args.zero_stage))
+
+
+def write_layout(ckpt_dir: str, layout: Layout) -> None:
+    with open(os.path.join(ckpt_dir, LAYOUT_FILE), "w") as f:
+        json.dump(asdict(layout), f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
+def read_saved_config(ckpt_dir: str) -> Optional[dict]:
+    """The checkpoint's resolved configuration as plain data; ``None`` when it has none (a GPT-NeoX checkpoint)."""
+    path = os.path.join(ckpt_dir, RESOLVED_CONFIG)
+    if not os.path.isfile(path):
+        return None
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as exc:
+        raise CheckpointError(f"checkpoint config {path} cannot be read: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint config {path} is not a mapping (damaged?)")
+    return data
+
+
+def read_layout(ckpt_dir: str, saved_config: Optional[dict] = None) -> Optional[Layout]:
+    """The layout ``ckpt_dir`` was saved in: ``layout.json``, else the resolved config; ``None`` if unknown."""
+    path = os.path.join(ckpt_dir, LAYOUT_FILE)
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                return Layout(**{k: int(v) for k, v in json.load(f).items()})
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint layout file {path} is damaged ({exc})") from None
+    config = read_saved_config(ckpt_dir) if saved_config is None else saved_config
+    fields = ("world_size", "data_parallel_size", "pipe_parallel_size", "model_parallel_size", "zero_stage")
+    if not config or any(config.get(k) is None for k in fields):
+        return None
+    return Layout(**{k: int(config[k]) for k in fields})
+
+
+def optimizer_state_refusal(saved: Layout, new: Layout) -> Optional[str]:
+    """Why DeepSpeed cannot restore ``saved``'s optimizer state in ``new`` (``None``: it can)."""
+    if saved.zero_stage != new.zero_stage:
+        return f"the ZeRO stage changes ({saved.zero_stage} -> {new.zero_stage}) and with it the optimizer state's format"
+    if saved.pipe_parallel_size != new.pipe_parallel_size:
+        if 0 in (saved.pipe_parallel_size, new.pipe_parallel_size):
+            return "pipeline and sequential checkpoints keep their optimizer state in different formats"
+        return "the optimizer state is split by pipeline stage"
+    if saved.model_parallel_size != new.model_parallel_size:
+        return "the optimizer state is split by model-parallel rank"
+    if saved.zero_stage > 0 and saved.data_parallel_size != new.data_parallel_size:
+        return (f"ZeRO stage {saved.zero_stage} partitions the optimizer state over the {saved.data_parallel_size} "
+                "data-parallel ranks and DeepSpeed cannot re-partition it")
+    return None
+
+
+def model_key_mismatch(args, saved_config: Optional[dict], ckpt_dir: str) -> Optional[str]:
+    for key in MODEL_KEYS:
+        if saved_config is None or saved_config.get(key) is None:
+            continue
+        if saved_config[key] != getattr(args, key):
+            return (f"key '{key}' is {getattr(args, key)!r}, but checkpoint {ckpt_dir} was saved with "
+                    f"{key}={saved_config[key]!r} (its {RESOLVED_CONFIG}); the weights cannot load into another shape")
+    return None
+
+
+def resume_plan(args, ckpt_dir: str) -> Tuple[bool, Optional[Layout]]:
+    """Checks a resume from ``ckpt_dir`` by ``args``; raises :class:`ConfigError` when it cannot work.
+
+    Returns ``(same_layout, saved_layout)``: with a different layout only the weights are loaded.
+    """
+    saved_config = read_saved_config(ckpt_dir)
+    problem = model_key_mismatch(args, saved_config, ckpt_dir)
+    if problem:
+        raise ConfigError(problem)
+    saved = read_layout(ckpt_dir, saved_config)
+    new = layout_of(args)
+    if saved is None or saved == new:
+        return True, saved
+    if saved.zero_stage == 0 and new.zero_stage == 0 and optimizer_state_refusal(saved, new) is None:
+        return True, saved  # DeepSpeed itself reloads everything; only the data-parallel size differs
+    if not (args.no_load_optim or args.finetune):
+        raise ConfigError(
+            f"key 'load': checkpoint {ckpt_dir} was saved with {saved.describe()}; this run has {new.describe()}, and "
+            f"{optimizer_state_refusal(saved, new) or 'the layouts differ'}. Resume the weights with a fresh "
+            "optimizer (set 'no_load_optim: true' to keep the iteration count, or 'finetune: true' to restart at "
+            "iteration 0), or run in the saved layout")
+    return False, saved
+
+
+# ------------------------------------------------------------------------------------ file integrity
+def _pt_file_problem(path: str) -> Optional[str]:
+    """A cheap look at one saved tensor file (torch.save writes zip archives, their directory at the end)."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return f"checkpoint file {path} is empty (truncated)"
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        return f"checkpoint file {path} is truncated or corrupt ({size} bytes, no zip directory at its end)"
+    return None
+
+
+def expected_files(ckpt_dir: str, saved: Optional[Layout], saved_config: Optional[dict]) -> list:
+    """Files a complete checkpoint of that layout must hold (only the ones its config determines)."""
+    if saved is None or saved_config is None or saved_config.get("num_layers") is None:
+        return []
+    layers = int(saved_config["num_layers"])
+    names = []
+    for mp in range(saved.model_parallel_size):
+        if saved.pipe_parallel_size >= 1:
+            idx = [0] + list(range(2, layers + 2)) + [layers + 3]
+            if saved_config.get("no_weight_tying"):
+                idx.append(layers + 4)
+            names += [f"layer_{i:02d}-model_{mp:02d}-model_states.pt" for i in idx]
+        if saved.zero_stage == 3:
+            names += [f"zero_pp_rank_{dp}_mp_rank_{mp:02d}_model_states.pt" for dp in range(saved.data_parallel_size)]
+        else:
+            names += [f"mp_rank_{mp:02d}_model_states.pt"]
+    return [os.path.join(ckpt_dir, n) for n in names]
+
+
+def check_files(ckpt_dir: str, saved: Optional[Layout] = None, saved_config: Optional[dict] = None) -> None:
+    """Raises :class:`CheckpointError` naming the first missing, empty or truncated file of ``ckpt_dir``."""
+    for path in expected_files(ckpt_dir, saved, saved_config):
+        if not os.path.isfile(path):
+            raise CheckpointError(f"missing checkpoint file {path}: the checkpoint is incomplete or damaged")
+    for root, _, files in os.walk(ckpt_dir):
+        for name in sorted(files):
+            if name.endswith(".pt"):
+                problem = _pt_file_problem(os.path.join(root, name))
+                if problem:
+                    raise CheckpointError(problem)
+
+
+def check_resume_before_launch(args) -> None:
+    """``deepy.py``'s check of ``load`` for training: damaged files, model keys and layout, as one
+    :class:`ConfigError` line. (Evaluation and generation load weights only, through their own readers.)"""
+    from megatron.neox_arguments.validate import TRAINING_SCRIPTS
+
+    if args.load is None or args.user_script is None or os.path.basename(args.user_script) not in TRAINING_SCRIPTS:
+        return
+    from megatron.checkpointing import resolve_checkpoint
+
+    try:
+        load_dir, tag = resolve_checkpoint(args.load)
+        ckpt_dir = os.path.join(load_dir, tag)
+        resume_plan(args, ckpt_dir)
+        saved_config = read_saved_config(ckpt_dir)
+        check_files(ckpt_dir, read_layout(ckpt_dir, saved_config), saved_config)
+    except (CheckpointError, FileNotFoundError) as exc:
+        raise ConfigError(f"key 'load': {exc}") from None
+
+
+# -------------------------------------------------------------------------------- weights, any layout
+def _local_layers(module):
+    """``(pipeline layer index, layer module)`` of the layers this rank holds."""
+    if hasattr(module, "forward_funcs"):  # a PipelineModule: this stage's slice of the layer list
+        start = int(module._local_start)
+        return [(start + i, f) for i, f in enumerate(module.forward_funcs) if isinstance(f, torch.nn.Module)]
+    return list(enumerate(module.sequential))
+
+
+def _check_layer(own: dict, idx: int, state: dict, source: str, saved_config: Optional[dict], args) -> None:
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise CheckpointError(f"{source}: layer {idx} lacks tensor(s) {', '.join(missing[:4])} that the model built "
+                              f"from this config has (num_layers={args.num_layers}: a checkpoint of another shape?)")
+    for key, tensor in own.items():
+        got = state[key]
+        if tuple(got.shape) != tuple(tensor.shape):
+            hint = ", ".join(f"{k}: checkpoint {saved_config.get(k)!r}, this run {getattr(args, k)!r}"
+                             for k in MODEL_KEYS if saved_config and saved_config.get(k) is not None
+                             and saved_config[k] != getattr(args, k))
+            raise CheckpointError(
+                f"{source}: tensor '{key}' of layer {idx} has shape {list(got.shape)} in the checkpoint, but this "
+                f"run's model expects {list(tensor.shape)} (config keys hidden_size / num_attention_heads / "
+                f"intermediate_size / vocabulary{'; differing: ' + hint if hint else ''})")
+
+
+def _copy_layer(layer, idx: int, state: dict, source: str, saved_config: Optional[dict], args, write: bool) -> None:
+    own = layer.state_dict()
+    if not own:
+        return
+    _check_layer(own, idx, state, source, saved_config, args)
+    if write:
+        with torch.no_grad():
+            for key, tensor in own.items():
+                tensor.copy_(state[key].to(dtype=tensor.dtype))
+
+
+def _client_state(ckpt_dir: str) -> dict:
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        path = os.path.join(ckpt_dir, name)
+        if os.path.isfile(path):
+            blob = load_state_file(path)
+            return {k: v for k, v in blob.items() if k not in ("module", "optimizer")}
+    raise CheckpointError(f"missing checkpoint file {os.path.join(ckpt_dir, 'mp_rank_00_model_states.pt')} "
+                          "(it holds the iteration and the data position)")
+
+
+def load_weights_any_layout(engine, ckpt_dir: str, args) -> dict:
+    """Copies the checkpoint's weights into this rank's part of ``engine.module`` whatever layout either has;
+    the optimizer stays fresh (its fp32 master copies are refreshed from the weights). Returns the client state."""
+    saved_config = read_saved_config(ckpt_dir)
+    reader = CheckpointReader(ckpt_dir, int(args.num_layers))
+    if reader.tp != 1:
+        raise CheckpointError(f"{ckpt_dir}: model-parallel checkpoints ({reader.tp} ranks) cannot be resharded")
+    zero3 = int(args.zero_stage) == 3
+    for idx, layer in _local_layers(engine.module):
+        if not layer.state_dict():  # a parameter-free step of the layer list
+            continue
+        source = ckpt_dir if reader.sequential else os.path.join(ckpt_dir, f"layer_{idx:02d}-model_00-model_states.pt")
+        state = reader.layer(idx)[0]
+        if zero3:
+            import deepspeed
+
+            # Partitioned parameters are whole only inside this context; rank 0's copy is broadcast on exit.
+            with deepspeed.zero.GatheredParameters(list(layer.parameters()), modifier_rank=0):
+                _copy_layer(layer, idx, state, source, saved_config, args, write=torch.distributed.get_rank() == 0)
+        else:
+            _copy_layer(layer, idx, state, source, saved_config, args, write=True)
+    if hasattr(engine.module, "_synchronize_tied_weights"):
+        engine.module._synchronize_tied_weights()
+    refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
+    if callable(refresh):
+        refresh()
+    return _client_state(ckpt_dir)
