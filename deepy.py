@@ -308,6 +308,8 @@ def main(argv=None, runner=None, env=None, host_resolver=None) -> int:
         from megatron.neox_arguments.preflight import check_before_launch  # DeepSpeed's parser, data files
         check_before_launch(args)
         check_with_deepspeed(args)
+        from megatron.checkpoint_layout import check_resume_before_launch  # damaged checkpoint, other layout
+        check_resume_before_launch(args)
     except ConfigError as err:
         print(f"deepy.py: configuration error: {err}", file=sys.stderr)
         return 2

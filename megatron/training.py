@@ -38,6 +38,7 @@ from megatron.utils import (StopSignal, all_reduce_max, get_ltor_masks_and_posit
 
 EXIT_OK = 0
 EXIT_BAD_STEPS = 1
+EXIT_SAVE_FAILED = 3  # a checkpoint could not be written (full disk) and checkpoint_save_failure is 'exit'
 
 
 # ------------------------------------------------------------------------------------------- batches
@@ -313,8 +314,16 @@ class Trainer:
 
     def save(self, iteration: int, consumed: int) -> None:
         start = time.perf_counter()
-        path = checkpointing.save_checkpoint(self.args, iteration, self.engine, consumed,
-                                             {"lr_scheduler": self.scheduler.state_dict()})
+        try:
+            path = checkpointing.save_checkpoint(self.args, iteration, self.engine, consumed,
+                                                 {"lr_scheduler": self.scheduler.state_dict()})
+        except checkpointing.CheckpointSaveFailed as exc:
+            # Every rank gets the same failure, so all of them go on or stop together.
+            if self.args.checkpoint_save_failure == "continue":
+                self.logger.print(f"checkpoint save failed, training goes on (checkpoint_save_failure: continue): {exc}")
+                return
+            self.logger.print(f"checkpoint save failed, stopping (checkpoint_save_failure: exit): {exc}")
+            raise SystemExit(EXIT_SAVE_FAILED) from None
         self.logger.print(f"saved checkpoint {path} at iteration {iteration} ({time.perf_counter() - start:.1f} s)")
 
     def run_eval(self, iteration: int, data_source, split: str) -> Optional[float]:
