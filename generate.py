@@ -7,6 +7,10 @@
 
 Tokens are printed as they are generated. ``--sep_cache a,s,w,c`` decodes with a SepCache (only initial,
 separator and local-window KVs kept). Only rank 0 generates when launched on several ranks.
+
+Bad input (a missing model directory or prompt file, ``--maximum_tokens`` < 1, a negative temperature or top_k,
+top_p outside [0, 1] (0: off), a truncated ``model.safetensors``, SepCache sizes that do not fit) is one line on
+stderr and exit status 2, checked before any model is loaded where it can be.
 """
 import argparse
 import json
@@ -33,8 +37,66 @@ def parse_args(argv):
     return args
 
 
+class BadInput(ValueError):
+    """Bad generate.py input; printed as one line, exit status 2."""
+
+
+def check_options(opts: dict) -> None:
+    """Sampling and length options, whichever source (YAML or command line) gave them."""
+    if opts["maximum_tokens"] < 1:
+        raise BadInput(f"--maximum_tokens must be >= 1, got {opts['maximum_tokens']}")
+    if opts["temperature"] < 0:
+        raise BadInput(f"--temperature must be >= 0 (0: greedy), got {opts['temperature']}")
+    if not 0 <= opts["top_p"] <= 1:
+        raise BadInput(f"--top_p must be in (0, 1], or 0 for off, got {opts['top_p']}")
+    if opts["top_k"] < 0:
+        raise BadInput(f"--top_k must be >= 0 (0: off), got {opts['top_k']}")
+    prompts = opts["sample_input_file"]
+    if prompts is not None and not os.path.isfile(prompts):
+        raise BadInput(f"prompt file {prompts} (--sample_input_file) does not exist")
+
+
+def load_model_dir(model_dir: str, device: str):
+    from megatron.hf.loading import load_export
+
+    if not os.path.isdir(model_dir):
+        raise BadInput(f"--model_dir {model_dir} does not exist or is not a directory")
+    weights = os.path.join(model_dir, "model.safetensors")
+    if os.path.isfile(weights):
+        check_safetensors(weights)
+    try:
+        return load_export(model_dir, device)
+    except (OSError, ValueError, RuntimeError) as err:  # transformers' own loading errors
+        raise BadInput(f"cannot load the export {model_dir}: {str(err).splitlines()[0]}") from err
+
+
+def check_safetensors(path: str) -> None:
+    """A truncated weights file fails here, naming it, instead of deep inside from_pretrained."""
+    import struct
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        header = handle.read(header_len) if header_len is not None and header_len <= size - 8 else b""
+    try:
+        end = max(int(t["data_offsets"][1]) for k, t in json.loads(header).items() if k != "__metadata__")
+    except (ValueError, KeyError, TypeError):
+        raise BadInput(f"{path} is not a readable safetensors file (truncated or corrupt header)") from None
+    if size < 8 + header_len + end:
+        raise BadInput(f"{path} is truncated: {size} bytes, its header describes {8 + header_len + end}")
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return generate(args, argv)
+    except BadInput as err:
+        print(f"generate.py: error: {err}", file=sys.stderr)
+        return 2
+
+
+def generate(args, argv) -> int:
     import torch
 
     from megatron.hf.generation import generate_text, read_prompts
@@ -49,35 +111,28 @@ def main(argv=None) -> int:
         neox_args = NeoXArgs.consume_neox_args(argv if argv is not None else None)
         if int(os.environ.get("RANK", "0")) != 0:
             return 0
-        for key in opts:
-            value = getattr(neox_args, key, None)
-            opts[key] = value if value is not None else opts[key]
-        if getattr(neox_args, "text_gen_type", None) == "unconditional" and not args.text:
+        opts.update(maximum_tokens=neox_args.maximum_tokens, temperature=neox_args.temperature,
+                    top_p=neox_args.top_p, top_k=neox_args.top_k, prompt_end=neox_args.prompt_end,
+                    sample_input_file=neox_args.sample_input_file, sample_output_file=neox_args.sample_output_file)
+        if neox_args.text_gen_type == "unconditional" and not args.text:
             args.text = [tokenizer_bos_text()]
-        try:
-            model, tokenizer = load_from_neox_args(neox_args, device)
-        except (ValueError, FileNotFoundError) as err:
-            print(f"generate.py: error: {err}", file=sys.stderr)
-            return 2
+        model_loader = lambda: load_from_neox_args(neox_args, device)  # noqa: E731
     elif args.model_dir:
-        from megatron.hf.loading import load_export
-
-        model, tokenizer = load_export(args.model_dir, device)
+        model_loader = lambda: load_model_dir(args.model_dir, device)  # noqa: E731
     else:
-        print("generate.py: error: give --model_dir EXPORT or launch through deepy.py with a config",
-              file=sys.stderr)
-        return 2
+        raise BadInput("give --model_dir EXPORT or launch through deepy.py with a config")
     for key in opts:
-        value = getattr(args, key, None)
+        value = getattr(args, key)
         opts[key] = value if value is not None else opts[key]
+    check_options(opts)  # before the model is loaded: bad options cost nothing
+    if args.sep_cache:
+        sep_cache_sizes(args.sep_cache)
     try:
         prompts = read_prompts(args.text, opts["sample_input_file"], opts["prompt_end"])
-    except ValueError as err:
-        print(f"generate.py: error: {err}", file=sys.stderr)
-        return 2
-    cache_factory = None
-    if args.sep_cache:
-        cache_factory = sep_cache_factory(model, args.sep_cache)
+        model, tokenizer = model_loader()
+        cache_factory = sep_cache_factory(model, args.sep_cache) if args.sep_cache else None
+    except (ValueError, FileNotFoundError) as err:
+        raise BadInput(str(err)) from err
     records = []
     for prompt in prompts:
         if not args.no_stream:
@@ -101,18 +156,27 @@ def tokenizer_bos_text() -> str:
     return "<|endoftext|>"
 
 
-def sep_cache_factory(model, spec: str):
-    from megatron.hf.sep_cache import SepCache
-
+def sep_cache_sizes(spec: str):
     try:
         a, s, w, c = (int(v) for v in spec.split(","))
     except ValueError:
-        raise SystemExit(f"generate.py: error: --sep_cache wants four integers a,s,w,c, got {spec!r}")
+        raise BadInput(f"--sep_cache wants four integers a,s,w,c, got {spec!r}") from None
+    return a, s, w, c
+
+
+def sep_cache_factory(model, spec: str):
+    from megatron.hf.sep_cache import SepCache
+
+    a, s, w, c = sep_cache_sizes(spec)
+    # A stock export's config has no SepLLM keys: it gets the Pythia preset.
     seps = getattr(model.config, "separator_token_ids", None)
     extra = {"separator_token_ids": seps, "PADDING_ID": getattr(model.config, "PADDING_ID", 0)} \
         if seps and seps != [-1] else {"model_type": "pythia"}
-    SepCache.from_model_config(model.config, init_cache_size=a, sep_cache_size=s, local_size=w, cache_size=c,
-                               **extra)  # validate now, not at the first prompt
+    try:  # validate now, not at the first prompt
+        SepCache.from_model_config(model.config, init_cache_size=a, sep_cache_size=s, local_size=w, cache_size=c,
+                                   **extra)
+    except ValueError as err:
+        raise BadInput(f"--sep_cache {spec}: {err}") from None
     return lambda: SepCache.from_model_config(model.config, init_cache_size=a, sep_cache_size=s, local_size=w,
                                               cache_size=c, **extra)
 
