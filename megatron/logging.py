@@ -5,15 +5,15 @@ plain floats once per log interval. The FLOPs formula is documented in docs/trai
 
 Extra metrics (e.g. the SepLLM KV-retention ratio) enter through :func:`register_metrics_source`:
 a callable returning ``{name: float}`` that is called once per log interval on every rank; rank 0
-prints and records what it returns. ``neox_args.extra_metrics_fn`` (a callable, set in code) is
-called the same way.
+prints and records what it returns.
 """
 import math
 import os
 import resource
+import socket
 import sys
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -31,14 +31,10 @@ def unregister_metrics_source(name: str) -> None:
     _METRICS_SOURCES.pop(name, None)
 
 
-def collect_extra_metrics(neox_args=None) -> Dict[str, float]:
-    """Calls every registered source (and ``neox_args.extra_metrics_fn``) and flattens the results."""
+def collect_extra_metrics() -> Dict[str, float]:
+    """Calls every registered source and flattens the results."""
     out: Dict[str, float] = {}
-    sources = dict(_METRICS_SOURCES)
-    fn = getattr(neox_args, "extra_metrics_fn", None) if neox_args is not None else None
-    if callable(fn):
-        sources["extra"] = fn
-    for name, src in sources.items():
+    for name, src in dict(_METRICS_SOURCES).items():
         values = src() or {}
         for key, value in values.items():
             if torch.is_tensor(value):
@@ -49,9 +45,7 @@ def collect_extra_metrics(neox_args=None) -> Dict[str, float]:
 
 # --------------------------------------------------------------------------------------------- FLOPs
 def _ffn_hidden(neox_args) -> int:
-    h = neox_args.hidden_size
-    inter = getattr(neox_args, "intermediate_size", None)
-    return int(inter) if inter else 4 * h
+    return neox_args.intermediate_size or 4 * neox_args.hidden_size
 
 
 def flops_per_token(neox_args, recompute: bool = False) -> float:
@@ -64,7 +58,7 @@ def flops_per_token(neox_args, recompute: bool = False) -> float:
     (not the output layer), adding one more forward of the layers when ``recompute`` is True.
     """
     h, s, L = neox_args.hidden_size, neox_args.seq_length, neox_args.num_layers
-    vocab = getattr(neox_args, "padded_vocab_size", None) or getattr(neox_args, "vocab_size", None) or 0
+    vocab = neox_args.padded_vocab_size
     layer_fwd = L * (2 * (4 * h * h + 2 * h * _ffn_hidden(neox_args)) + 4 * s * h)
     logits_fwd = 2 * h * vocab
     layer_passes = 4 if recompute else 3
@@ -75,15 +69,13 @@ def throughput_metrics(neox_args, iterations: int, elapsed_s: float) -> Dict[str
     """tokens/s (whole job), TFLOP/s per GPU (hardware, incl. recomputation) and MFU (model FLOPs
     without recomputation, divided by ``peak_tflops_per_gpu``; absent when no peak is configured)."""
     tokens = iterations * neox_args.train_batch_size * neox_args.seq_length
-    world = max(int(getattr(neox_args, "global_num_gpus", None) or getattr(neox_args, "world_size", 1) or 1), 1)
+    world = neox_args.global_num_gpus
     elapsed_s = max(elapsed_s, 1e-9)
-    recompute = bool(getattr(neox_args, "checkpoint_activations", False))
+    recompute = neox_args.checkpoint_activations
     out = {"tokens_per_sec": tokens / elapsed_s,
            "tflops_per_gpu": tokens * flops_per_token(neox_args, recompute) / elapsed_s / world / 1e12}
-    peak = getattr(neox_args, "peak_tflops_per_gpu", None)
-    if peak:
-        model_tflops = tokens * flops_per_token(neox_args, False) / elapsed_s / world / 1e12
-        out["mfu"] = model_tflops / float(peak)
+    model_tflops = tokens * flops_per_token(neox_args, False) / elapsed_s / world / 1e12
+    out["mfu"] = model_tflops / neox_args.peak_tflops_per_gpu
     return out
 
 
@@ -152,17 +144,16 @@ class TrainingLogger:
         self.tb = None
         self.wandb = None
         self.start_time = time.perf_counter()
-        self.start_iteration = int(getattr(neox_args, "iteration", 0) or 0)
+        self.start_iteration = neox_args.iteration or 0
+        if neox_args.use_wandb and (rank == 0 or neox_args.wandb_init_all_ranks):
+            self._init_wandb()
         if rank != 0:
             return
-        tb_dir = getattr(neox_args, "tensorboard_dir", None)
-        if tb_dir:
+        if neox_args.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            os.makedirs(tb_dir, exist_ok=True)
-            self.tb = SummaryWriter(log_dir=tb_dir)
-        if getattr(neox_args, "use_wandb", False):
-            self._init_wandb()
+            os.makedirs(neox_args.tensorboard_dir, exist_ok=True)
+            self.tb = SummaryWriter(log_dir=neox_args.tensorboard_dir)
 
     def _init_wandb(self) -> None:
         import wandb
@@ -170,26 +161,32 @@ class TrainingLogger:
         args = self.neox_args
         # Without a key wandb would prompt or fail; offline runs can be synced later with `wandb sync`.
         mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        wandb_dir = getattr(args, "wandb_dir", None) or getattr(args, "tensorboard_dir", None) or getattr(args, "save", None)
-        config = args.to_dict() if hasattr(args, "to_dict") else None
-        self.wandb = wandb.init(project=getattr(args, "wandb_project", None) or "sepllm-neox",
-                                group=getattr(args, "wandb_group", None), mode=mode, dir=wandb_dir,
-                                config=config, reinit=True)
+        wandb_dir = args.wandb_dir or args.tensorboard_dir or args.save
+        # With wandb_init_all_ranks every rank reports its system metrics as its own run of one group;
+        # scalars are still logged by rank 0 only (log_scalars).
+        group = args.wandb_group or (f"{args.wandb_project}-{socket.gethostname()}" if args.wandb_init_all_ranks
+                                     else None)
+        self.wandb = wandb.init(project=args.wandb_project, entity=args.wandb_team, group=group, mode=mode,
+                                dir=wandb_dir, name=f"rank{self.rank}" if args.wandb_init_all_ranks else None,
+                                config=args.to_dict(), reinit=True,
+                                settings=wandb.Settings(base_url=args.wandb_host))
 
     def print(self, text: str) -> None:
         if self.rank == 0:
             print(text, file=self.stream, flush=True)
 
-    def log_scalars(self, iteration: int, scalars: Dict[str, float], prefix: str = "train") -> None:
-        if self.rank != 0:
+    def log_scalars(self, iteration: int, scalars: Dict[str, float], prefix: Optional[str] = "train") -> None:
+        """Writes ``<prefix>/<key>`` (``<key>`` as given when ``prefix`` is None) to TensorBoard and wandb."""
+        if self.rank != 0 or not scalars:
             return
-        clean = {k: float(v) for k, v in scalars.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        clean = {(k if prefix is None else f"{prefix}/{k}"): float(v) for k, v in scalars.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.tb is not None:
             for key, value in clean.items():
-                self.tb.add_scalar(f"{prefix}/{key}", value, iteration)
+                self.tb.add_scalar(key, value, iteration)
             self.tb.flush()
         if self.wandb is not None:
-            self.wandb.log({f"{prefix}/{k}": v for k, v in clean.items()}, step=iteration)
+            self.wandb.log(clean, step=iteration)
 
     def log_training(self, iteration: int, metrics: Dict[str, float], interval_iters: int, interval_s: float) -> str:
         """Prints and records one training log line; returns it (tests read it)."""
@@ -221,3 +218,37 @@ class TrainingLogger:
             self.wandb.finish()
             self.wandb = None
 
+
+
+# ------------------------------------------------------------------------------------------ text logs
+class _Tee:
+    """A stream that writes to the original stream and to a file (line-buffered, appended)."""
+
+    def __init__(self, stream, path: str):
+        self.stream = stream
+        self.file = open(path, "a", buffering=1)
+
+    def write(self, text):
+        self.stream.write(text)
+        self.file.write(text)
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()
+        self.file.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def tee_text_logs(log_dir: Optional[str], rank: int) -> Optional[str]:
+    """With ``log_dir`` set, this rank's stdout and stderr are also appended to
+    ``<log_dir>/<host>_rank<R>_stdout.txt`` / ``_stderr.txt`` (GPT-NeoX keeps such per-host text logs too).
+    Returns the file prefix, or None without ``log_dir``."""
+    if not log_dir:
+        return None
+    os.makedirs(log_dir, exist_ok=True)
+    prefix = os.path.join(log_dir, f"{socket.gethostname()}_rank{rank}")
+    sys.stdout = _Tee(sys.stdout, prefix + "_stdout.txt")
+    sys.stderr = _Tee(sys.stderr, prefix + "_stderr.txt")
+    return prefix

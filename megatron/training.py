@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from megatron import checkpointing
 from megatron.initialize import initialize_megatron
 from megatron.learning_rates import build_lr_scheduler, learning_rate
-from megatron.logging import TrainingLogger, collect_extra_metrics
+from megatron.logging import TrainingLogger, collect_extra_metrics, tee_text_logs
+from megatron.param_stats import ParameterStatistics
 from megatron.utils import (StopSignal, all_reduce_max, get_ltor_masks_and_position_ids,
                             get_params_for_weight_decay_optimization, print_rank_0, stop_request_path)
 
@@ -109,6 +110,8 @@ class NonFiniteStepGuard:
         optimizer.step = self.step
         self.skipped = False
         self.grad_norm: Optional[torch.Tensor] = None
+        # Per-parameter statistics read inside the step (megatron/param_stats.py); None unless configured.
+        self.stats = None
 
     def reset(self) -> None:
         self.skipped = False
@@ -124,6 +127,8 @@ class NonFiniteStepGuard:
             if not bool(torch.isfinite(norm)):
                 self.skipped = True
                 return None
+        if self.stats is not None:
+            self.stats.capture()
         return self._step(*args, **kwargs)
 
 
@@ -230,6 +235,8 @@ def setup_model_and_optimizer(neox_args, topology, device):
     _fast_bf16_overflow_check(engine)
     basic = engine.basic_optimizer if getattr(engine, "basic_optimizer", None) is not None else engine.optimizer
     guard = NonFiniteStepGuard(basic)
+    stats = ParameterStatistics(engine.module, basic, neox_args)
+    guard.stats = stats if stats.enabled else None
     scheduler = build_lr_scheduler(neox_args, basic)
     return engine, scheduler, guard, is_pipe
 
@@ -357,6 +364,8 @@ class Trainer:
             while iteration < args.train_iters:
                 lr = self.scheduler.step(iteration)
                 self.guard.reset()
+                if self.guard.stats is not None and (iteration + 1) % log_interval == 0:
+                    self.guard.stats.arm()
                 if self.is_pipe:
                     loss = engine.train_batch(data_iter=train_iter).detach().float().reshape(()).to(self.device)
                 else:
@@ -429,8 +438,11 @@ class Trainer:
         scale = _loss_scale(self.engine)
         if scale is not None:
             metrics["loss_scale"] = scale
-        metrics.update(collect_extra_metrics(self.args))
+        metrics.update(collect_extra_metrics())
         self.logger.log_training(iteration, metrics, iters, elapsed)
+        if self.guard.stats is not None:
+            # Hundreds of per-parameter values: dashboards only, under GPT-NeoX's names, not the console line.
+            self.logger.log_scalars(iteration, self.guard.stats.collect(), prefix=None)
 
 
 def _eod_token(tokenizer) -> Optional[int]:
@@ -452,6 +464,7 @@ def pretrain(neox_args) -> int:
 
 def _pretrain(neox_args, stop: StopSignal) -> int:
     topology, device = initialize_megatron(neox_args)
+    tee_text_logs(neox_args.log_dir, neox_args.rank)
     from megatron.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(neox_args)

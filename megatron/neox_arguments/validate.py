@@ -266,6 +266,21 @@ def run_sepllm_checker(args):
         raise ConfigError(f"SepLLM argument check failed: {err}") from err
 
 
+def validate_logging(args):
+    """Per-parameter statistics (megatron/param_stats.py) are whole tensors only where the module's own
+    parameters hold them; elsewhere they would be silently partial, so the keys are refused."""
+    per_parameter = {"log_grad_norm": args.log_grad_norm, "log_grad_pct_zeros": args.log_grad_pct_zeros,
+                     "log_optimizer_states": args.log_optimizer_states}
+    for key, wanted in per_parameter.items():
+        if wanted and (args.zero_stage != 0 or args.precision != "fp32"):
+            raise ConfigError(f"key '{key}' (per-parameter values) needs unpartitioned fp32 gradients and optimizer "
+                              f"states: ZeRO stage 0 and precision fp32, got stage {args.zero_stage} and "
+                              f"{args.precision}; the global gradient norm is logged as grad_norm in every setting")
+    if args.log_param_norm and args.zero_stage == 3:
+        raise ConfigError("key 'log_param_norm' is not supported with ZeRO stage 3 (each rank holds a shard of every "
+                          "parameter)")
+
+
 def validate_all(args, env, on_rank=False, host_resolver=None):
     """Every check, in order; raises ConfigError on the first problem. Returns the SepLLM checker's change lines."""
     validate_model(args)
@@ -275,6 +290,7 @@ def validate_all(args, env, on_rank=False, host_resolver=None):
     validate_data(args)
     validate_tokenizer(args)
     validate_checkpoints(args)
+    validate_logging(args)
     validate_precision(args, env, on_rank)
     validate_deepspeed(args)
     validate_launcher(args, on_rank, host_resolver)

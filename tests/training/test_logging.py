@@ -9,11 +9,14 @@ from megatron import logging as tlog
 
 
 def tiny_args(**over):
-    d = dict(hidden_size=64, seq_length=32, num_layers=2, padded_vocab_size=512, train_batch_size=4,
-             train_iters=10, global_num_gpus=1, checkpoint_activations=False, peak_tflops_per_gpu=1e-3,
-             tensorboard_dir=None, use_wandb=False, iteration=0)
-    d.update(over)
-    return types.SimpleNamespace(**d)
+    """A resolved config of the tiny model the formulas below are written for (4 sequences of 32 tokens)."""
+    from megatron.neox_arguments import Environment, NeoXArgs
+
+    keys = dict(hidden_size=64, seq_length=32, num_layers=2, num_attention_heads=4, padded_vocab_size=512,
+                train_micro_batch_size_per_gpu=4, train_iters=10, peak_tflops_per_gpu=1e-3,
+                USE_ORIGINAL_FULL_ATTEN=True, lr=1e-3)
+    keys.update(over)
+    return NeoXArgs.from_dict(keys, env=Environment(cuda_device_count=0, environ={}))
 
 
 def test_flops_formula_counts_matmuls_attention_logits_and_recompute():
@@ -38,7 +41,6 @@ def test_throughput_and_mfu():
     assert m["tflops_per_gpu"] == pytest.approx(tokens * tlog.flops_per_token(a, True) / 2.0 / 1e12)
     # MFU uses model FLOPs (no recomputation) against the configured peak.
     assert m["mfu"] == pytest.approx(tokens * tlog.flops_per_token(a, False) / 2.0 / 1e12 / 1e-3)
-    assert "mfu" not in tlog.throughput_metrics(tiny_args(peak_tflops_per_gpu=None), 1, 1.0)
 
 
 def test_progress_bar_and_duration():
@@ -52,18 +54,20 @@ def test_progress_bar_and_duration():
 
 def test_log_line_tensorboard_and_extra_metrics(tmp_path):
     tb = tmp_path / "tb"
-    a = tiny_args(tensorboard_dir=str(tb), extra_metrics_fn=lambda: {"from_args": 2.0})
+    a = tiny_args(tensorboard_dir=str(tb))
     tlog.register_metrics_source("sepllm", lambda: {"kv_ratio": 0.25})
+    tlog.register_metrics_source("extra", lambda: {"from_args": 2.0})
     try:
         out = io.StringIO()
         logger = tlog.TrainingLogger(a, rank=0, stream=out)
         metrics = {"lm_loss": 3.5, "learning_rate": 1e-3, "grad_norm": 0.75, "loss_scale": 1.0, "skipped_iters": 1}
-        metrics.update(tlog.collect_extra_metrics(a))
+        metrics.update(tlog.collect_extra_metrics())
         line = logger.log_training(5, metrics, interval_iters=5, interval_s=1.0)
         logger.log_evaluation(5, "validation", 2.0)
         logger.close()
     finally:
         tlog.unregister_metrics_source("sepllm")
+        tlog.unregister_metrics_source("extra")
     text = out.getvalue()
     assert line in text and "validation results at iteration 5" in text
     for part in ("iteration        5/      10", "loss 3.500000E+00", "lr 1.0000E-03", "grad norm 0.7500",
