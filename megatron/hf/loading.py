@@ -64,7 +64,7 @@ def load_from_neox_args(neox_args, device: str = "cpu"):
     from megatron.checkpointing import resolve_checkpoint
     from megatron.hf.configuration_sepllm_gpt_neox import SepLLMGPTNeoXConfig
     from megatron.hf.export import build_state_dict
-    from megatron.hf.export_config import export_dtype, sepllm_config_dict
+    from megatron.hf.export_config import checkpoint_args, export_dtype, model_differences, sepllm_config_dict
     from megatron.hf.modeling_sepllm_gpt_neox import SepLLMGPTNeoXForCausalLM
 
     # Like training, which resumes from 'load' and writes to 'save': a config that only trained (no 'load')
@@ -73,7 +73,15 @@ def load_from_neox_args(neox_args, device: str = "cpu"):
     if not path:
         raise ValueError("set 'load' (or 'save') in the config to the checkpoint directory to generate from")
     load_dir, tag = resolve_checkpoint(path)
-    reader = CheckpointReader(os.path.join(load_dir, tag), neox_args.num_layers)
+    ckpt_dir = os.path.join(load_dir, tag)
+    saved = checkpoint_args(ckpt_dir, log=lambda line: None)
+    # The weights mean what the checkpoint's own config says; a run config that contradicts it would build
+    # another model around them.
+    for key, trained, given in (model_differences(saved, neox_args) if saved is not None else ()):
+        if key != "precision":  # inference may run the weights in another dtype
+            raise ValueError(f"the config gives {key}={given!r} but checkpoint {ckpt_dir} was trained with "
+                             f"{key}={trained!r}")
+    reader = CheckpointReader(ckpt_dir, neox_args.num_layers)
     sd = build_state_dict(reader, neox_args)
     config_dict = sepllm_config_dict(neox_args, sd["gpt_neox.embed_in.weight"].shape[0])
     for key in ("model_type", "architectures", "auto_map", "torch_dtype"):

@@ -156,3 +156,27 @@ def test_checkpoint_without_resolved_config_reads_its_yamls(tmp_path, pythia_tok
     out = export(str(ckpt), None, str(tmp_path / "hf"), "fp32", "sepllm_gpt_neox", False)
     assert "has no configs/resolved_config.yml" in capsys.readouterr().out
     assert json.loads(open(os.path.join(out, "config.json")).read())["separator_token_ids"] == SEPS[:4]
+
+
+def test_generation_from_a_checkpoint_refuses_a_contradicting_config(tmp_path, ckpt, pythia_tokenizer_path):
+    from megatron.hf.loading import load_from_neox_args
+    from megatron.neox_arguments import NeoXArgs
+
+    cfg = base_config(pythia_tokenizer_path, USE_ORIGINAL_FULL_ATTEN=True, load=str(ckpt.parent))
+    (ckpt.parent / "latest").write_text(ckpt.name)
+    assert load_from_neox_args(NeoXArgs.from_dict(cfg))[0] is not None
+    with pytest.raises(ValueError, match="gives num_attention_heads=8 but checkpoint .* with num_attention_heads=4"):
+        load_from_neox_args(NeoXArgs.from_dict(dict(cfg, num_attention_heads=8)))
+
+
+def test_checkpoint_resolved_config_is_the_launchers(tmp_path, pythia_tokenizer_path):
+    """One writer: the checkpoint's copy is NeoXArgs.save_resolved's file, internal fields included."""
+    from megatron.checkpointing import write_config_copies
+    from megatron.neox_arguments import NeoXArgs
+
+    args = NeoXArgs.from_dict(base_config(pythia_tokenizer_path, USE_ORIGINAL_FULL_ATTEN=True,
+                                          _DEFAULT_SPARSE_BLOCK_SIZE=64))
+    write_config_copies(args, str(tmp_path))
+    copy = (tmp_path / "configs" / "resolved_config.yml").read_text()
+    assert copy == open(args.save_resolved(str(tmp_path / "launcher.yml"))).read()
+    assert yaml.safe_load(copy)["_DEFAULT_SPARSE_BLOCK_SIZE"] == 64
