@@ -15,6 +15,7 @@ import collections.abc
 import difflib
 
 from .errors import ConfigError
+from .validate import _is_training
 
 
 def data_prefixes(args):
@@ -35,12 +36,23 @@ def check_data_files(args, log=print):
 
     for key, prefix in dict.fromkeys(data_prefixes(args)):
         try:
-            MMapIndex(index_file_path(prefix)).validate_against(data_file_path(prefix))
+            index = MMapIndex(index_file_path(prefix))
+            index.validate_against(data_file_path(prefix))
             if args.padded_vocab_size is not None:
                 check_token_ids(prefix, args.padded_vocab_size, key, vocab_source(args), log=log)
         except IndexedDatasetError as err:
             message = str(err)
             raise ConfigError(message if message.startswith("key '") else f"key '{key}': {message}") from None
+        # The ranks would stop on these only after building the model.
+        if int(index.sizes.sum(dtype="int64")) == 0:
+            raise ConfigError(f"key '{key}': dataset {prefix} holds no tokens ({len(index)} sequences)")
+        if key == "data_path" and _is_training(args):
+            from megatron.data.data_utils import get_train_valid_test_split_
+
+            bounds = get_train_valid_test_split_(args.split, len(index))
+            if bounds[1] == bounds[0]:
+                raise ConfigError(f"key 'split' is {args.split!r}: over the {len(index)} documents of "
+                                  f"data_path {prefix} it leaves the training split no documents")
 
 
 class _ReadRecorder(dict):

@@ -36,6 +36,8 @@ train_micro_batch_size_per_gpu: 2
     script = write(tmp_path / "train.py", "print('rank')\n")
     rec = Recorder()
     resolved = tmp_path / "resolved.yml"
+    if resolved.exists():
+        resolved.unlink()
     rc = deepy.main([script, cfg, "--resolved_config", str(resolved)], runner=rec, env=cpu())
     out, err = capsys.readouterr()
     assert (rc == 0) == bool(rec.calls) == resolved.exists()
@@ -178,3 +180,16 @@ def test_other_keys_the_ranks_rejected(tmp_path):
         NeoXArgs.from_dict(small(data_path=data, valid_data_paths=[data]), env=cpu())
     with pytest.raises(ConfigError, match="key 'weight_by_num_documents' applies to"):
         NeoXArgs.from_dict(small(data_path=data, weight_by_num_documents=True), env=cpu())
+
+
+def test_data_that_leaves_nothing_to_train_on(tmp_path, capsys):
+    data = make_dataset(tmp_path, ids=(5, 0, 6, 0, 7, 0))
+    rc, _, err, _ = launch(tmp_path, capsys, {"data_path": data, "split": "1,1,0"})
+    assert rc == 0, err  # 3 documents: train gets one
+    rc, _, err, _ = launch(tmp_path, capsys, {"data_path": data, "split": "0,1,0"})
+    assert rc == 2
+    assert_one_line(err, "key 'split' is '0,1,0': over the 3 documents of data_path ", "no documents")
+    empty = make_dataset(tmp_path, "empty", ids=())
+    rc, _, err, _ = launch(tmp_path, capsys, {"train_data_paths": [data], "valid_data_paths": [empty]})
+    assert rc == 2
+    assert_one_line(err, "key 'valid_data_paths': dataset ", "empty holds no tokens (0 sequences)")
