@@ -31,6 +31,12 @@ def parse_args(argv):
     parser.add_argument("--top_p", type=float, default=None)
     parser.add_argument("--top_k", type=int, default=None)
     parser.add_argument("--sep_cache", default=None, help="a,s,w,c sizes of a SepCache")
+    parser.add_argument("--recompute", action="store_true", default=None,
+                        help="no KV cache: recompute all attention at every step (GPT-NeoX's recompute)")
+    parser.add_argument("--text_gen_type", default=None, choices=("unconditional", "input-file", "interactive"),
+                        help="unconditional: num_samples samples from the end-of-document token; input-file: "
+                             "the prompts of --sample_input_file; interactive: prompts read from stdin until EOF")
+    parser.add_argument("--num_samples", type=int, default=None, help="samples of text_gen_type unconditional")
     parser.add_argument("--no_stream", action="store_true", help="print whole continuations only")
     parser.add_argument("--device", default=None)
     args, _ = parser.parse_known_args(argv)  # DeepSpeed adds --local_rank
@@ -51,6 +57,8 @@ def check_options(opts: dict) -> None:
         raise BadInput(f"--top_p must be in (0, 1], or 0 for off, got {opts['top_p']}")
     if opts["top_k"] < 0:
         raise BadInput(f"--top_k must be >= 0 (0: off), got {opts['top_k']}")
+    if opts["num_samples"] < 1:
+        raise BadInput(f"--num_samples must be >= 1, got {opts['num_samples']}")
     prompts = opts["sample_input_file"]
     if prompts is not None and not os.path.isfile(prompts):
         raise BadInput(f"prompt file {prompts} (--sample_input_file) does not exist")
@@ -99,11 +107,12 @@ def main(argv=None) -> int:
 def generate(args, argv) -> int:
     import torch
 
-    from megatron.hf.generation import generate_text, read_prompts
+    from megatron.hf.generation import generate_text
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     opts = {"maximum_tokens": 64, "temperature": 0.0, "top_p": 0.0, "top_k": 0, "prompt_end": "\n",
-            "sample_input_file": None, "sample_output_file": None}
+            "sample_input_file": None, "sample_output_file": None, "recompute": False, "text_gen_type": None,
+            "num_samples": 1}
     if args.neox_config_file:
         from megatron.hf.loading import load_from_neox_args
         from megatron.neox_arguments import NeoXArgs
@@ -113,9 +122,9 @@ def generate(args, argv) -> int:
             return 0
         opts.update(maximum_tokens=neox_args.maximum_tokens, temperature=neox_args.temperature,
                     top_p=neox_args.top_p, top_k=neox_args.top_k, prompt_end=neox_args.prompt_end,
-                    sample_input_file=neox_args.sample_input_file, sample_output_file=neox_args.sample_output_file)
-        if neox_args.text_gen_type == "unconditional" and not args.text:
-            args.text = [tokenizer_bos_text()]
+                    sample_input_file=neox_args.sample_input_file, sample_output_file=neox_args.sample_output_file,
+                    recompute=neox_args.recompute, text_gen_type=neox_args.text_gen_type,
+                    num_samples=neox_args.num_samples)
         model_loader = lambda: load_from_neox_args(neox_args, device)  # noqa: E731
     elif args.model_dir:
         model_loader = lambda: load_model_dir(args.model_dir, device)  # noqa: E731
@@ -127,8 +136,10 @@ def generate(args, argv) -> int:
     check_options(opts)  # before the model is loaded: bad options cost nothing
     if args.sep_cache:
         sep_cache_sizes(args.sep_cache)
+        if opts["recompute"]:
+            raise BadInput("--sep_cache and recompute contradict each other: recompute generates without a KV cache")
     try:
-        prompts = read_prompts(args.text, opts["sample_input_file"], opts["prompt_end"])
+        prompts = prompts_for(opts, args.text)
         model, tokenizer = model_loader()
         cache_factory = sep_cache_factory(model, args.sep_cache) if args.sep_cache else None
     except (ValueError, FileNotFoundError) as err:
@@ -138,7 +149,8 @@ def generate(args, argv) -> int:
         if not args.no_stream:
             print(prompt, end="", flush=True)
         text = generate_text(model, tokenizer, prompt, opts["maximum_tokens"], opts["temperature"], opts["top_p"],
-                             opts["top_k"], stream=not args.no_stream, cache_factory=cache_factory)
+                             opts["top_k"], stream=not args.no_stream, cache_factory=cache_factory,
+                             use_cache=not opts["recompute"])
         if args.no_stream:
             print(prompt + text)
         records.append({"context": prompt, "text": text})
@@ -149,6 +161,31 @@ def generate(args, argv) -> int:
                 handle.write(json.dumps(rec) + "\n")
         os.replace(tmp, opts["sample_output_file"])
     return 0
+
+
+def prompts_for(opts: dict, text):
+    """The prompts GPT-NeoX's text_gen_type asks for; without one, --text and/or the prompt file. Interactive
+    prompts are read lazily, one line of stdin at a time."""
+    from megatron.hf.generation import read_prompts
+
+    kind = opts["text_gen_type"]
+    if kind == "unconditional":
+        return [tokenizer_bos_text()] * opts["num_samples"]
+    if kind == "interactive":
+        return _stdin_prompts()
+    if kind == "input-file" and not opts["sample_input_file"]:
+        raise BadInput("text_gen_type input-file needs sample_input_file")
+    return read_prompts(text, opts["sample_input_file"], opts["prompt_end"])
+
+
+def _stdin_prompts():
+    while True:
+        try:
+            line = input("Please enter a prompt (end with EOF): ")
+        except EOFError:
+            return
+        if line.strip():
+            yield line
 
 
 def tokenizer_bos_text() -> str:

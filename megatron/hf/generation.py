@@ -71,8 +71,9 @@ def sampling_kwargs(temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0
 
 def generate_text(model, tokenizer: TextTokenizer, prompt: str, max_new_tokens: int = 64,
                   temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0, stream: bool = False,
-                  cache_factory: Optional[Callable] = None) -> str:
-    """One continuation of ``prompt``; ``cache_factory()`` may supply a KV cache (e.g. a SepCache)."""
+                  cache_factory: Optional[Callable] = None, use_cache: bool = True) -> str:
+    """One continuation of ``prompt``; ``cache_factory()`` may supply a KV cache (e.g. a SepCache);
+    ``use_cache=False`` recomputes the whole sequence at every step (GPT-NeoX's ``recompute``)."""
     if not prompt or not prompt.strip():
         raise ValueError("empty prompt: give some text to continue")
     ids = tokenizer.encode(prompt)
@@ -81,7 +82,8 @@ def generate_text(model, tokenizer: TextTokenizer, prompt: str, max_new_tokens: 
     device = next(model.parameters()).device
     inp = torch.tensor([ids], device=device)
     kwargs = dict(sampling_kwargs(temperature, top_p, top_k), max_new_tokens=int(max_new_tokens),
-                  attention_mask=torch.ones_like(inp), pad_token_id=tokenizer.pad, eos_token_id=tokenizer.eod)
+                  attention_mask=torch.ones_like(inp), pad_token_id=tokenizer.pad, eos_token_id=tokenizer.eod,
+                  use_cache=use_cache)
     if stream:
         kwargs["streamer"] = PrintStreamer(tokenizer)
     cache = cache_factory() if cache_factory is not None else None
