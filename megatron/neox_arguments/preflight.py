@@ -128,6 +128,9 @@ def check_deepspeed_config(args):
     config["train_batch_size"] = config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"]
     try:
         reads = deepspeed_reads(config)
+    except ImportError as err:
+        raise ConfigError(f"DeepSpeed cannot be imported ({err}); deepy.py launches through DeepSpeed's runner, "
+                          f"install it as the README says") from None
     except Exception as err:  # assertion, pydantic and DeepSpeed's own errors
         raise ConfigError(f"DeepSpeed rejects the derived DeepSpeed config: {_one_line(err)}") from None
     for key, value in (args.deepspeed_extra_args or {}).items():
