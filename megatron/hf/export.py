@@ -247,6 +247,9 @@ def export(input_dir: str, config_files: Optional[List[str]], output_dir: str, p
     dtype = export_dtype(args, precision)
     # A --config_file may point at the tokenizer where it is now; model keys are already known to agree.
     tokenizer = load_tokenizer(user or args) if save_tokenizer else None
+    if save_tokenizer and (user or args).tokenizer_type == "HFTokenizer" and (user or args).vocab_file is None:
+        raise ConversionError(f"the run's tokenizer (vocab_file) is not available here: give --config_file with "
+                              f"vocab_file, or --no_save_tokenizer")
     reader = CheckpointReader(input_dir, args.num_layers)
     sd = build_state_dict(reader, args)
     vocab_size = sd["gpt_neox.embed_in.weight"].shape[0]

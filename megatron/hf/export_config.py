@@ -107,9 +107,17 @@ def checkpoint_args(input_dir: str, log: Callable[[str], None] = print) -> Optio
         if not isinstance(values, dict):
             raise ConversionError(f"resolved config {resolved} is not a mapping")
         world = values.get("global_num_gpus") or values.get("world_size") or 1
+        overrides = dict(_RUN_ONLY)
+        for key in ("vocab_file", "merge_file"):
+            # Derived values (padded vocabulary, separator ids) are in the file already; the tokenizer itself
+            # is only needed to save it, and a --config_file may say where it is now.
+            if values.get(key) and not os.path.isfile(values[key]):
+                log(f"note: {key} {values[key]} of {resolved} does not exist here; the model is built from the "
+                    f"resolved values")
+                overrides[key] = None
         try:
             return _quiet(lambda: NeoXArgs.from_resolved(resolved, env=_environment(int(world)),
-                                                         overrides=dict(_RUN_ONLY)))
+                                                         overrides=overrides))
         except ConfigError as err:
             raise ConversionError(f"resolved config {resolved}: {err}") from None
     files = checkpoint_config_files(input_dir)

@@ -180,3 +180,24 @@ def test_checkpoint_resolved_config_is_the_launchers(tmp_path, pythia_tokenizer_
     copy = (tmp_path / "configs" / "resolved_config.yml").read_text()
     assert copy == open(args.save_resolved(str(tmp_path / "launcher.yml"))).read()
     assert yaml.safe_load(copy)["_DEFAULT_SPARSE_BLOCK_SIZE"] == 64
+
+
+def test_tokenizer_moved_since_training(tmp_path, pythia_tokenizer_path, capsys):
+    import shutil
+
+    trained_with = tmp_path / "tok" / "tokenizer.json"
+    trained_with.parent.mkdir()
+    shutil.copyfile(pythia_tokenizer_path, trained_with)
+    cfg = base_config(trained_with, USE_ORIGINAL_FULL_ATTEN=True)
+    args, model = build_trainer_model(cfg)
+    ckpt = save_checkpoint(model, cfg, tmp_path / "save" / "global_step1", "pipeline", resolved_args=args)
+    trained_with.unlink()
+    out = str(tmp_path / "hf")
+    with pytest.raises(ConversionError, match="tokenizer .* is not available here"):
+        export(str(ckpt), None, out, "fp32", "neox")
+    assert not os.path.exists(out)
+    export(str(ckpt), None, out, "fp32", "neox", save_tokenizer=False)
+    moved = tmp_path / "moved.yml"
+    moved.write_text(yaml.safe_dump(dict(cfg, vocab_file=str(pythia_tokenizer_path))))
+    export(str(ckpt), [str(moved)], out, "fp32", "neox")
+    assert os.path.isfile(os.path.join(out, "tokenizer.json"))
