@@ -154,7 +154,7 @@ def test_repeat_after_grace_window_forces_exit(tmp_path, corpus):
         os.killpg(run.proc.pid, signal.SIGTERM)  # within the window: the same request
         run.wait_for(lambda line: "a further SIGINT/SIGTERM now kills the run" in line)
         os.killpg(run.proc.pid, signal.SIGTERM)
-        rc, out = run.finish()
+        rc, out = run.finish(timeout=60)  # a forced stop is immediate
     finally:
         run.kill()
     assert rc == 128 + signal.SIGTERM, out[-4000:]
