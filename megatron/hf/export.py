@@ -241,6 +241,14 @@ def export(input_dir: str, config_files: Optional[List[str]], output_dir: str, p
     """Converts and writes the export; returns ``output_dir``. Raises :class:`ConversionError` on bad input."""
     if architecture not in ARCHITECTURES:
         raise ConversionError(f"unknown --architecture {architecture!r}; choose one of {ARCHITECTURES}")
+    if not os.path.isdir(input_dir):
+        raise ConversionError(f"--input_dir {input_dir} is not a directory (give <save>/global_stepN)")
+    latest = os.path.join(input_dir, "latest")
+    if os.path.isfile(latest):
+        with open(latest) as handle:
+            tag = handle.read().strip()
+        raise ConversionError(f"--input_dir {input_dir} is a save directory; give one of its checkpoints, e.g. "
+                              f"{os.path.join(input_dir, tag or 'global_stepN')} ('latest' names {tag!r})")
     out = Path(output_dir).absolute()
     check_output_dir(out, input_dir, overwrite)
     args, user, source = export_args(input_dir, config_files, log)

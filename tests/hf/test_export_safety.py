@@ -201,3 +201,11 @@ def test_tokenizer_moved_since_training(tmp_path, pythia_tokenizer_path, capsys)
     moved.write_text(yaml.safe_dump(dict(cfg, vocab_file=str(pythia_tokenizer_path))))
     export(str(ckpt), [str(moved)], out, "fp32", "neox")
     assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+
+
+def test_input_dir_must_be_a_checkpoint(tmp_path, ckpt, capsys):
+    rc, err = _convert(capsys, "--input_dir", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "hf"))
+    assert rc == 2 and "is not a directory" in err[0], err
+    (ckpt.parent / "latest").write_text(ckpt.name)
+    rc, err = _convert(capsys, "--input_dir", str(ckpt.parent), "--output_dir", str(tmp_path / "hf"))
+    assert rc == 2 and "is a save directory" in err[0] and str(ckpt) in err[0], err
