@@ -131,7 +131,10 @@ def validate_optimizer(args):
 def _check_dataset_prefix(key, prefix):
     missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
     if missing:
-        raise ConfigError(f"key '{key}': dataset {prefix!r} is missing {', '.join(missing)}")
+        stem, ext = os.path.splitext(prefix)
+        hint = (f" (a dataset is named by its prefix: {stem!r})"
+                if ext in (".bin", ".idx") and os.path.isfile(stem + ".bin") and os.path.isfile(stem + ".idx") else "")
+        raise ConfigError(f"key '{key}': dataset {prefix!r} is missing {', '.join(missing)}{hint}")
 
 
 def _parse_split(split):

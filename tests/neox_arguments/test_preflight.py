@@ -193,3 +193,10 @@ def test_data_that_leaves_nothing_to_train_on(tmp_path, capsys):
     rc, _, err, _ = launch(tmp_path, capsys, {"train_data_paths": [data], "valid_data_paths": [empty]})
     assert rc == 2
     assert_one_line(err, "key 'valid_data_paths': dataset ", "empty holds no tokens (0 sequences)")
+
+
+def test_dataset_named_with_its_suffix_gets_the_prefix_suggested(tmp_path):
+    data = make_dataset(tmp_path)
+    with pytest.raises(ConfigError, match=r"is missing .*\.bin\.bin, .*\.bin\.idx \(a dataset is named by its "
+                                          r"prefix: '.*corpus_text_document'\)"):
+        NeoXArgs.from_dict(small(data_path=data + ".bin"), env=cpu())
