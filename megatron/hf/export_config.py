@@ -206,7 +206,8 @@ def hf_common(args: NeoXArgs, vocab_size: int) -> Dict:
 def make_neox_config(args: NeoXArgs, vocab_size: int):
     from transformers import GPTNeoXConfig
 
-    mode_flags = [k for k in ("streamingLLM", "USE_SA_SOFTMAX", "USE_SA_SOFTMAX_NO_DENO", "USE_BiPE") if getattr(args, k)]
+    mode_flags = [k for k in ("streamingLLM", "USE_SA_SOFTMAX", "USE_SA_SOFTMAX_NO_DENO", "USE_BiPE")
+                  if getattr(args, k)]
     sepllm = not args.USE_ORIGINAL_FULL_ATTEN and _normal(args.separator_token_ids) not in (None, [-1])
     if mode_flags or sepllm:
         raise ConversionError(f"--architecture neox exports full attention only; this checkpoint uses "
