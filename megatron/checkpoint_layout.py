@@ -51,8 +51,9 @@ class Layout:
 
 
 def layout_of(args) -> Layout:
-    """The layout a run's resolved arguments describe (the launcher's derivation or a rank's)."""
-    return Layout(world_size=int(args.world_size), data_parallel_size=int(args.data_parallel_size),
+    """The layout a run's resolved arguments describe (the launcher's derivation or a rank's: ``world_size`` is
+    only known on a rank, ``global_num_gpus`` on both)."""
+    return Layout(world_size=int(args.global_num_gpus), data_parallel_size=int(args.data_parallel_size),
                   pipe_parallel_size=int(args.pipe_parallel_size), model_parallel_size=int(args.model_parallel_size),
                   zero_stage=int(args.zero_stage))
 

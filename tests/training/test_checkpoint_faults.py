@@ -209,7 +209,7 @@ def test_trainer_save_goes_on_or_exits_by_config(tmp_path):
 
 # --------------------------------------------------------------------------------------------- layout
 def layout_args(**over):
-    d = dict(world_size=2, data_parallel_size=2, pipe_parallel_size=0, model_parallel_size=1, zero_stage=1,
+    d = dict(global_num_gpus=2, data_parallel_size=2, pipe_parallel_size=0, model_parallel_size=1, zero_stage=1,
              no_load_optim=False, finetune=False, num_layers=2, hidden_size=64, num_attention_heads=4,
              intermediate_size=256, no_weight_tying=True, load=None)
     d.update(over)
@@ -230,7 +230,7 @@ def saved_checkpoint(tmp_path, **over):
 def test_resume_plan_by_layout(tmp_path):
     ckpt = saved_checkpoint(tmp_path)  # 2 ranks, sequential, ZeRO-1
     assert cl.resume_plan(layout_args(), ckpt) == (True, cl.layout_of(layout_args()))
-    one = dict(world_size=1, data_parallel_size=1)
+    one = dict(global_num_gpus=1, data_parallel_size=1)
     with pytest.raises(ConfigError) as err:
         cl.resume_plan(layout_args(**one), ckpt)
     assert str(err.value) == (
@@ -249,12 +249,12 @@ def test_resume_plan_by_layout(tmp_path):
 
 def test_zero0_data_parallel_change_keeps_the_optimizer_but_pipeline_stages_do_not(tmp_path):
     ckpt = saved_checkpoint(tmp_path, zero_stage=0, pipe_parallel_size=2, data_parallel_size=1)
-    assert cl.resume_plan(layout_args(zero_stage=0, pipe_parallel_size=2, data_parallel_size=1, world_size=2),
+    assert cl.resume_plan(layout_args(zero_stage=0, pipe_parallel_size=2, data_parallel_size=1, global_num_gpus=2),
                           ckpt)[0]
-    assert cl.resume_plan(layout_args(zero_stage=0, pipe_parallel_size=2, data_parallel_size=2, world_size=4),
+    assert cl.resume_plan(layout_args(zero_stage=0, pipe_parallel_size=2, data_parallel_size=2, global_num_gpus=4),
                           ckpt)[0]
     with pytest.raises(ConfigError, match="split by pipeline stage"):
-        cl.resume_plan(layout_args(zero_stage=0, pipe_parallel_size=1, data_parallel_size=1, world_size=1), ckpt)
+        cl.resume_plan(layout_args(zero_stage=0, pipe_parallel_size=1, data_parallel_size=1, global_num_gpus=1), ckpt)
 
 
 def test_model_keys_must_match(tmp_path):

@@ -38,7 +38,7 @@ class FakeEngine:
 
 
 def make_args(tmp_path, **over):
-    d = dict(save=str(tmp_path / "ckpt"), load=None, train_batch_size=8, world_size=1, checkpoint_factor=3,
+    d = dict(save=str(tmp_path / "ckpt"), load=None, train_batch_size=8, world_size=1, global_num_gpus=1, checkpoint_factor=3,
              extra_save_iters=[1, 4], config_files={"model.yml": "num_layers: 2\n", "data.yml": "seq_length: 64\n"},
              num_layers=2, precision="fp32", data_parallel_size=1, pipe_parallel_size=0, model_parallel_size=1,
              zero_stage=0, no_load_optim=False, finetune=False)
