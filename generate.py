@@ -18,8 +18,14 @@ import os
 import sys
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other bad input
+        print(f"generate.py: error: {message} (--help lists the options)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="SepLLM text generation")
+    parser = _Parser(description="SepLLM text generation")
     parser.add_argument("--neox_config_file", default=None, help="set by deepy.py (trainer checkpoint mode)")
     parser.add_argument("--model_dir", default=None, help="export directory (HF mode)")
     parser.add_argument("--text", nargs="*", default=None, help="prompt(s)")

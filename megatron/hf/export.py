@@ -265,7 +265,7 @@ def export(input_dir: str, config_files: Optional[List[str]], output_dir: str, p
     dtype_name = DTYPE_NAMES[dtype]
     if architecture == "neox":
         config = make_neox_config(args, vocab_size)
-        config.torch_dtype = dtype_name
+        config.dtype = dtype_name  # transformers 5 name (torch_dtype is deprecated)
     else:
         config = sepllm_config_dict(args, vocab_size)
         config["torch_dtype"] = config["dtype"] = dtype_name

@@ -103,7 +103,7 @@ def checkpoint_args(input_dir: str, log: Callable[[str], None] = print) -> Optio
             with open(resolved, encoding="utf-8") as handle:
                 values = yaml.safe_load(handle)
         except yaml.YAMLError as err:
-            raise ConversionError(f"broken resolved config {resolved}: {err}") from None
+            raise ConversionError(f"broken resolved config {resolved}: {' '.join(str(err).split())}") from None
         if not isinstance(values, dict):
             raise ConversionError(f"resolved config {resolved} is not a mapping")
         world = values.get("global_num_gpus") or values.get("world_size") or 1

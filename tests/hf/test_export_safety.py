@@ -25,7 +25,10 @@ def _tree(path):
 
 
 def _convert(capsys, *argv):
-    rc = convert_main(list(argv))
+    try:
+        rc = convert_main(list(argv))
+    except SystemExit as stop:  # argparse's own errors
+        rc = stop.code
     return rc, capsys.readouterr().err.strip().splitlines()
 
 
@@ -209,3 +212,8 @@ def test_input_dir_must_be_a_checkpoint(tmp_path, ckpt, capsys):
     (ckpt.parent / "latest").write_text(ckpt.name)
     rc, err = _convert(capsys, "--input_dir", str(ckpt.parent), "--output_dir", str(tmp_path / "hf"))
     assert rc == 2 and "is a save directory" in err[0] and str(ckpt) in err[0], err
+    rc, err = _convert(capsys, "--input_dir", str(ckpt), "--output_dir", str(tmp_path / "hf"), "--precision", "int8")
+    assert rc == 2 and len(err) == 1 and "invalid choice: 'int8'" in err[0], err
+    (ckpt / "configs" / "resolved_config.yml").write_text("num_layers: [2\n")
+    rc, err = _convert(capsys, "--input_dir", str(ckpt), "--output_dir", str(tmp_path / "hf"))
+    assert rc == 2 and len(err) == 1 and "broken resolved config" in err[0], err

@@ -16,7 +16,10 @@ def export_dir(tmp_path_factory, pythia_tokenizer_path):
 def _run(capsys, *argv):
     import generate
 
-    rc = generate.main(list(argv))
+    try:
+        rc = generate.main(list(argv))
+    except SystemExit as stop:  # argparse's own errors
+        rc = stop.code
     captured = capsys.readouterr()
     # transformers' weight-loading progress bar also writes to stderr
     lines = [line for line in captured.err.strip().splitlines() if not line.startswith("Loading weights")]
@@ -34,6 +37,7 @@ def test_bad_inputs_are_one_line(export_dir, tmp_path, capsys):
         (ok + ["--top_p", "1.5"], "--top_p must be in (0, 1]"),
         (ok + ["--top_p", "-0.1"], "--top_p must be in (0, 1]"),
         (ok + ["--top_k", "-1"], "--top_k must be >= 0"),
+        (ok + ["--maximum_tokens", "many"], "argument --maximum_tokens: invalid int value"),
         (ok + ["--sep_cache", "4,64,256"], "--sep_cache wants four integers"),
         (ok + ["--sep_cache", "4,64,256,100"], "--sep_cache 4,64,256,100: SepCache"),
     ]

@@ -23,8 +23,14 @@ from megatron.hf.export_config import ARCHITECTURES, PRECISIONS, ConversionError
 __all__ = ["ConversionError", "export", "main", "parse_args"]
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other bad input of the converter
+        print(f"convert_neox_to_hf: error: {message} (--help lists the options)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input_dir", required=True, help="<save>/global_stepN")
     parser.add_argument("--config_file", nargs="*", default=None,
                         help="YAML file(s) of the run, checked against the checkpoint's resolved config "
