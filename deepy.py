@@ -162,9 +162,9 @@ class RunSupervisor:
     the same command line on every host, other users' runs included.
 
     The first SIGINT / SIGTERM / SIGHUP (and repeats within GRACE_SECONDS) asks for a checkpoint at the
-    next step boundary: the same signal goes to the local ranks, and for ranks on other hosts a
-    stop-request file appears beside the resolved config (megatron.utils.stop_request_path), which the
-    ranks poll once per step. A repeat after the window forces: SIGKILL to the child's process group and,
+    next step boundary: a stop-request file appears beside the resolved config
+    (megatron.utils.stop_request_path), which the ranks of every host poll at step boundaries, and the
+    local ranks that already handle the signal get it too. A repeat after the window forces: SIGKILL to the child's process group and,
     for pdsh hosts, `pkill -KILL` of the processes that carry this launch's resolved-config path.
     """
 
@@ -192,6 +192,8 @@ class RunSupervisor:
         try:
             self.child = subprocess.Popen([sys.executable, "-u", "-m", "deepspeed.launcher.runner", *self.argv],
                                           start_new_session=True)
+            print(f"deepy.py: runner started (pid {self.child.pid}); Ctrl-C or SIGTERM to deepy.py saves a "
+                  "checkpoint at the next step and stops", flush=True)
             code = self.child.wait()
         finally:
             for sig, handler in previous.items():
@@ -213,10 +215,12 @@ class RunSupervisor:
             forwarded = signal.SIGTERM if signum == signal.SIGHUP else signum
             self._write_stop_file(signal.Signals(forwarded).name)
             for proc in self.local_ranks():
-                try:
-                    proc.send_signal(forwarded)
-                except Exception:  # psutil.NoSuchProcess: it ended meanwhile
-                    pass
+                # A rank still starting up would die of the signal: it learns of the request from the file.
+                if catches(proc.pid, forwarded):
+                    try:
+                        proc.send_signal(forwarded)
+                    except Exception:  # psutil.NoSuchProcess: it ended meanwhile
+                        pass
             timer = threading.Timer(self.GRACE_SECONDS, self._window_closed)
             timer.daemon = True  # must not keep deepy.py alive once the run has ended
             timer.start()
@@ -274,6 +278,18 @@ class RunSupervisor:
             pattern = shlex.quote(re.escape(f"--neox_config_file {self.resolved}"))
             subprocess.run(["pdsh", "-S", "-w", ",".join(self.remote_hosts), "pkill", "-KILL", "-f", "--", pattern],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=False)
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler for `signum` (Linux: the SigCgt mask of /proc/<pid>/status)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except OSError:
+        pass
+    return False
 
 
 def remote_hosts(args) -> list:

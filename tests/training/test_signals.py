@@ -140,6 +140,26 @@ def cfg_resolved(out: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.deepspeed
+def test_signal_during_start_up_stops_before_training(tmp_path, corpus):
+    """SIGTERM to deepy.py as soon as it has started the runner: the ranks, still starting (they cannot be signalled
+    yet), read the stop-request file and every one exits 0 before the first step, saving nothing."""
+    run_dir = tmp_path / "run"
+    cfg = long_run_config(run_dir, corpus, 2)
+    run = Run(cfg, 2)
+    try:
+        run.wait_for(lambda line: line.startswith("deepy.py: runner started"))
+        run.proc.send_signal(signal.SIGTERM)
+        rc, out = run.finish()
+    finally:
+        run.kill()
+    assert rc == 0, out[-4000:]
+    assert "stop requested before training started (deepy.py's stop request (SIGTERM" in out, out[-4000:]
+    assert not STEP_LINE.search(out) and not (run_dir / "ckpt").exists()
+    assert not os.path.exists(cfg_resolved(out) + ".stop")
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
 def test_repeat_after_grace_window_forces_exit(tmp_path, corpus):
     """A rank that never reaches a step boundary: the first SIGTERM asks for a save, a repeat within the
     window changes nothing, one after it kills every process of the run; exit 128 + 15, nothing saved."""
