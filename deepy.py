@@ -329,6 +329,10 @@ def main(argv=None, runner=None, env=None, host_resolver=None) -> int:
     except ConfigError as err:
         print(f"deepy.py: configuration error: {err}", file=sys.stderr)
         return 2
+    from megatron.neox_arguments.compat import no_op_notes
+
+    for note in no_op_notes(args):
+        print(f"deepy.py: note: {note}", file=sys.stderr)
     resolved = args.save_resolved(cli.resolved_config or default_resolved_path(args))
     runner_argv = build_runner_argv(args, resolved, env.has_cuda)
     print(f"deepy.py: {args.global_num_gpus} rank(s) (data parallel {args.data_parallel_size}, pipeline "

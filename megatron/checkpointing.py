@@ -276,7 +276,9 @@ def save_checkpoint(neox_args, iteration: int, engine, consumed_train_samples: i
         raise CheckpointSaveFailed(f"{problem}; checkpoint {tag} not written, {_kept(save_dir)}")
 
     state = {"iteration": int(iteration), "consumed_train_samples": int(consumed_train_samples),
-             "world_size": int(neox_args.world_size), "rng_state": get_rng_state()}
+             "world_size": int(neox_args.world_size)}
+    if not neox_args.no_save_rng:
+        state["rng_state"] = get_rng_state()
     state.update(client_state or {})
     failure, in_engine = None, True
     try:
@@ -284,7 +286,8 @@ def save_checkpoint(neox_args, iteration: int, engine, consumed_train_samples: i
         in_engine = False
         # Every rank keeps its own RNG stream (pipeline stages are seeded differently); DeepSpeed's client
         # state is only written by one rank, so each rank writes its own file.
-        atomic_torch_save(get_rng_state(), _rng_path(tmp_dir, rank))
+        if not neox_args.no_save_rng:
+            atomic_torch_save(get_rng_state(), _rng_path(tmp_dir, rank))
     except (OSError, RuntimeError) as exc:
         failure = _write_failure(exc)
         if failure is None:
@@ -318,6 +321,8 @@ def _finish(neox_args, save_dir: str, tag: str, tmp_dir: str, ckpt_dir: str) -> 
     """Rank 0, after every rank wrote its part: configs and layout, flush, rename into place, move ``latest``."""
     from megatron.checkpoint_layout import layout_of, write_layout
 
+    if neox_args.no_save_optim:
+        drop_optimizer_states(tmp_dir)
     write_config_copies(neox_args, tmp_dir)
     write_layout(tmp_dir, layout_of(neox_args))
     fsync_tree(tmp_dir)
@@ -331,6 +336,42 @@ def _finish(neox_args, save_dir: str, tag: str, tmp_dir: str, ckpt_dir: str) -> 
     atomic_write_text(os.path.join(save_dir, LATEST_FILE), tag)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+    if neox_args.keep_last_n_checkpoints:
+        prune_old_checkpoints(save_dir, neox_args.keep_last_n_checkpoints)
+
+
+NO_OPTIMIZER_MARKER = "no_optimizer_states"
+OPTIMIZER_FILE = re.compile(r".*optim_states\.pt$")  # ZeRO / bf16-optimizer shards
+MODEL_STATES_FILE = re.compile(r"^mp_rank_\d+_model_states\.pt$")  # holds the optimizer without ZeRO
+
+
+def drop_optimizer_states(ckpt_dir: str) -> None:
+    """``no_save_optim``: removes the optimizer state DeepSpeed wrote into a checkpoint being assembled, and
+    leaves a marker so that a resume asks for ``no_load_optim`` instead of failing inside DeepSpeed."""
+    for name in os.listdir(ckpt_dir):
+        path = os.path.join(ckpt_dir, name)
+        if OPTIMIZER_FILE.match(name):
+            os.remove(path)
+        elif MODEL_STATES_FILE.match(name):
+            blob = torch.load(path, map_location="cpu", weights_only=False)
+            if blob.get("optimizer") is not None:
+                blob["optimizer"] = None
+                atomic_torch_save(blob, path)
+    with open(os.path.join(ckpt_dir, NO_OPTIMIZER_MARKER), "w") as f:
+        f.write("saved with no_save_optim: true; resume with no_load_optim: true or finetune: true\n")
+
+
+def prune_old_checkpoints(save_dir: str, keep: int) -> list:
+    """``keep_last_n_checkpoints``: deletes the oldest complete ``global_step<N>`` directories beyond ``keep``,
+    never the one ``latest`` names; runs after the new checkpoint and ``latest`` are in place. Returns the
+    removed tags."""
+    latest = _latest_tag(save_dir)
+    removable = [t for t in complete_checkpoints(save_dir) if t != latest]
+    surplus = len(removable) + (1 if latest else 0) - keep
+    removed = removable[:max(surplus, 0)]
+    for tag in removed:
+        shutil.rmtree(os.path.join(save_dir, tag))
+    return removed
 
 
 # ------------------------------------------------------------------------------------- temporaries
@@ -419,17 +460,23 @@ def _newest_hint(load: str) -> str:
     return f"; the newest complete checkpoint is {os.path.join(load, complete[-1])} (set it as 'load')" if complete else ""
 
 
-def load_checkpoint(neox_args, engine, load_optimizer_states: bool = True) -> Tuple[int, int]:
-    """Loads the checkpoint ``neox_args.load`` resolves to into ``engine``; restores this rank's RNG.
+def load_checkpoint(neox_args, engine, load_optimizer_states: bool = True, scheduler=None) -> Tuple[int, int]:
+    """Loads the checkpoint ``neox_args.load`` resolves to into ``engine``; restores this rank's RNG (unless
+    ``no_load_rng``) and reconciles ``scheduler`` with the saved schedule (``override_lr_scheduler`` /
+    ``use_checkpoint_lr_scheduler``).
 
     In the saved layout DeepSpeed loads everything; in another layout only the weights
     (:mod:`megatron.checkpoint_layout`, which also refuses what cannot work). Returns
     ``(iteration, consumed_train_samples)``.
     """
     from megatron import checkpoint_layout
+    from megatron.checkpoint_io import CheckpointError
 
     load_dir, tag = resolve_checkpoint(neox_args.load)
     ckpt_dir = os.path.join(load_dir, tag)
+    if load_optimizer_states and os.path.isfile(os.path.join(ckpt_dir, NO_OPTIMIZER_MARKER)):
+        raise CheckpointError(f"checkpoint {ckpt_dir} was saved without optimizer states (no_save_optim: true); "
+                              "resume it with no_load_optim: true (a fresh optimizer) or finetune: true")
     same_layout, _ = checkpoint_layout.resume_plan(neox_args, ckpt_dir)
     if same_layout:
         client_state = _deepspeed_load(engine, load_dir, tag, load_optimizer_states)
@@ -438,11 +485,16 @@ def load_checkpoint(neox_args, engine, load_optimizer_states: bool = True) -> Tu
     iteration = int(client_state["iteration"])
     consumed = int(client_state.get("consumed_train_samples", iteration * neox_args.train_batch_size))
     rng_file = _rng_path(ckpt_dir, _rank())
-    if same_layout and os.path.isfile(rng_file):
+    if neox_args.no_load_rng:
+        pass  # the streams the seed gave this run stay
+    elif same_layout and os.path.isfile(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False))
     elif "rng_state" in client_state:
         # A different world size: fall back to rank 0's streams rather than the fresh seed's.
         set_rng_state(client_state["rng_state"])
+    if scheduler is not None and "lr_scheduler" in client_state:
+        scheduler.reconcile(client_state["lr_scheduler"], override=neox_args.override_lr_scheduler,
+                            use_checkpoint=neox_args.use_checkpoint_lr_scheduler)
     return iteration, consumed
 
 
@@ -457,8 +509,11 @@ def _deepspeed_load(engine, load_dir: str, tag: str, load_optimizer_states: bool
         path, client_state = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optimizer_states,
                                                     load_lr_scheduler_states=False)
     except Exception as exc:  # diagnose, then re-raise what cannot be explained
-        saved_config = checkpoint_layout.read_saved_config(ckpt_dir)
-        checkpoint_layout.check_files(ckpt_dir, checkpoint_layout.read_layout(ckpt_dir, saved_config), saved_config)
+        try:
+            saved_config = checkpoint_layout.read_saved_config(ckpt_dir)
+            checkpoint_layout.check_files(ckpt_dir, checkpoint_layout.read_layout(ckpt_dir, saved_config), saved_config)
+        except CheckpointError as problem:
+            raise problem from None  # the file named is the cause; DeepSpeed's trace would only bury it
         raise CheckpointError(f"checkpoint {ckpt_dir} could not be loaded: {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else '(no message)'}") from exc
     if path is None or client_state is None:

@@ -87,6 +87,27 @@ class AnnealingLR:
         """Restores the position only: the schedule's shape comes from the (possibly edited) config."""
         self.step(int(sd["num_iters"]))
 
+    SHAPE = ("start_lr", "min_lr", "warmup_iter", "end_iter", "decay_style")
+
+    def reconcile(self, saved: dict, override: bool = False, use_checkpoint: bool = False) -> None:
+        """GPT-NeoX's rule for the schedule of a resumed run. ``override``: the config's schedule is used;
+        ``use_checkpoint``: the checkpoint's; neither: they must agree, else a ``ValueError`` names each
+        value that differs and both ways out. The position always comes from the iteration."""
+        if override:
+            return
+        if use_checkpoint:
+            for key in self.SHAPE:
+                if key in saved:
+                    setattr(self, key, type(getattr(self, key))(saved[key]))
+            self.step(self.num_iters)
+            return
+        differ = [f"{key} {saved[key]!r} (checkpoint) vs {getattr(self, key)!r} (config)" for key in self.SHAPE
+                  if key in saved and saved[key] != getattr(self, key)]
+        if differ:
+            raise ValueError("the learning-rate schedule of the checkpoint differs from the config's: "
+                             + "; ".join(differ) + ". Set override_lr_scheduler: true to use the config's, or "
+                             "use_checkpoint_lr_scheduler: true to keep the checkpoint's")
+
 
 def build_lr_scheduler(neox_args, optimizer) -> AnnealingLR:
     """The scheduler the resolved configuration describes; derivation settled ``lr`` (from

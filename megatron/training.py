@@ -472,8 +472,8 @@ def _pretrain(neox_args, stop: StopSignal) -> int:
     iteration, consumed = 0, 0
     if getattr(neox_args, "load", None):
         load_iter, load_consumed = checkpointing.load_checkpoint(
-            neox_args, engine, load_optimizer_states=not getattr(neox_args, "no_load_optim", False)
-            and not getattr(neox_args, "finetune", False))
+            neox_args, engine, load_optimizer_states=not neox_args.no_load_optim and not neox_args.finetune,
+            scheduler=None if neox_args.finetune else scheduler)
         if not getattr(neox_args, "finetune", False):
             iteration, consumed = load_iter, load_consumed
         print_rank_0(f"loaded checkpoint from {neox_args.load} at iteration {load_iter}")

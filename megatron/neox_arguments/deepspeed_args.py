@@ -41,8 +41,8 @@ class DeepSpeedArgs:
     amp: Optional[dict] = arg(None, "DeepSpeed AMP section (passed through).")
     flops_profiler: Optional[dict] = arg(None, "DeepSpeed flops profiler section (passed through).")
     activation_checkpointing: Optional[dict] = arg(
-        None, "DeepSpeed activation checkpointing section (passed through; partition_activations, "
-              "contiguous_checkpointing, checkpoint_in_cpu and synchronize_each_layer fill it otherwise).")
+        None, "DeepSpeed's activation checkpointing section. Refused: activation checkpointing here is "
+              "torch.utils.checkpoint (checkpoint_activations, checkpoint_num_layers), which does not read it.")
     comms_logger: Optional[dict] = arg(None, "DeepSpeed comms logger section (passed through).")
     checkpoint: Optional[dict] = arg(None, "DeepSpeed checkpoint section (passed through).")
     data_types: Optional[dict] = arg(None, "DeepSpeed data_types section (passed through).")

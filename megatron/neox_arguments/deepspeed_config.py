@@ -34,18 +34,6 @@ def _bf16_section(args):
     return out
 
 
-def _activation_checkpointing_section(args):
-    if args.activation_checkpointing is not None:
-        return copy.deepcopy(args.activation_checkpointing)
-    return {
-        "partition_activations": args.partition_activations,
-        "contiguous_memory_optimization": args.contiguous_checkpointing,
-        "cpu_checkpointing": args.checkpoint_in_cpu,
-        "number_checkpoints": args.num_layers,
-        "synchronize_checkpoint_boundary": args.synchronize_each_layer,
-    }
-
-
 def uses_deepspeed_optimizer(args) -> bool:
     """Does DeepSpeed build the optimizer (else the training loop passes its own torch optimizer)?"""
     return args.optimizer is not None and (args.optimizer_type in DEEPSPEED_ONLY_OPTIMIZERS
@@ -62,7 +50,6 @@ def build_deepspeed_config(args) -> dict:
         "steps_per_print": args.steps_per_print,
         "wall_clock_breakdown": args.wall_clock_breakdown,
         "zero_optimization": _zero_section(args),
-        "activation_checkpointing": _activation_checkpointing_section(args),
     }
     # Optional engine flags are written only when they differ from DeepSpeed's defaults, so the config
     # stays valid across DeepSpeed versions that drop a flag (as 0.19 did with sparse_gradients).

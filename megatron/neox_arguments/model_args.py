@@ -60,25 +60,36 @@ class ModelArgs:
         choices=("row", "column"))
     hidden_dropout: float = arg(0.1, "Dropout on the residual branches.")
     attention_dropout: float = arg(0.1, "Dropout on the attention probabilities.")
-    apply_query_key_layer_scaling: bool = arg(False, "Scale Q.K^T by 1/layer_number (Megatron option).")
-    attention_softmax_in_fp32: bool = arg(False, "Compute the attention softmax in fp32 under fp16/bf16.")
+    apply_query_key_layer_scaling: bool = arg(
+        False, "Megatron's fp16 guard (Q.K^T / layer_number, multiplied back in the softmax). No effect: it is the "
+               "identity in exact arithmetic and the softmax here accumulates in fp32.")
+    attention_softmax_in_fp32: bool = arg(
+        False, "Compute the attention softmax in fp32 under fp16/bf16. No effect: it always accumulates in fp32.")
     scaled_upper_triang_masked_softmax_fusion: bool = arg(
         False, "GPT-NeoX CUDA fused causal softmax switch. Accepted for config compatibility; attention here "
                "uses SDPA / FlexAttention, which fuse the softmax anyway.")
     scaled_masked_softmax_fusion: bool = arg(
         False, "GPT-NeoX CUDA fused masked softmax switch (set by the reference's SepLLM configs). Accepted "
                "for compatibility; no effect (see scaled_upper_triang_masked_softmax_fusion).")
-    bias_gelu_fusion: bool = arg(False, "Fuse the MLP bias add with GELU (Triton kernel where available).")
-    bias_dropout_fusion: bool = arg(False, "Fuse bias add, dropout and residual add.")
+    bias_gelu_fusion: bool = arg(
+        False, "Megatron's fused bias+GeLU kernel. No effect here: torch_compile fuses the two ops on GPU.")
+    bias_dropout_fusion: bool = arg(
+        False, "Megatron's fused bias+dropout+residual kernel. No effect here: torch_compile fuses them on GPU.")
     rope_fusion: bool = arg(False, "Use the fused rotary kernel. Must be False with USE_BiPE (checker).")
-    layernorm_fusion: bool = arg(False, "Use the fused LayerNorm kernel where available.")
-    fp16_lm_cross_entropy: bool = arg(False, "Compute the LM cross entropy in fp16 instead of fp32.")
+    layernorm_fusion: bool = arg(False, "apex's fused LayerNorm. No effect here: torch's LayerNorm kernels are used.")
+    fp16_lm_cross_entropy: bool = arg(
+        False, "GPT-NeoX: compute the LM cross entropy in fp16. Refused when true: the loss is always fp32.")
     checkpoint_activations: bool = arg(False, "Recompute transformer layers in backward (activation checkpointing).")
     checkpoint_num_layers: int = arg(1, "Layers per activation-checkpoint chunk.")
     partition_activations: bool = arg(
         False, "Partition checkpointed activations across model-parallel ranks (DeepSpeed); no effect at "
                "model_parallel_size 1.")
-    synchronize_each_layer: bool = arg(False, "Synchronise the device at the start and end of each checkpointed layer.")
-    contiguous_checkpointing: bool = arg(False, "Keep checkpointed activations in one contiguous buffer (DeepSpeed).")
-    checkpoint_in_cpu: bool = arg(False, "Move activation checkpoints to CPU memory (DeepSpeed).")
+    synchronize_each_layer: bool = arg(
+        False, "DeepSpeed checkpointing's device sync around each checkpointed layer (a debugging aid). No effect "
+               "here (torch.utils.checkpoint).")
+    contiguous_checkpointing: bool = arg(
+        False, "DeepSpeed: keep checkpointed activations in one contiguous buffer. Refused when true (activation "
+               "checkpointing here is torch.utils.checkpoint).")
+    checkpoint_in_cpu: bool = arg(
+        False, "DeepSpeed: move activation checkpoints to CPU memory. Refused when true (not implemented).")
     torch_compile: bool = arg(False, "Project key: wrap the model in torch.compile (GPU).")

@@ -49,5 +49,8 @@ class LRScheduleArgs:
     warmup_iters: Optional[float] = arg(
         None, "Warmup length in iterations, derived from `warmup` unless given (then `warmup` must not be).",
         role="derived")
-    override_lr_scheduler: bool = arg(False, "On load, take the schedule from the config, not the checkpoint.")
-    use_checkpoint_lr_scheduler: bool = arg(False, "On load, take the schedule from the checkpoint.")
+    override_lr_scheduler: bool = arg(
+        False, "On resume, use the config's schedule (lr, min_lr, warmup, lr_decay_iters, lr_decay_style) where it "
+               "differs from the checkpoint's. Without this key or use_checkpoint_lr_scheduler a difference is "
+               "an error (GPT-NeoX's rule).")
+    use_checkpoint_lr_scheduler: bool = arg(False, "On resume, keep the checkpoint's schedule over the config's.")

@@ -24,14 +24,18 @@ class TrainingArgs:
     checkpoint_factor: Optional[int] = arg(
         None, "Save every this many iterations (alias `save_interval`). None: only at the end / on signal.")
     extra_save_iters: Optional[list] = arg(None, "Additional iterations at which to save.")
-    keep_last_n_checkpoints: Optional[int] = arg(None, "Delete older global_step* directories beyond this many.")
-    no_save_optim: bool = arg(False, "Do not save optimizer states.")
-    no_save_rng: bool = arg(False, "Do not save RNG states.")
-    no_load_optim: bool = arg(False, "Do not load optimizer states.")
-    no_load_rng: bool = arg(False, "Do not load RNG states.")
+    keep_last_n_checkpoints: Optional[int] = arg(
+        None, "Keep only the newest N complete global_step* directories (and always the one `latest` names); older "
+              "ones are deleted after the new checkpoint and `latest` are in place.")
+    no_save_optim: bool = arg(
+        False, "Save checkpoints without optimizer states (smaller); resuming one needs no_load_optim or finetune.")
+    no_save_rng: bool = arg(False, "Save checkpoints without RNG states (a resume then keeps the seed's streams).")
+    no_load_optim: bool = arg(False, "Resume with a fresh optimizer (weights, iteration and data position loaded).")
+    no_load_rng: bool = arg(False, "Resume without restoring the checkpoint's RNG states.")
     finetune: bool = arg(False, "Load weights only and restart at iteration 0.")
     checkpoint_validation_with_forward_pass: bool = arg(
-        False, "Save a forward pass's input/output with the checkpoint and compare after loading.")
+        False, "GPT-NeoX: save a forward pass with the checkpoint and compare it after loading. Not implemented: "
+               "true is refused (resumes are tested bitwise instead).")
     checkpoint_save_failure: str = arg(
         "exit", "Project key: what a failed checkpoint save (full disk, I/O error) does. The partial checkpoint is "
                 "removed and the previous one and `latest` are kept either way; `exit` then stops the run with exit "
@@ -41,4 +45,5 @@ class TrainingArgs:
     max_consecutive_bad_steps: int = arg(
         10, "Project key: stop training after this many consecutive steps with NaN/inf loss (skipped steps).")
     deepspeed_activation_checkpointing: bool = arg(
-        True, "Use DeepSpeed's activation checkpointing (else torch.utils.checkpoint).")
+        True, "GPT-NeoX: use DeepSpeed's activation checkpointing. No effect: activation checkpointing here is "
+              "torch.utils.checkpoint (non-reentrant) either way.")

@@ -6,6 +6,7 @@ Runs after derivation, in deepy.py before any rank starts and again on every ran
 import dataclasses
 import os
 
+from .compat import refused_value
 from .errors import ConfigError
 from .optimizer_args import LR_DECAY_STYLES
 from .tokenizer_args import NEEDS_MERGE_FILE, NEEDS_VOCAB_FILE
@@ -83,6 +84,9 @@ def validate_schedule(args):
     if args.warmup_iters is not None and args.lr_decay_iters is not None and args.warmup_iters > args.lr_decay_iters:
         raise ConfigError(f"the warmup ({args.warmup_iters:g} iterations, from 'warmup'/'warmup_iters') is longer "
                           f"than lr_decay_iters ({args.lr_decay_iters})")
+    if args.override_lr_scheduler and args.use_checkpoint_lr_scheduler:
+        raise ConfigError("keys 'override_lr_scheduler' and 'use_checkpoint_lr_scheduler' are both true; the schedule "
+                          "of a resumed run comes from the config or from the checkpoint, not both")
     if args.lr_decay_style not in LR_DECAY_STYLES:
         raise ConfigError(f"key 'lr_decay_style' is {args.lr_decay_style!r}; expected one of {list(LR_DECAY_STYLES)}")
     _positive(args, "eval_interval", "log_interval", "steps_per_print")
@@ -284,6 +288,14 @@ def validate_logging(args):
                           "parameter)")
 
 
+def validate_compat(args):
+    """Values of GPT-NeoX keys that ask for behaviour the project does not implement (compat.py)."""
+    refused = refused_value(args)
+    if refused is not None:
+        key, value, reason = refused
+        raise ConfigError(f"key '{key}' is {value!r}, which is not supported: {reason}")
+
+
 def validate_all(args, env, on_rank=False, host_resolver=None):
     """Every check, in order; raises ConfigError on the first problem. Returns the SepLLM checker's change lines."""
     validate_model(args)
@@ -294,6 +306,7 @@ def validate_all(args, env, on_rank=False, host_resolver=None):
     validate_tokenizer(args)
     validate_checkpoints(args)
     validate_logging(args)
+    validate_compat(args)
     validate_precision(args, env, on_rank)
     validate_deepspeed(args)
     validate_launcher(args, on_rank, host_resolver)

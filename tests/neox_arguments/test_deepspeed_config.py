@@ -84,9 +84,8 @@ def test_activation_checkpointing_and_extra_args():
                                     deepspeed_extra_args={"zero_allow_untested_optimizer": True},
                                     flops_profiler={"enabled": False}, prescale_gradients=True), env=cpu())
     ds = args.deepspeed_config()
-    assert ds["activation_checkpointing"]["partition_activations"] is True
-    assert ds["activation_checkpointing"]["synchronize_checkpoint_boundary"] is True
-    assert ds["activation_checkpointing"]["number_checkpoints"] == 2
+    # Activation checkpointing is torch.utils.checkpoint: no section that nothing would read.
+    assert "activation_checkpointing" not in ds
     assert ds["zero_allow_untested_optimizer"] is True and ds["flops_profiler"] == {"enabled": False}
     assert ds["prescale_gradients"] is True
     _ds_parse(ds)

@@ -116,3 +116,20 @@ def test_build_from_args_uses_optimizer_params_and_iteration():
 def test_derived_warmup_iters_wins():
     s = build_lr_scheduler(resolved(lr=1e-3, train_iters=50, warmup_iters=7, lr_decay_style="cosine"), None)
     assert s.warmup_iter == 7 and s.end_iter == 50
+
+
+def test_resumed_schedule_follows_gpt_neox_rule():
+    saved = AnnealingLR(None, 1e-3, 10, 100, "cosine", 1e-4, last_iter=40).state_dict()
+    same = AnnealingLR(None, 1e-3, 10, 100, "cosine", 1e-4)
+    same.reconcile(saved)  # agreeing schedules need no key
+    edited = AnnealingLR(None, 5e-4, 10, 200, "cosine", 1e-4)
+    with pytest.raises(ValueError, match=r"start_lr 0.001 \(checkpoint\) vs 0.0005 \(config\); end_iter 100 "
+                                         r"\(checkpoint\) vs 200 \(config\).*override_lr_scheduler"):
+        edited.reconcile(saved)
+    edited.reconcile(saved, override=True)
+    assert (edited.start_lr, edited.end_iter) == (5e-4, 200)
+    edited.reconcile(saved, use_checkpoint=True)
+    assert (edited.start_lr, edited.end_iter) == (1e-3, 100)
+    assert edited.get_lr(40) == same.get_lr(40)
+    with pytest.raises(ConfigError, match="both true"):
+        resolved(lr=1e-3, train_iters=10, override_lr_scheduler=True, use_checkpoint_lr_scheduler=True)

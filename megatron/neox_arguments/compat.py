@@ -1,0 +1,69 @@
+"""GPT-NeoX keys this project accepts but does not act on, in one place, each with its reason.
+
+Two kinds:
+
+* ``NO_OP_KEYS``: switches whose job is done here by other means with the same result (fused CUDA kernels
+  that SDPA, FlexAttention or torch.compile replace; tensor-parallel options at model-parallel size 1).
+  GPT-NeoX's own configs set them (Pythia sets ``bias-gelu-fusion``, ``partition-activations``,
+  ``synchronize-each-layer``), so they load; ``deepy.py`` says once at launch that they change nothing.
+* ``REFUSED_VALUES``: keys whose default is what the project does, and whose other values ask for behaviour
+  that is not implemented. Such a value stops validation with the key and the reason.
+
+``tests/neox_arguments/test_inert_keys.py`` fails when a config field is added that no code reads and that
+is not listed here.
+"""
+from typing import Dict, List, Tuple
+
+_FUSED_SOFTMAX = ("Megatron's fused CUDA softmax; attention here runs through SDPA, FlexAttention or the "
+                  "Sep-Attention kernel, which fuse the masked softmax themselves")
+_DS_CHECKPOINTING = ("activation checkpointing here is torch.utils.checkpoint (non-reentrant) at "
+                     "model_parallel_size 1")
+
+NO_OP_KEYS: Dict[str, str] = {
+    "scaled_upper_triang_masked_softmax_fusion": _FUSED_SOFTMAX,
+    "scaled_masked_softmax_fusion": _FUSED_SOFTMAX,
+    "bias_gelu_fusion": "Megatron's fused bias+GeLU kernel; torch_compile fuses the two ops on GPU",
+    "bias_dropout_fusion": "Megatron's fused bias+dropout+residual kernel; torch_compile fuses them on GPU",
+    "layernorm_fusion": "apex's fused LayerNorm; torch's LayerNorm kernels are used",
+    "apply_query_key_layer_scaling": ("Megatron's fp16 overflow guard (Q.K^T / layer_number, multiplied back "
+                                      "inside the softmax) is the identity in exact arithmetic, and the softmax "
+                                      "here accumulates in fp32"),
+    "attention_softmax_in_fp32": ("the attention softmax already accumulates in fp32 (SDPA's kernels, "
+                                  "FlexAttention, the Sep-Attention kernel; Self-Adjusting softmax in fp32)"),
+    "partition_activations": "splits checkpointed activations over model-parallel ranks; model_parallel_size is 1",
+    "synchronize_each_layer": "a device sync around each checkpointed layer in DeepSpeed's checkpointing; "
+                              + _DS_CHECKPOINTING,
+    "deepspeed_activation_checkpointing": _DS_CHECKPOINTING,
+    "output_layer_parallelism": "how the output layer splits under tensor parallelism; model_parallel_size is 1",
+    "deepspeed": "DeepSpeed is always used",
+    "prefill_k": "deprecated in the SepLLM reference and never read there",
+    "generate_k": "deprecated in the SepLLM reference and never read there",
+}
+
+# key -> (the value the project implements, why any other value is refused)
+REFUSED_VALUES: Dict[str, Tuple[object, str]] = {
+    "fp16_lm_cross_entropy": (False, "the LM cross entropy is always computed in fp32"),
+    "contiguous_checkpointing": (False, "DeepSpeed's contiguous activation buffers are not used: "
+                                 + _DS_CHECKPOINTING),
+    "checkpoint_in_cpu": (False, "activation checkpoints stay on the device: " + _DS_CHECKPOINTING),
+    "activation_checkpointing": (None, "DeepSpeed's activation-checkpointing section is not read: "
+                                 + _DS_CHECKPOINTING + "; use checkpoint_activations / checkpoint_num_layers"),
+    "checkpoint_validation_with_forward_pass": (False, "saving a forward pass with the checkpoint for a check "
+                                                "after loading is not implemented; resumes are tested bitwise"),
+}
+
+
+def refused_value(args):
+    """The first key holding a value the project does not implement, as ``(key, value, reason)``, or None."""
+    for key, (supported, reason) in REFUSED_VALUES.items():
+        value = getattr(args, key)
+        if value != supported:
+            return key, value, reason
+    return None
+
+
+def no_op_notes(args) -> List[str]:
+    """One line per no-op key the user's files set."""
+    given = set(args.user_keys or ())
+    return [f"key '{key}' is accepted for GPT-NeoX compatibility and changes nothing here: {reason}"
+            for key, reason in NO_OP_KEYS.items() if key in given]
