@@ -258,13 +258,9 @@ def validate_launcher(args, on_rank, host_resolver=None):
 
 
 def run_sepllm_checker(args):
-    """Call the SepLLM argument checker (owned by the SepLLM attention module) if it exists yet."""
-    try:
-        from megatron.model.sepllm.checker import check_sepllm_args
-    except ImportError as err:
-        if err.name != "megatron.model.sepllm.checker":
-            raise
-        return []
+    """Call the SepLLM argument checker (owned by the SepLLM attention module)."""
+    from megatron.model.sepllm.checker import check_sepllm_args
+
     try:
         return check_sepllm_args(args) or []
     except ConfigError:
