@@ -1,8 +1,10 @@
 """Checkpoint faults in real deepy.py launches (CPU, gloo): SIGKILL during the very first save, resuming in
 other layouts (weights only, or refused before launch), and a full disk (a 3 MiB tmpfs)."""
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -21,9 +23,10 @@ def work(tmp_path_factory):
     return tmp, write_tiny_corpus(str(tmp / "corpus"))
 
 
-def dry_run(configs, nprocs):
+def dry_run(configs, nprocs, *options):
     """deepy.py's validation only (--dry_run): (rc, output)."""
-    proc = subprocess.run(deepy_command(configs, nprocs)[:2] + ["--dry_run"] + deepy_command(configs, nprocs)[2:],
+    command = deepy_command(configs, nprocs)
+    proc = subprocess.run(command[:2] + ["--dry_run", *options] + command[2:],
                           cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=120)
     return proc.returncode, proc.stdout
@@ -107,6 +110,56 @@ def test_resume_into_other_layouts(work):
         resumed_dir, out = run(tmp, f"pp2_to_{name}", 1, load=load, no_load_optim=True, pipe_parallel_size=pipe,
                                zero_optimization={"stage": 0}, train_micro_batch_size_per_gpu=2, **common)
         check_weights_resumed(source, resumed_dir, out)
+
+
+def test_damaged_checkpoints_are_named_before_launch_and_on_the_rank(work):
+    tmp, corpus = work
+    keys = dict(data_path=corpus, train_iters=2, pipe_parallel_size=1, zero_optimization={"stage": 0},
+                train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1, checkpoint_factor=2)
+    src_dir, _ = run(tmp, "damaged_src", 1, **keys)
+    keys["train_iters"] = 3
+
+    def damaged(name, damage):
+        ckpt = tmp / "damaged" / name
+        shutil.copytree(src_dir / "ckpt", ckpt)
+        damage(ckpt)
+        return ckpt
+
+    def launcher_says(ckpt, model=BASE[0]):
+        rc, out = dry_run([model, BASE[1], write_run_config(ckpt.parent / f"{ckpt.name}.yml", load=str(ckpt), **keys)], 1)
+        assert rc == 2, out
+        return out.strip().splitlines()[-1]
+
+    error = "deepy.py: configuration error: "
+    layer = "global_step2/layer_03-model_00-model_states.pt"
+    ckpt = damaged("missing", lambda c: os.unlink(c / layer))
+    assert launcher_says(ckpt) == f"{error}key 'load': missing checkpoint file {ckpt / layer}: the checkpoint is " \
+                                  "incomplete or damaged"
+    ckpt = damaged("truncated", lambda c: (c / layer).write_bytes((c / layer).read_bytes()[:1000]))
+    assert launcher_says(ckpt).startswith(f"{error}key 'load': checkpoint file {ckpt / layer} is truncated or corrupt")
+    ckpt = damaged("empty_latest", lambda c: (c / "latest").write_text(""))
+    assert launcher_says(ckpt).startswith(f"{error}key 'load': load={ckpt}: the 'latest' file {ckpt / 'latest'} is "
+                                          f"empty; the newest complete checkpoint is {ckpt / 'global_step2'}")
+    ckpt = damaged("layers", lambda c: None)
+    model = tmp / "damaged" / "three_layers.yml"
+    model.write_text(BASE[0].read_text().replace("num_layers: 2", "num_layers: 3"))
+    assert launcher_says(ckpt, model) == (
+        f"{error}key 'num_layers' is 3, but checkpoint {ckpt / 'global_step2'} was saved with num_layers=2 (its "
+        "configs/resolved_config.yml); the weights cannot load into another shape")
+
+    # A rank started without deepy.py (or a file damaged after the launch): DeepSpeed's bare error becomes a
+    # line naming the file.
+    resolved = tmp / "damaged" / "rank.yml"
+    rc, out = dry_run(BASE + [write_run_config(tmp / "damaged" / "rank_run.yml", load=str(ckpt), **keys)], 1,
+                      "--resolved_config", str(resolved))
+    assert rc == 0, out
+    (ckpt / layer).write_bytes((ckpt / layer).read_bytes()[:1000])
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--neox_config_file", str(resolved)], cwd=REPO,
+                          env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode != 0
+    last = proc.stdout.strip().splitlines()[-1].removeprefix("[rank0]: ")  # torch's prefix of a rank's error
+    assert last.startswith(f"megatron.checkpoint_io.CheckpointError: checkpoint file {ckpt / layer} is truncated"), \
+        proc.stdout[-3000:]
 
 
 @pytest.fixture
