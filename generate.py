@@ -121,9 +121,12 @@ def generate(args, argv) -> int:
             "num_samples": 1}
     if args.neox_config_file:
         from megatron.hf.loading import load_from_neox_args
-        from megatron.neox_arguments import NeoXArgs
+        from megatron.neox_arguments import ConfigError, NeoXArgs
 
-        neox_args = NeoXArgs.consume_neox_args(argv if argv is not None else None)
+        try:
+            neox_args = NeoXArgs.consume_neox_args(argv if argv is not None else None)
+        except ConfigError as err:
+            raise BadInput(str(err)) from None
         if int(os.environ.get("RANK", "0")) != 0:
             return 0
         opts.update(maximum_tokens=neox_args.maximum_tokens, temperature=neox_args.temperature,

@@ -57,3 +57,8 @@ def test_truncated_weights_name_the_file(export_dir, tmp_path, capsys):
         weights.write_bytes(data[:cut])
         rc, err, _ = _run(capsys, "--model_dir", str(broken), "--text", "Hi")
         assert rc == 2 and len(err) == 1 and str(weights) in err[0], (cut, err)
+
+
+def test_trainer_mode_bad_config_is_one_line(tmp_path, capsys):
+    rc, err, _ = _run(capsys, "--neox_config_file", str(tmp_path / "missing.yml"))
+    assert rc == 2 and len(err) == 1 and "resolved config not found" in err[0], err
