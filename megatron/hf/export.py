@@ -64,8 +64,23 @@ def merge_block(states: List[Dict], parallel_residual: bool, where: str) -> Dict
             parts = _take(states, key, where)
             out[key] = sum(parts) if parallel_residual else parts[0]
     for key in LAYER_NORMS:
-        out[key] = sum(_take(states, key, where)) / len(states)
+        if key in states[0] or key.endswith(".weight"):
+            out[key] = sum(_take(states, key, where)) / len(states)
     return out
+
+
+def zero_biases(sd: Dict[str, torch.Tensor], args) -> None:
+    """A layer trained without a bias is the HF layer with a zero bias; HF GPT-NeoX norms and MLPs always
+    have one (attention biases are switched off in the HF config instead)."""
+    missing = []
+    if not args.use_bias_in_norms:
+        missing += [n for n in sd if n.endswith("layernorm.weight") or n == "gpt_neox.final_layer_norm.weight"]
+    if not args.use_bias_in_mlp:
+        missing += [n for n in sd if n.endswith("mlp.dense_h_to_4h.weight") or n.endswith("mlp.dense_4h_to_h.weight")]
+    for weight in missing:
+        bias = weight[: -len("weight")] + "bias"
+        if bias not in sd:
+            sd[bias] = torch.zeros(sd[weight].shape[0], dtype=sd[weight].dtype)
 
 
 def check_block_count(reader: CheckpointReader, args) -> None:
@@ -101,7 +116,7 @@ def build_state_dict(reader: CheckpointReader, args) -> Dict[str, torch.Tensor]:
             sd[f"gpt_neox.layers.{i}.{key}"] = value
             where[f"gpt_neox.layers.{i}.{key}"] = reader.source(i + 2)
     norm = reader.layer(num_layers + 3)
-    for part in ("weight", "bias"):
+    for part in ("weight", "bias") if args.use_bias_in_norms else ("weight",):
         sd[f"gpt_neox.final_layer_norm.{part}"] = sum(_take(norm, f"norm.{part}", reader.source(num_layers + 3))) \
             / len(norm)
         where[f"gpt_neox.final_layer_norm.{part}"] = reader.source(num_layers + 3)
@@ -112,6 +127,7 @@ def build_state_dict(reader: CheckpointReader, args) -> Dict[str, torch.Tensor]:
     else:
         sd["embed_out.weight"] = sd["gpt_neox.embed_in.weight"].clone()
         where["embed_out.weight"] = where["gpt_neox.embed_in.weight"]
+    zero_biases(sd, args)
     check_shapes(sd, where, args)
     return sd
 
@@ -142,13 +158,27 @@ def expected_shapes(args, vocab_rows: int) -> Dict[str, tuple]:
     return out
 
 
+def reader_dir(where: Dict[str, str]) -> str:
+    return os.path.dirname(where["gpt_neox.embed_in.weight"])
+
+
 def check_shapes(sd: Dict[str, torch.Tensor], where: Dict[str, str], args) -> None:
     """Every tensor must match the config on every dimension; the error names file, tensor, shapes and key."""
     rows = sd["gpt_neox.embed_in.weight"].shape[0]
     vocab_rows = args.padded_vocab_size if args.padded_vocab_size is not None else rows
+    optional = {"gpt_neox.position_embeddings.weight"}  # required (and taken) where the config uses it
+    if not args.use_bias_in_attn_linear:
+        optional |= {f"gpt_neox.layers.{i}.attention.{m}.bias" for i in range(args.num_layers)
+                     for m in ("query_key_value", "dense")}
     for name, (shape, keys) in expected_shapes(args, vocab_rows).items():
         if name not in sd:
-            continue
+            if name in optional:
+                continue
+            layer = name.split(".")[2] if name.startswith("gpt_neox.layers.") else None
+            source = where.get(f"gpt_neox.layers.{layer}.attention.dense.weight") if layer else None
+            raise ConversionError(f"{source or reader_dir(where)}: tensor {name} is missing (the config has "
+                                  f"use_bias_in_norms={args.use_bias_in_norms}, use_bias_in_mlp={args.use_bias_in_mlp}, "
+                                  f"use_bias_in_attn_linear={args.use_bias_in_attn_linear})")
         got = tuple(sd[name].shape)
         if got != shape:
             bad = [k for dim, k in enumerate(keys) if dim >= len(got) or got[dim] != shape[dim]] or list(keys)

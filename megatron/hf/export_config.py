@@ -172,9 +172,7 @@ def export_dtype(args: NeoXArgs, precision: str) -> torch.dtype:
 def _supported(args: NeoXArgs) -> None:
     refusals = (("activation", args.activation != "gelu", "GPT-NeoX exports support 'gelu' only"),
                 ("norm", args.norm != "layernorm", "GPT-NeoX exports support 'layernorm' only"),
-                ("gpt_j_tied", args.gpt_j_tied, "one shared layernorm is not supported by GPT-NeoX exports"),
-                ("use_bias_in_norms", not args.use_bias_in_norms, "HF GPT-NeoX layernorms always have a bias"),
-                ("use_bias_in_mlp", not args.use_bias_in_mlp, "HF GPT-NeoX MLPs always have biases"))
+                ("gpt_j_tied", args.gpt_j_tied, "one shared layernorm is not supported by GPT-NeoX exports"))
     for key, refused, why in refusals:
         if refused:
             raise ConversionError(f"{key}={getattr(args, key)!r}: {why}")

@@ -64,3 +64,19 @@ def test_sepllm_modes_remote_code(tmp_path, pythia_tokenizer_path, mode):
         with torch.no_grad():
             full = hf(ids, use_cache=False).logits
         assert (full - ref).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("architecture", ["neox", "sepllm_gpt_neox"])
+def test_layers_trained_without_biases(tmp_path, pythia_tokenizer_path, architecture):
+    """use_bias_in_norms / _mlp / _attn_linear false: zero biases (norms, MLP) or attention_bias false in HF."""
+    extra = dict(USE_ORIGINAL_FULL_ATTEN=True) if architecture == "neox" else dict(
+        separator_token_ids=SEPS, prefill_local_window_size=4, generate_local_window_size=4)
+    cfg = base_config(pythia_tokenizer_path, use_bias_in_norms=False, use_bias_in_mlp=False,
+                      use_bias_in_attn_linear=False, **extra)
+    model, out = make_export(tmp_path, cfg, architecture, "pipeline", 1)
+    assert not any(n.endswith("bias") for n in model.state_dict())
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    ids = random_ids(2, 24, seed=5)
+    with torch.no_grad():
+        got = hf(ids, use_cache=False).logits
+    assert (got - trainer_logits(model, ids)).abs().max().item() < TOL

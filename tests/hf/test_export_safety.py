@@ -5,6 +5,7 @@ import os
 import stat
 
 import pytest
+import torch
 import yaml
 
 from megatron.hf.export import EXPORT_MARKER, ConversionError, export
@@ -121,6 +122,14 @@ def test_weights_and_config_agree_on_every_dimension(tmp_path, ckpt):
     with pytest.raises(ConversionError, match=r"layer_02-model_00-model_states.pt: tensor gpt_neox.layers.0.mlp."
                                               r"dense_h_to_4h.weight has shape \(128, 32\) but the config implies "
                                               r"\(96, 32\) \(intermediate_size=96\)"):
+        export(str(ckpt), None, out, "fp32", "neox")
+    layer = ckpt / "layer_02-model_00-model_states.pt"
+    state = torch.load(layer, weights_only=False)
+    state.pop("mlp.dense_h_to_4h.bias")
+    torch.save(state, layer)
+    _rewrite_resolved(ckpt, intermediate_size=128)
+    with pytest.raises(ConversionError, match=r"layer_02-model_00-model_states.pt: tensor gpt_neox.layers.0.mlp."
+                                              r"dense_h_to_4h.bias is missing .*use_bias_in_mlp=True"):
         export(str(ckpt), None, out, "fp32", "neox")
     _rewrite_resolved(ckpt, intermediate_size=128, make_vocab_size_divisible_by=256)  # re-derived: 50432 rows
     with pytest.raises(ConversionError, match=r"tensor gpt_neox.embed_in.weight has shape \(50304, 32\) .* "
