@@ -7,6 +7,7 @@ never by a clock.
 """
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -233,3 +234,24 @@ def test_stop_signal_grace_window_and_stop_file(tmp_path):
     assert proc.returncode == 128 + signal.SIGINT, proc.stderr
     assert proc.stdout == "survived\n", proc.stdout
     assert "SIGINT again" in proc.stderr and "nothing saved" in proc.stderr
+
+
+def test_forced_stop_on_pdsh_hosts_kills_only_this_launch(tmp_path, monkeypatch):
+    """The remote kill is a pkill whose pattern matches this launch's ranks and launcher, not another
+    DeepSpeed launch of the same script (DeepSpeed's own pdsh kill matches every one)."""
+    sys.path.insert(0, str(REPO))
+    import deepy
+
+    resolved = str(tmp_path / "runs" / "a.yml")
+    calls = []
+    monkeypatch.setattr(deepy.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    sup = deepy.RunSupervisor(["--hostfile", "h", "train.py", "--neox_config_file", resolved], ["node1", "node2"])
+    sup._kill()
+    assert len(calls) == 1 and calls[0][:4] == ["pdsh", "-S", "-w", "node1,node2"], calls
+    assert calls[0][4:8] == ["pkill", "-KILL", "-f", "--"]
+    pattern = shlex.split(calls[0][8])[0]  # as the remote shell unquotes it
+    ours = f"python -u -m deepspeed.launcher.launch --world_info=X --node_rank=0 train.py --neox_config_file {resolved}"
+    rank = f"python -u train.py --local_rank=0 --neox_config_file {resolved}"
+    other = f"python -u train.py --local_rank=0 --neox_config_file {tmp_path}/runs/aXyml"
+    assert re.search(pattern, ours) and re.search(pattern, rank) and not re.search(pattern, other)
+    assert deepy.RunSupervisor(["x.py", "--neox_config_file", resolved])._kill() is None and len(calls) == 1
