@@ -123,6 +123,18 @@ def model_key_mismatch(args, saved_config: Optional[dict], ckpt_dir: str) -> Opt
     return None
 
 
+def universal_command(ckpt_dir: str) -> str:
+    """The conversion into DeepSpeed's universal format, whose ZeRO state any data-parallel size can load."""
+    ckpt_dir = os.path.normpath(ckpt_dir)
+    target = os.path.join(os.path.dirname(ckpt_dir) + "_universal", os.path.basename(ckpt_dir))
+    return (f"python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state --input_folder {ckpt_dir} "
+            f"--output_folder {target}, then set 'load: {target}' and 'checkpoint: {{load_universal: true}}'")
+
+
+def _loads_universal(args) -> bool:
+    return bool((args.checkpoint or {}).get("load_universal"))
+
+
 def resume_plan(args, ckpt_dir: str) -> Tuple[bool, Optional[Layout]]:
     """Checks a resume from ``ckpt_dir`` by ``args``; raises :class:`ConfigError` when it cannot work.
 
@@ -134,16 +146,24 @@ def resume_plan(args, ckpt_dir: str) -> Tuple[bool, Optional[Layout]]:
         raise ConfigError(problem)
     saved = read_layout(ckpt_dir, saved_config)
     new = layout_of(args)
+    if _loads_universal(args):
+        if not os.path.isdir(os.path.join(ckpt_dir, "zero")):
+            raise ConfigError(f"key 'checkpoint.load_universal' is true, but {ckpt_dir} is not a universal checkpoint "
+                              f"(no zero/ folder); convert it: {universal_command(ckpt_dir)}")
+        return True, saved  # DeepSpeed re-partitions the ZeRO state itself
     if saved is None or saved == new:
         return True, saved
-    if saved.zero_stage == 0 and new.zero_stage == 0 and optimizer_state_refusal(saved, new) is None:
+    refusal = optimizer_state_refusal(saved, new)
+    if saved.zero_stage == 0 and new.zero_stage == 0 and refusal is None:
         return True, saved  # DeepSpeed itself reloads everything; only the data-parallel size differs
     if not (args.no_load_optim or args.finetune):
+        dp_only = refusal is not None and refusal.startswith(f"ZeRO stage {saved.zero_stage} partitions")
         raise ConfigError(
             f"key 'load': checkpoint {ckpt_dir} was saved with {saved.describe()}; this run has {new.describe()}, and "
-            f"{optimizer_state_refusal(saved, new) or 'the layouts differ'}. Resume the weights with a fresh "
-            "optimizer (set 'no_load_optim: true' to keep the iteration count, or 'finetune: true' to restart at "
-            "iteration 0), or run in the saved layout")
+            f"{refusal or 'the layouts differ'}. Resume the weights with a fresh optimizer (set 'no_load_optim: "
+            "true' to keep the iteration count, or 'finetune: true' to restart at iteration 0), "
+            + (f"or keep the optimizer state by converting the checkpoint: {universal_command(ckpt_dir)}, "
+               if dp_only else "") + "or run in the saved layout")
     return False, saved
 
 

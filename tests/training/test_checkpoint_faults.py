@@ -211,7 +211,7 @@ def test_trainer_save_goes_on_or_exits_by_config(tmp_path):
 def layout_args(**over):
     d = dict(global_num_gpus=2, data_parallel_size=2, pipe_parallel_size=0, model_parallel_size=1, zero_stage=1,
              no_load_optim=False, finetune=False, num_layers=2, hidden_size=64, num_attention_heads=4,
-             intermediate_size=256, no_weight_tying=True, load=None)
+             intermediate_size=256, no_weight_tying=True, load=None, checkpoint=None)
     d.update(over)
     return types.SimpleNamespace(**d)
 
@@ -238,7 +238,16 @@ def test_resume_plan_by_layout(tmp_path):
         "1, ZeRO stage 1); this run has world size 1 (data parallel 1, sequential model, model parallel 1, ZeRO stage "
         "1), and ZeRO stage 1 partitions the optimizer state over the 2 data-parallel ranks and DeepSpeed cannot "
         "re-partition it. Resume the weights with a fresh optimizer (set 'no_load_optim: true' to keep the iteration "
-        "count, or 'finetune: true' to restart at iteration 0), or run in the saved layout")
+        "count, or 'finetune: true' to restart at iteration 0), or keep the optimizer state by converting the "
+        f"checkpoint: python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state --input_folder {ckpt} "
+        f"--output_folder {tmp_path}_universal/global_step2, then set 'load: {tmp_path}_universal/global_step2' and "
+        "'checkpoint: {load_universal: true}', or run in the saved layout")
+    universal = dict(checkpoint={"load_universal": True}, **one)
+    with pytest.raises(ConfigError, match=r"'checkpoint.load_universal' is true, but .* is not a universal checkpoint "
+                                          r"\(no zero/ folder\); convert it: python -m deepspeed"):
+        cl.resume_plan(layout_args(**universal), ckpt)
+    os.mkdir(os.path.join(ckpt, "zero"))
+    assert cl.resume_plan(layout_args(**universal), ckpt)[0] is True
     assert cl.resume_plan(layout_args(no_load_optim=True, **one), ckpt)[0] is False
     assert cl.resume_plan(layout_args(finetune=True, **one), ckpt)[0] is False
     with pytest.raises(ConfigError, match="pipeline and sequential checkpoints"):

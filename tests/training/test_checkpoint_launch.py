@@ -1,5 +1,6 @@
 """Checkpoint faults in real deepy.py launches (CPU, gloo): SIGKILL during the very first save, resuming in
-other layouts (weights only, or refused before launch), and a full disk (a 3 MiB tmpfs)."""
+other layouts (weights only; with the optimizer through DeepSpeed's universal checkpoint; or refused before
+launch), damaged checkpoints, and a full disk (a 3 MiB tmpfs)."""
 import os
 import shutil
 import signal
@@ -76,32 +77,47 @@ def test_sigkill_during_the_first_save_then_restart(work):
                                                          "mp_rank_00_model_states.pt", "rng_state"]
 
 
-def check_weights_resumed(source, resumed_dir, out):
+def check_weights_resumed(source, resumed_dir, out, last=3):
     """Step 3's loss is computed from the loaded weights before any update: it equals the source run's."""
     assert "loaded checkpoint" in out and "at iteration 2" in out, out[-3000:]
     resumed = tb_losses(resumed_dir / "tb")
-    assert sorted(resumed) == [3] and resumed[3] == pytest.approx(source[3], rel=1e-4), (resumed, source)
+    assert sorted(resumed) == list(range(3, last + 1)) and resumed[3] == pytest.approx(source[3], rel=1e-4), \
+        (resumed, source)
+    return resumed
 
 
 def test_resume_into_other_layouts(work):
     tmp, corpus = work
     # Sequential, ZeRO-1, data parallel 2 -> 1.
-    common = dict(data_path=corpus, train_iters=3, checkpoint_factor=2, gradient_accumulation_steps=2)
+    common = dict(data_path=corpus, checkpoint_factor=2, gradient_accumulation_steps=2)
     src_dir, _ = run(tmp, "dp2_zero1", 2, pipe_parallel_size=0, zero_optimization={"stage": 1},
-                     train_micro_batch_size_per_gpu=1, **common)
+                     train_micro_batch_size_per_gpu=1, train_iters=4, **common)
     source = tb_losses(src_dir / "tb")
-    one = dict(pipe_parallel_size=0, zero_optimization={"stage": 1}, train_micro_batch_size_per_gpu=2, **common)
+    one = dict(pipe_parallel_size=0, zero_optimization={"stage": 1}, train_micro_batch_size_per_gpu=2, train_iters=4,
+               **common)
     load = str(src_dir / "ckpt" / "global_step2")
     rc, out = dry_run(BASE + [write_run_config(tmp / "dp1_refused.yml", load=load, **one)], 1)
     assert rc == 2, out
     assert (f"deepy.py: configuration error: key 'load': checkpoint {load} was saved with world size 2 (data "
             "parallel 2, sequential model, model parallel 1, ZeRO stage 1); this run has world size 1 (data parallel "
             "1, sequential model, model parallel 1, ZeRO stage 1), and ZeRO stage 1 partitions") in out
-    assert "set 'no_load_optim: true'" in out
+    assert "set 'no_load_optim: true'" in out and "ds_to_universal --inject_missing_state" in out
     resumed_dir, out = run(tmp, "dp1_zero1", 1, load=load, no_load_optim=True, **one)
-    check_weights_resumed(source, resumed_dir, out)
+    fresh = check_weights_resumed(source, resumed_dir, out, last=4)
+    assert abs(fresh[4] - source[4]) > 1e-3, (fresh, source)  # a fresh Adam takes another step than the saved one
+
+    # The same with the optimizer state, through DeepSpeed's universal checkpoint (the command the refusal gives).
+    universal = str(src_dir / "ckpt_universal" / "global_step2")
+    convert = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--inject_missing_state",
+                              "--input_folder", load, "--output_folder", universal], cwd=REPO, env=launch_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert convert.returncode == 0, convert.stdout[-3000:]
+    resumed_dir, out = run(tmp, "dp1_universal", 1, load=universal, checkpoint={"load_universal": True}, **one)
+    kept = check_weights_resumed(source, resumed_dir, out, last=4)
+    assert kept[4] == pytest.approx(source[4], rel=1e-4), (kept, source)
 
     # Two pipeline stages -> one stage, and -> the sequential model.
+    common["train_iters"] = 3
     src_dir, _ = run(tmp, "pp2", 2, pipe_parallel_size=2, zero_optimization={"stage": 0},
                      train_micro_batch_size_per_gpu=2, **common)
     source = tb_losses(src_dir / "tb")

@@ -38,10 +38,12 @@ class FakeEngine:
 
 
 def make_args(tmp_path, **over):
-    d = dict(save=str(tmp_path / "ckpt"), load=None, train_batch_size=8, world_size=1, global_num_gpus=1, checkpoint_factor=3,
-             extra_save_iters=[1, 4], config_files={"model.yml": "num_layers: 2\n", "data.yml": "seq_length: 64\n"},
+    d = dict(save=str(tmp_path / "ckpt"), load=None, train_batch_size=8, world_size=1, global_num_gpus=1,
+             checkpoint_factor=3, extra_save_iters=[1, 4], config_files={"model.yml": "num_layers: 2\n", "data.yml": "seq_length: 64\n"},
              num_layers=2, precision="fp32", data_parallel_size=1, pipe_parallel_size=0, model_parallel_size=1,
-             zero_stage=0, no_load_optim=False, finetune=False)
+             zero_stage=0, no_load_optim=False, finetune=False, checkpoint=None, no_save_rng=False, no_save_optim=False,
+             no_load_rng=False, keep_last_n_checkpoints=None, override_lr_scheduler=False,
+             use_checkpoint_lr_scheduler=False, checkpoint_save_failure="exit")
     d.update(over)
     return types.SimpleNamespace(**d)
 
