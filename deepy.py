@@ -151,6 +151,24 @@ def build_runner_argv(args, resolved_path: str, has_cuda: bool) -> list:
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
+# DeepSpeed's runner, run by the child that leads the run's process group. Its own session keeps the
+# terminal's signals away from it, but then a SIGKILL of deepy.py (OOM killer, `kill -9 -PGID`) would no
+# longer reach the run: the kernel tells the child of its parent's death (PR_SET_PDEATHSIG), and the child
+# kills its process group (runner, launcher, ranks, data workers), as a shared process group did before.
+RUNNER_CHILD = """
+import ctypes, os, signal, sys
+signal.signal(signal.SIGUSR1, lambda *_: os.killpg(0, signal.SIGKILL))
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGUSR1))  # 1: PR_SET_PDEATHSIG (Linux)
+except (AttributeError, OSError):
+    pass
+if os.getppid() != int(sys.argv[1]):  # deepy.py died before prctl
+    os.killpg(0, signal.SIGKILL)
+sys.argv = ["deepspeed"] + sys.argv[2:]
+from deepspeed.launcher.runner import main
+main()
+"""
+
 
 class RunSupervisor:
     """Runs DeepSpeed's runner as a child in a session of its own and turns signals to deepy.py into stops.
@@ -190,7 +208,7 @@ class RunSupervisor:
             handled.append(signal.SIGHUP)
         previous = {s: signal.signal(s, self._handle) for s in handled}
         try:
-            self.child = subprocess.Popen([sys.executable, "-u", "-m", "deepspeed.launcher.runner", *self.argv],
+            self.child = subprocess.Popen([sys.executable, "-u", "-c", RUNNER_CHILD, str(os.getpid()), *self.argv],
                                           start_new_session=True)
             print(f"deepy.py: runner started (pid {self.child.pid}); Ctrl-C or SIGTERM to deepy.py saves a "
                   "checkpoint at the next step and stops", flush=True)

@@ -255,3 +255,24 @@ def test_forced_stop_on_pdsh_hosts_kills_only_this_launch(tmp_path, monkeypatch)
     other = f"python -u train.py --local_rank=0 --neox_config_file {tmp_path}/runs/aXyml"
     assert re.search(pattern, ours) and re.search(pattern, rank) and not re.search(pattern, other)
     assert deepy.RunSupervisor(["x.py", "--neox_config_file", resolved])._kill() is None and len(calls) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_sigkill_of_deepy_takes_the_whole_run_down(tmp_path, corpus):
+    """deepy.py killed outright (OOM killer, kill -9 -PGID): its runner, the launcher and the ranks, in a
+    session of their own, die with it instead of training on as orphans."""
+    cfg = long_run_config(tmp_path / "run", corpus, 2)
+    run = Run(cfg, 2)
+    try:
+        run.wait_for(STEP_LINE.search)
+        procs = run.processes()
+        os.killpg(run.proc.pid, signal.SIGKILL)
+        run.proc.wait(timeout=60)
+        _, alive = psutil.wait_procs(procs, timeout=30)  # bounded wait for deaths under way
+    finally:
+        run.kill()
+    left = [(p.pid, p.cmdline()) for p in alive]
+    for p in alive:
+        p.kill()
+    assert left == []
