@@ -324,3 +324,15 @@ def test_weights_load_into_another_layout_with_shapes_checked(tmp_path):
                                               r"shape \[10, 4\] in the checkpoint, but this run's model expects "
                                               r"\[10, 8\]"):
         cl.load_weights_any_layout(types.SimpleNamespace(module=model(8), optimizer=None), str(ckpt), args)
+
+
+def test_launcher_check_is_for_training_only(tmp_path):
+    ckpt = saved_checkpoint(tmp_path)  # 2 ranks, ZeRO-1
+    one = dict(global_num_gpus=1, data_parallel_size=1, load=ckpt)
+    with pytest.raises(ConfigError, match="^key 'load': checkpoint .* was saved with world size 2"):
+        cl.check_resume_before_launch(layout_args(user_script="/x/train.py", **one))
+    # generate.py / eval.py read the weights through their own readers, in any layout.
+    cl.check_resume_before_launch(layout_args(user_script="/x/generate.py", **one))
+    os.unlink(os.path.join(ckpt, "layout.json"))
+    os.unlink(os.path.join(ckpt, "configs", "resolved_config.yml"))  # an old or GPT-NeoX checkpoint: layout unknown
+    cl.check_resume_before_launch(layout_args(user_script="/x/train.py", **one))
