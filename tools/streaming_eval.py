@@ -23,7 +23,8 @@ from typing import Dict, Iterator, List, Optional
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run by path (python tools/streaming_eval.py): the checkout is one level up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CACHES = ("sepcache", "streaming", "full")
 

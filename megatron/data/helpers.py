@@ -39,7 +39,14 @@ _cpp_failed: str | None = None
 # Just-in-time build of the C++ module
 # --------------------------------------------------------------------------------------------------
 def _build_root() -> Path:
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(_REPO_ROOT / ".torch_extensions")
+    """``TORCH_EXTENSIONS_DIR``; else the checkout's ``.torch_extensions`` when running from one, else the user's
+    cache (an installed package's folder may not be writable)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not root:
+        if (_REPO_ROOT / "setup.py").is_file():
+            root = str(_REPO_ROOT / ".torch_extensions")
+        else:
+            root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sepllm-neox")
     return Path(root) / _MODULE_NAME
 
 

@@ -12,10 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-# A script run by path: the package it fronts sits two levels up.
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+if __package__ in (None, ""):  # run by path: the package it fronts sits two levels up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from megatron.hf.export import export  # noqa: E402
 from megatron.hf.export_config import ARCHITECTURES, PRECISIONS, ConversionError  # noqa: E402

@@ -12,13 +12,14 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+if __package__ in (None, ""):  # run by path (python tools/...): the checkout's package is two levels up
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from megatron.tokenizer.separators import SEPARATOR_CHARS, separator_ids  # noqa: E402
 from megatron.tokenizer.tokenizer import TokenizerError, make_tokenizer  # noqa: E402
 
 
-def main(argv=None) -> list[int]:
+def separator_ids_cli(argv=None) -> list[int]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("tokenizer_json", nargs="?", help="a HuggingFace tokenizer.json (same as --vocab-file with HFTokenizer)")
     p.add_argument("--tokenizer-type", default="HFTokenizer",
@@ -42,5 +43,10 @@ def main(argv=None) -> list[int]:
     return ids
 
 
+def main(argv=None) -> int:
+    separator_ids_cli(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Command-line tools of the project (also runnable by path from a checkout)."""
