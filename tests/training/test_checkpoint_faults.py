@@ -336,3 +336,64 @@ def test_launcher_check_is_for_training_only(tmp_path):
     os.unlink(os.path.join(ckpt, "layout.json"))
     os.unlink(os.path.join(ckpt, "configs", "resolved_config.yml"))  # an old or GPT-NeoX checkpoint: layout unknown
     cl.check_resume_before_launch(layout_args(user_script="/x/train.py", **one))
+
+
+class Killed(BaseException):
+    """A kill: not an Exception, so no handler of the code under test runs (only `finally` blocks)."""
+
+
+def _complete(path):
+    return all(os.path.exists(os.path.join(path, n)) for n in
+               ("configs/resolved_config.yml", "layout.json", "mp_rank_00_model_states.pt", "rng_state/rank_00000.pt"))
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["first_save", "later_save"])
+def test_a_kill_at_every_file_operation_of_a_save_leaves_a_consistent_directory(tmp_path, monkeypatch, earlier):
+    """Kills the save at its 1st, 2nd, ... file-system operation (opens, writes, fsyncs, renames, removals) until
+    one save runs through: after each, `latest` is absent or names a complete checkpoint, every global_step<N>
+    directory is complete, and the next save succeeds and leaves no leftovers."""
+    import builtins
+    import shutil
+
+    ops = {"os": ("open", "rename", "replace", "makedirs", "mkdir", "fsync", "unlink", "remove", "rmdir"),
+           "shutil": ("rmtree", "copyfile"), "torch": ("save",), "builtins": ("open",)}
+    modules = {"os": os, "shutil": shutil, "torch": torch, "builtins": builtins}
+    kills = 0
+    for k in range(1, 500):
+        args = make_args(tmp_path / str(k))
+        root = tmp_path / str(k) / "ckpt"
+        if earlier:
+            ck.save_checkpoint(args, 2, FakeEngine(), 16)
+        count = [0]
+        with monkeypatch.context() as m:
+            for mod, names_ in ops.items():
+                for name in names_:
+                    real = getattr(modules[mod], name)
+
+                    def op(*a, _real=real, **kw):
+                        count[0] += 1
+                        if count[0] == k:
+                            raise Killed()
+                        return _real(*a, **kw)
+
+                    m.setattr(modules[mod], name, op)
+            try:
+                ck.save_checkpoint(args, 4, FakeEngine(), 32)
+                finished = True
+            except Killed:
+                finished = False
+        if finished:
+            break
+        kills += 1
+        latest = root / "latest"
+        if latest.exists():
+            assert latest.read_text() in ("global_step2", "global_step4") and _complete(root / latest.read_text()), k
+        else:
+            assert not earlier, k
+        for path in (root.iterdir() if root.exists() else []):
+            if ck.TAG_PATTERN.match(path.name):
+                assert _complete(path), (k, path)
+        ck.save_checkpoint(args, 6, FakeEngine(), 48)
+        assert ck.stale_temporaries(str(root)) == [] and latest.read_text() == "global_step6", k
+    assert kills > 10, kills  # the save was really cut at each of its operations
+    print(f"{kills} kill points checked")
