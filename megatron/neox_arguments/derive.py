@@ -125,6 +125,32 @@ def derive_model(args, given):
         elif len(config) != args.num_layers:
             raise ConfigError(f"key 'attention_config' has {len(config)} entries but num_layers is {args.num_layers}")
     args.is_pipe_parallel = args.pipe_parallel_size >= 1
+    _set_derived(args, given, "pipe_stages", max(args.pipe_parallel_size, 1))
+    _set_derived(args, given, "attention_variant", attention_variant(args))
+
+
+def attention_variant(args) -> str:
+    """The core attention the SepLLM mode flags select. The checker (run in validation) refuses more than one
+    of the first four flags and turns the kernel flag off beside them; this priority gives the same answer
+    before and after its rewrites."""
+    if args.USE_ORIGINAL_FULL_ATTEN:
+        return "full"
+    if args.streamingLLM:
+        return "streamingllm"
+    if args.USE_SA_SOFTMAX or args.USE_SA_SOFTMAX_NO_DENO:
+        return "sa_softmax"
+    if args.USE_SEP_ATTN_KERNEL_ACCELERATOR:
+        return "sep_kernel"
+    return "sepllm_mask"
+
+
+def _set_derived(args, given, key, value):
+    """Set a value only derivation decides; one the user gave must agree with it."""
+    current = getattr(args, key)
+    if key in given and current is not None and current != value:
+        raise ConfigError(f"key '{key}' is given as {current!r} but is derived as {value!r} from the other keys; "
+                          f"leave it out")
+    setattr(args, key, value)
 
 
 def launch_resources(args, env):
@@ -152,14 +178,15 @@ def derive_world(args, given, env, on_rank):
         args.rank = env.int_env("RANK") if env.int_env("RANK") is not None else (args.rank or 0)
         args.local_rank = env.int_env("LOCAL_RANK") if env.int_env("LOCAL_RANK") is not None else (args.local_rank or 0)
         args.global_num_gpus = args.world_size
+        args._resources = {}  # a rank starts no hosts (nor does a launcher inside a launched job)
     else:
         resources = launch_resources(args, env)
         args._resources = resources
         args.global_num_gpus = sum(len(slots) for slots in resources.values())
-    model_ranks = max(args.pipe_parallel_size, 1) * args.model_parallel_size
+    model_ranks = args.pipe_stages * args.model_parallel_size
     if args.global_num_gpus % model_ranks:
         raise ConfigError(f"world size {args.global_num_gpus} (global_num_gpus) is not divisible by "
-                          f"pipe_parallel_size x model_parallel_size = {max(args.pipe_parallel_size, 1)} x "
+                          f"pipe_parallel_size x model_parallel_size = {args.pipe_stages} x "
                           f"{args.model_parallel_size}")
     args.data_parallel_size = args.global_num_gpus // model_ranks
 

@@ -11,6 +11,12 @@ ATTENTION_TYPES = ("global", "flash")
 """Attention types accepted in `attention_config`. Both mean full causal attention through SDPA (flash or
 cuDNN kernels on GPU); the SepLLM modes are selected by the SepLLM keys, not here."""
 
+POS_EMBS = ("learned", "rotary", "alibi", "none")
+"""The accepted values of the `pos_emb` key."""
+
+ACTIVATIONS = ("gelu", "relu", "silu", "swish")
+"""The accepted values of the `activation` key (megatron/model/transformer.py's get_activation)."""
+
 INIT_METHODS = ("normal", "scaled_normal", "orthogonal", "scaled_orthogonal", "xavier_uniform",
                 "xavier_normal", "wang_init", "small_init")
 
@@ -29,8 +35,7 @@ class ModelArgs:
     max_position_embeddings: Optional[int] = arg(
         None, "Size of the position table / longest supported position. None means `seq_length`; "
               "`seq_length` may not exceed it.")
-    pos_emb: str = arg("learned", "Positional encoding: learned, rotary, alibi or none.",
-                       choices=("learned", "rotary", "alibi", "none"))
+    pos_emb: str = arg("learned", "Positional encoding: learned, rotary, alibi or none.", choices=POS_EMBS)
     rotary_pct: float = arg(1.0, "Fraction of each head's dimensions that rotary embeddings rotate (0, 1].")
     rotary_emb_base: int = arg(10000, "Base of the rotary embedding frequencies.")
     norm: str = arg("layernorm", "Normalisation layer: layernorm or rmsnorm.", choices=NORMS)
@@ -45,7 +50,7 @@ class ModelArgs:
     gpt_j_residual: bool = arg(
         False, "Parallel residual x + Attn(LN1(x)) + MLP(LN2(x)) (Pythia) instead of the sequential one.")
     gpt_j_tied: bool = arg(False, "With gpt_j_residual, use one LayerNorm for both branches.")
-    activation: str = arg("gelu", "MLP activation.", choices=("gelu", "relu", "silu", "swish"))
+    activation: str = arg("gelu", "MLP activation.", choices=ACTIVATIONS)
     init_method: str = arg("normal", "Init of all weights except residual outputs.", choices=INIT_METHODS)
     output_layer_init_method: str = arg(
         "scaled_normal", "Init of the residual output projections (attention dense, MLP 4h->h).",

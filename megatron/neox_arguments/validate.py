@@ -253,8 +253,7 @@ def validate_launcher(args, on_rank, host_resolver=None):
         return
     from .hostfile import check_hosts_known, host_is_known
 
-    resources = getattr(args, "_resources", None) or {}
-    check_hosts_known(list(resources), args.hostfile, resolver=host_resolver or host_is_known)
+    check_hosts_known(list(args._resources), args.hostfile, resolver=host_resolver or host_is_known)
 
 
 def run_sepllm_checker(args):

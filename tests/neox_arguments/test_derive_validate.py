@@ -84,6 +84,27 @@ def test_model_defaults_derived():
     assert args.attention_config == ["global", "global"]  # full attention rewrites every entry to global
 
 
+@pytest.mark.parametrize("pipe,stages", [(0, 1), (1, 1), (2, 2)])
+def test_pipe_stages_derived(pipe, stages):
+    args = NeoXArgs.from_dict(small(pipe_parallel_size=pipe), env=gpus(4))
+    assert args.pipe_stages == stages and args.data_parallel_size == 4 // stages
+
+
+def test_attention_variant_derived_and_not_overridden():
+    sepllm = dict(USE_ORIGINAL_FULL_ATTEN=False, separator_token_ids=[3])
+    # The kernel flag defaults to True and gives way to any other mode (the checker's rule 1).
+    for flags, variant in (({}, "full"), (dict(sepllm), "sep_kernel"),
+                           (dict(sepllm, USE_SEP_ATTN_KERNEL_ACCELERATOR=False), "sepllm_mask"),
+                           (dict(sepllm, streamingLLM=True), "streamingllm"),
+                           (dict(sepllm, USE_SA_SOFTMAX=True), "sa_softmax")):
+        args = NeoXArgs.from_dict(small(**flags), env=cpu())
+        assert args.attention_variant == variant, flags
+        assert NeoXArgs.from_dict(args.to_dict(), env=cpu()).attention_variant == variant  # resolved, re-read
+    with pytest.raises(ConfigError, match="key 'attention_variant' is given as 'sep_kernel' but is derived as "
+                                          "'full'"):
+        NeoXArgs.from_dict(small(attention_variant="sep_kernel"), env=cpu())
+
+
 # ----------------------------------------------------------------------------- precision
 def test_precision_derivation():
     assert NeoXArgs.from_dict(small(), env=cpu()).precision == "fp32"
@@ -146,9 +167,9 @@ def test_training_script_needs_iters_lr_data(tmp_path):
         NeoXArgs.from_dict(small(**script, train_iters=10, lr=1e-3, data_path=data), env=cpu())
     args = NeoXArgs.from_dict(small(**script, train_iters=10, lr=1e-3, data_path=data,
                                     tokenizer_type="CharLevelTokenizer"), env=cpu())
-    from megatron.tokenizer import build_tokenizer
+    from megatron.tokenizer import make_tokenizer
 
-    vocab = build_tokenizer({"tokenizer_type": "CharLevelTokenizer", "make_vocab_size_divisible_by": 1}).vocab_size
+    vocab = make_tokenizer("CharLevelTokenizer").vocab_size
     assert args.padded_vocab_size == -(-vocab // 128) * 128 and args.padded_vocab_size % 128 == 0
 
 
