@@ -40,17 +40,17 @@ class GPT2ModelPipe(PipelineModule):
         self.parallel_output = parallel_output
         self.specs = gpt2_layer_specs(neox_args, parallel_output)
         kwargs = {"topology": topology} if topology is not None else {
-            "num_stages": max(1, int(getattr(neox_args, "pipe_parallel_size", 0) or 0))}
+            "num_stages": neox_args.pipe_stages}
         super().__init__(
             layers=[_to_deepspeed_spec(s) for s in self.specs],
             loss_fn=cross_entropy,
-            partition_method=getattr(neox_args, "pipe_partition_method", None) or "type:transformer|mlp",
+            partition_method=neox_args.pipe_partition_method,
             activation_checkpoint_interval=activation_checkpoint_interval(neox_args),
             activation_checkpoint_func=non_reentrant_checkpoint,
             checkpointable_layers=list(CHECKPOINTABLE_LAYERS),
             **kwargs,
         )
-        if getattr(neox_args, "torch_compile", False):
+        if neox_args.torch_compile:
             compile_layers(self.forward_funcs)
         # DeepSpeed's engine fills the per-block "checkpointable" table when it wraps the module; do it here too
         # so a bare GPT2ModelPipe (tests, tools) checkpoints the same blocks instead of skipping every layer.

@@ -10,6 +10,8 @@ from typing import Callable, Tuple
 import torch
 from torch import nn
 
+from megatron.neox_arguments.model_args import INIT_METHODS
+
 
 def init_method_normal(sigma: float) -> Callable:
     def init_(tensor: torch.Tensor) -> torch.Tensor:
@@ -47,13 +49,11 @@ def _xavier_normal(tensor: torch.Tensor) -> torch.Tensor:
     return nn.init.xavier_normal_(tensor)
 
 
-INIT_METHODS = ("normal", "scaled_normal", "orthogonal", "scaled_orthogonal", "xavier_uniform", "xavier_normal",
-                "wang_init", "small_init")
 
 
 def init_method_by_name(name: str, neox_args) -> Callable:
     """The initialiser called ``name`` for the model described by ``neox_args``."""
-    std = float(getattr(neox_args, "init_method_std", 0.02))
+    std = float(neox_args.init_method_std)
     layers = int(neox_args.num_layers)
     hidden = int(neox_args.hidden_size)
     if name == "normal":
@@ -77,5 +77,5 @@ def init_method_by_name(name: str, neox_args) -> Callable:
 
 def get_init_methods(neox_args) -> Tuple[Callable, Callable]:
     """``(init_method, output_layer_init_method)`` from ``init_method`` / ``output_layer_init_method``."""
-    return (init_method_by_name(getattr(neox_args, "init_method", "normal"), neox_args),
-            init_method_by_name(getattr(neox_args, "output_layer_init_method", "scaled_normal"), neox_args))
+    return (init_method_by_name(neox_args.init_method, neox_args),
+            init_method_by_name(neox_args.output_layer_init_method, neox_args))

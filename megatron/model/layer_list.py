@@ -12,9 +12,9 @@ from megatron.model.transformer import (NormPipe, ParallelLinearPipe, ParallelTr
                                         post_transformer_block, pre_transformer_block, tied_logits)
 from megatron.model.utils import Lambda, SequentialWrapper
 from megatron.model.word_embeddings import EmbeddingPipe
+from megatron.neox_arguments.model_args import POS_EMBS
 
 TIE_KEY = "embed"
-POS_EMBS = ("rotary", "alibi", "learned", "none")
 
 
 @dataclass
@@ -30,24 +30,23 @@ class Spec:
 
 
 def activation_checkpoint_interval(neox_args) -> int:
-    if getattr(neox_args, "checkpoint_activations", False):
-        return int(getattr(neox_args, "checkpoint_num_layers", 1) or 1)
+    if neox_args.checkpoint_activations:
+        return int(neox_args.checkpoint_num_layers)
     return 0
 
 
 def gpt2_layer_specs(neox_args, parallel_output: bool = False) -> List[Spec]:
     """The layer list of a GPT-NeoX model for ``neox_args``."""
     for key in ("num_layers", "hidden_size", "num_attention_heads", "padded_vocab_size"):
-        if getattr(neox_args, key, None) is None:
+        if getattr(neox_args, key) is None:
             raise ValueError(f"model configuration is missing {key!r}")
-    pos_emb = getattr(neox_args, "pos_emb", "rotary")
-    if pos_emb not in POS_EMBS:
-        raise ValueError(f"pos_emb {pos_emb!r} is not supported; choose one of {', '.join(POS_EMBS)}")
+    if neox_args.pos_emb not in POS_EMBS:
+        raise ValueError(f"pos_emb {neox_args.pos_emb!r} is not supported; choose one of {', '.join(POS_EMBS)}")
     init_method, output_layer_init_method = get_init_methods(neox_args)
-    tied = not bool(getattr(neox_args, "no_weight_tying", False))
+    tied = not neox_args.no_weight_tying
     hidden = int(neox_args.hidden_size)
-    max_pos = int(getattr(neox_args, "max_position_embeddings", None) or neox_args.seq_length)
-    dropout = float(getattr(neox_args, "hidden_dropout", 0.0) or 0.0)
+    max_pos = int(neox_args.max_position_embeddings)
+    dropout = float(neox_args.hidden_dropout)
     emb_args = (neox_args, hidden, int(neox_args.padded_vocab_size), max_pos, dropout, init_method)
     specs = [Spec(EmbeddingPipe, emb_args, tie_key=TIE_KEY if tied else None), Spec(function=pre_transformer_block)]
     for i in range(int(neox_args.num_layers)):
@@ -77,7 +76,7 @@ def build_sequential_model(neox_args, parallel_output: bool = False) -> Sequenti
                 owners[spec.tie_key] = module
             layers.append(module)
     model = SequentialWrapper(layers, activation_checkpoint_interval(neox_args))
-    if getattr(neox_args, "torch_compile", False):
+    if neox_args.torch_compile:
         compile_layers(model.sequential)
     return model
 

@@ -10,13 +10,12 @@ from megatron.model.attention import build_core_attention
 from megatron.model.norms import get_norm
 from megatron.model.positional_embeddings import RotaryEmbedding, apply_rotary_pos_emb
 from megatron.model.word_embeddings import unpack_meta
-
-ACTIVATIONS = ("gelu", "relu", "silu", "swish")
+from megatron.neox_arguments.model_args import ACTIVATIONS
 
 
 def get_activation(neox_args):
     """Elementwise MLP activation. ``gelu`` is the exact (erf) GELU that HF's GPT-NeoX uses."""
-    name = getattr(neox_args, "activation", "gelu")
+    name = neox_args.activation
     if name == "gelu":
         return F.gelu
     if name == "relu":
@@ -28,7 +27,7 @@ def get_activation(neox_args):
 
 def _rotary_fn(neox_args):
     """The rotary implementation: the Triton kernel when ``rope_fusion`` is set (CUDA, eager), else PyTorch."""
-    if getattr(neox_args, "rope_fusion", False) and not getattr(neox_args, "torch_compile", False):
+    if neox_args.rope_fusion and not neox_args.torch_compile:
         from megatron.fused_kernels import fused_rotary_available, fused_apply_rotary
 
         if fused_rotary_available():
@@ -48,17 +47,16 @@ class ParallelSelfAttention(nn.Module):
                              f"num_attention_heads={self.num_heads}")
         self.head_dim = self.hidden_size // self.num_heads
         self.layer_number = layer_number
-        use_bias = bool(getattr(neox_args, "use_bias_in_attn_linear", True))
+        use_bias = bool(neox_args.use_bias_in_attn_linear)
         self.query_key_value = mpu.ColumnParallelLinear(neox_args, self.hidden_size, 3 * self.hidden_size,
                                                         bias=use_bias, gather_output=False,
                                                         init_method=init_method)
-        pos_emb = getattr(neox_args, "pos_emb", "rotary")
-        if pos_emb == "rotary":
-            rotary_pct = float(getattr(neox_args, "rotary_pct", 1.0))
+        if neox_args.pos_emb == "rotary":
+            rotary_pct = float(neox_args.rotary_pct)
             if not 0.0 < rotary_pct <= 1.0:
                 raise ValueError(f"rotary_pct must be in (0, 1], got {rotary_pct}")
             self.rotary_ndims = int(self.head_dim * rotary_pct)
-            self.rotary_emb = RotaryEmbedding(self.rotary_ndims, float(getattr(neox_args, "rotary_emb_base", 10000)))
+            self.rotary_emb = RotaryEmbedding(self.rotary_ndims, float(neox_args.rotary_emb_base))
             self.fused_rotary = _rotary_fn(neox_args)
         else:
             self.rotary_emb = None
@@ -90,8 +88,8 @@ class ParallelMLP(nn.Module):
     def __init__(self, neox_args, init_method, output_layer_init_method):
         super().__init__()
         hidden = int(neox_args.hidden_size)
-        ffn = int(getattr(neox_args, "intermediate_size", None) or 4 * hidden)
-        use_bias = bool(getattr(neox_args, "use_bias_in_mlp", True))
+        ffn = int(neox_args.intermediate_size)
+        use_bias = bool(neox_args.use_bias_in_mlp)
         self.activation_func = get_activation(neox_args)
         self.dense_h_to_4h = mpu.ColumnParallelLinear(neox_args, hidden, ffn, bias=use_bias, gather_output=False,
                                                       init_method=init_method)
@@ -113,13 +111,13 @@ class ParallelTransformerLayer(nn.Module):
         norm, eps = get_norm(neox_args)
         hidden = int(neox_args.hidden_size)
         self.layer_number = layer_number
-        self.gpt_j_residual = bool(getattr(neox_args, "gpt_j_residual", False))
-        self.gpt_j_tied = bool(getattr(neox_args, "gpt_j_tied", False))
+        self.gpt_j_residual = bool(neox_args.gpt_j_residual)
+        self.gpt_j_tied = bool(neox_args.gpt_j_tied)
         self.input_layernorm = norm(hidden, eps=eps)
         self.post_attention_layernorm = norm(hidden, eps=eps)
         self.attention = ParallelSelfAttention(neox_args, init_method, output_layer_init_method, layer_number)
         self.mlp = ParallelMLP(neox_args, init_method, output_layer_init_method)
-        self.hidden_dropout = nn.Dropout(float(getattr(neox_args, "hidden_dropout", 0.0) or 0.0))
+        self.hidden_dropout = nn.Dropout(float(neox_args.hidden_dropout))
 
     def forward(self, x: torch.Tensor, meta) -> torch.Tensor:
         if self.gpt_j_residual:

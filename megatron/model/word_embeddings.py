@@ -38,8 +38,8 @@ class Embedding(nn.Module):
         self.hidden_size = hidden_size
         self.word_embeddings = mpu.VocabParallelEmbedding(neox_args, vocab_size, hidden_size,
                                                           init_method=init_method)
-        self.use_bipe = bool(getattr(neox_args, "USE_BiPE", False))
-        self.use_learned_pos = getattr(neox_args, "pos_emb", "rotary") == "learned"
+        self.use_bipe = bool(neox_args.USE_BiPE)
+        self.use_learned_pos = neox_args.pos_emb == "learned"
         if self.use_bipe or self.use_learned_pos:
             # BiPE always adds a learned table indexed by intra-segment positions, whatever pos_emb is.
             self.position_embeddings = nn.Embedding(max_sequence_length, hidden_size)

@@ -24,7 +24,7 @@ class _ParallelLinear(nn.Module):
     def __init__(self, neox_args, input_size: int, output_size: int, bias: bool, init_method: Callable,
                  skip_bias_add: bool):
         super().__init__()
-        check_model_parallel_size(getattr(neox_args, "model_parallel_size", 1))
+        check_model_parallel_size(neox_args.model_parallel_size)
         self.input_size, self.output_size = input_size, output_size
         self.skip_bias_add = skip_bias_add
         self.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=_params_dtype(neox_args)))
@@ -69,7 +69,7 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, neox_args, num_embeddings: int, embedding_dim: int,
                  init_method: Callable = nn.init.xavier_normal_):
         super().__init__()
-        check_model_parallel_size(getattr(neox_args, "model_parallel_size", 1))
+        check_model_parallel_size(neox_args.model_parallel_size)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, dtype=_params_dtype(neox_args)))
         init_method(self.weight)

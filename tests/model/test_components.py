@@ -1,6 +1,5 @@
 """Building blocks against reference formulas: init stds, RMSNorm, ALiBi, rotary positions, registry."""
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from model_helpers import make_args
     ("wang_init", lambda L, h: 2 / (L * math.sqrt(h))),
 ])
 def test_init_std_formulas(name, expected):
-    args = SimpleNamespace(num_layers=12, hidden_size=768, init_method_std=0.02)
+    args = make_args(num_layers=12, hidden_size=768, init_method_std=0.02)
     torch.manual_seed(0)
     w = torch.empty(1024, 1024)
     init_method_by_name(name, args)(w)
@@ -42,7 +41,7 @@ def test_model_uses_configured_init():
     assert p["sequential.0.word_embeddings.weight"].std().item() == pytest.approx(small, rel=0.03)
     assert torch.count_nonzero(p["sequential.2.attention.query_key_value.bias"]) == 0
     with pytest.raises(ValueError, match="init method 'bogus'"):
-        get_init_methods(SimpleNamespace(num_layers=2, hidden_size=8, init_method="bogus"))
+        init_method_by_name("bogus", make_args())
 
 
 def test_rmsnorm_matches_gpt_neox_formula():
@@ -100,7 +99,7 @@ def test_alibi_full_attention_matches_explicit_softmax():
 
     torch.manual_seed(0)
     B, H, S, D = 2, 4, 8, 16
-    attn = FullAttention(SimpleNamespace(num_attention_heads=H, pos_emb="alibi", attention_dropout=0.0), 0)
+    attn = FullAttention(make_args(num_attention_heads=H, pos_emb="alibi", attention_dropout=0.0), 0)
     q, k, v = (torch.randn(B, H, S, D) for _ in range(3))
     pos = torch.stack([torch.arange(S), torch.tensor([0, 0, 1, 1, 1, 2, 3, 3])])  # row 1: BiPE-like ids
     meta = AttnMeta(rope_pos=pos, sep_flags=torch.zeros(B, S, dtype=torch.bool), init_start=torch.zeros(B).long())
@@ -146,17 +145,20 @@ def test_rotary_per_row_positions(dim):
 
 
 def test_attention_registry_selection_and_errors():
-    from megatron.model.attention import ATTENTION_VARIANTS, FullAttention, get_attention_class, \
-        select_attention_variant
+    from megatron.model.attention import ATTENTION_VARIANTS, FullAttention, build_core_attention, \
+        get_attention_class
 
     assert ATTENTION_VARIANTS["full"] is FullAttention
-    ns = SimpleNamespace
-    assert select_attention_variant(ns(USE_ORIGINAL_FULL_ATTEN=True)) == "full"
-    assert select_attention_variant(ns(streamingLLM=True, USE_SEP_ATTN_KERNEL_ACCELERATOR=False)) == "streamingllm"
-    assert select_attention_variant(ns(USE_SA_SOFTMAX_NO_DENO=True, USE_SEP_ATTN_KERNEL_ACCELERATOR=False)) \
-        == "sa_softmax"
-    assert select_attention_variant(ns(USE_SEP_ATTN_KERNEL_ACCELERATOR=True)) == "sep_kernel"
-    assert select_attention_variant(ns(USE_SEP_ATTN_KERNEL_ACCELERATOR=False)) == "sepllm_mask"
+
+    def variant(**flags):
+        args = make_args(USE_ORIGINAL_FULL_ATTEN=False, separator_token_ids=[5, 7], **flags)
+        return args.attention_variant, type(build_core_attention(args, 0)).__name__
+
+    assert make_args().attention_variant == "full"
+    assert variant(streamingLLM=True) == ("streamingllm", "StreamingLLMAttention")
+    assert variant(USE_SA_SOFTMAX_NO_DENO=True) == ("sa_softmax", "SASoftmaxAttention")
+    assert variant(USE_SEP_ATTN_KERNEL_ACCELERATOR=True) == ("sep_kernel", "SepKernelAttention")
+    assert variant() == ("sepllm_mask", "SepLLMMaskAttention")
     with pytest.raises(ValueError, match="attention variant 'nope'"):
         get_attention_class("nope")
 
@@ -166,7 +168,7 @@ def test_full_attention_is_causal_sdpa():
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 8, 16) for _ in range(3))
-    attn = FullAttention(SimpleNamespace(num_attention_heads=4, pos_emb="rotary", attention_dropout=0.0), 0)
+    attn = FullAttention(make_args(num_attention_heads=4, pos_emb="rotary", attention_dropout=0.0), 0)
     scores = (q @ k.transpose(-1, -2) / 4.0).masked_fill(~torch.ones(8, 8, dtype=torch.bool).tril(), -1e30)
     torch.testing.assert_close(attn(q, k, v, None), scores.softmax(-1) @ v, rtol=1e-5, atol=1e-5)
 
@@ -210,6 +212,7 @@ def test_sepllm_variant_plugs_into_the_layer():
 def test_unknown_pos_emb_is_rejected():
     from megatron.model import gpt2_layer_specs
 
+    args = make_args()
+    args.pos_emb = "sinusoidal"  # past the config's own check of the key's choices
     with pytest.raises(ValueError, match="pos_emb 'sinusoidal'"):
-        gpt2_layer_specs(SimpleNamespace(num_layers=1, hidden_size=8, num_attention_heads=2, padded_vocab_size=8,
-                                         pos_emb="sinusoidal"))
+        gpt2_layer_specs(args)

@@ -30,18 +30,13 @@ def test_fused_rotary_matches_reference(dtype, rot):
 
 
 def test_model_with_rope_fusion_matches_pytorch_path():
-    from types import SimpleNamespace
-
     from megatron.model import build_sequential_model
+    from model_helpers import make_args
 
-    base = dict(num_layers=2, hidden_size=256, num_attention_heads=4, seq_length=128, max_position_embeddings=128,
-                padded_vocab_size=512, pos_emb="rotary", rotary_pct=0.25, rotary_emb_base=10000,
-                gpt_j_residual=True, norm="layernorm", layernorm_epsilon=1e-5, no_weight_tying=True,
-                init_method="small_init", output_layer_init_method="wang_init", hidden_dropout=0.0,
-                attention_dropout=0.0, USE_ORIGINAL_FULL_ATTEN=True)
+    shape = dict(hidden_size=256, seq_length=128, max_position_embeddings=128, padded_vocab_size=512)
     torch.manual_seed(0)
-    plain = build_sequential_model(SimpleNamespace(**base)).cuda()
-    fused = build_sequential_model(SimpleNamespace(**base, rope_fusion=True)).cuda()
+    plain = build_sequential_model(make_args(**shape)).cuda()
+    fused = build_sequential_model(make_args(**shape, rope_fusion=True)).cuda()
     fused.load_state_dict(plain.state_dict())
     assert fused.sequential[2].attention.fused_rotary is not None
     ids = torch.randint(0, 512, (2, 128), device="cuda")

@@ -1,6 +1,5 @@
 """Brute-force twins of the SepLLM rule, written from the reference text (loops, no shared code)."""
 import math
-from types import SimpleNamespace
 
 import torch
 
@@ -97,19 +96,24 @@ def alibi(slopes, pos):
     return out
 
 
+# A tiny model in SepLLM kernel mode; every SepLLM/SA key keeps its declared (the reference's) default.
+BASE = dict(num_layers=2, hidden_size=16, num_attention_heads=2, seq_length=64, padded_vocab_size=128,
+            pos_emb="rotary", attention_dropout=0.0, separator_token_ids=list(SEPS))
+
+
 def args(**overrides):
-    """A configuration object with the reference's defaults for the SepLLM/SA keys."""
-    base = dict(
-        num_layers=2, num_attention_heads=2, seq_length=64, pos_emb="rotary", rope_fusion=False,
-        attention_dropout=0.0, separator_token_ids=list(SEPS), PADDING_ID=0, prefill_k=0, generate_k=0,
-        prefill_local_window_size=256, generate_local_window_size=256,
-        USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS=False, USE_GENERATE_LOCAL_WIN_SIZES_wrt_LAYERS=False,
-        prefill_loc_win_size_list=None, generate_win_loc_size_list=None, init_tok_max_idx=2,
-        USE_ORIGINAL_FULL_ATTEN=False, streamingLLM=False, USE_SEP_ATTN_KERNEL_ACCELERATOR=True,
-        RECOMPILE_SEP_ATTN_KERNEL=False, BATCH_ADAPTIVE_INIT_POS=False, PRINT_KV_RATIO=False,
-        print_ratio_intervals=8000, USE_BiPE=False, BiPE_seps=None, EXCLUDE_DIAGONAL=True,
-        _DEFAULT_SPARSE_BLOCK_SIZE=128, USE_SA_SOFTMAX=False, USE_SA_SOFTMAX_NO_DENO=False,
-        SA_Numerator_Bias=0.0, SA_Denominator_Bias=1e-10, attention_config=None, rank=0,
-    )
-    base.update(overrides)
-    return SimpleNamespace(**base)
+    """The resolved configuration (``NeoXArgs``, derived and validated) of BASE with ``overrides``."""
+    from megatron.neox_arguments import Environment, NeoXArgs
+
+    return NeoXArgs.from_dict({**BASE, **overrides}, env=Environment(cuda_device_count=0, environ={}))
+
+
+def unvalidated(**overrides):
+    """The resolved configuration of BASE, then ``overrides`` set as they are: the values the SepLLM
+    checker itself is given to judge, before validation could refuse or rewrite them."""
+    config = args()
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise KeyError(f"{key!r} is not a configuration field")
+        setattr(config, key, value)
+    return config

@@ -9,11 +9,11 @@ from tests.sepllm import brute
 
 def _fails(key, **overrides):
     with pytest.raises(ValueError, match=f"'{key}'"):
-        check_sepllm_args(brute.args(**overrides))
+        check_sepllm_args(brute.unvalidated(**overrides))
 
 
 def test_valid_sepllm_kernel_config_passes_unchanged():
-    args = brute.args()
+    args = brute.unvalidated()
     assert check_sepllm_args(args) == []
     assert args.USE_SEP_ATTN_KERNEL_ACCELERATOR is True
 
@@ -26,7 +26,7 @@ def test_rule1_at_most_one_mode():
 
 @pytest.mark.parametrize("mode", ["USE_ORIGINAL_FULL_ATTEN", "streamingLLM", "USE_SA_SOFTMAX"])
 def test_rule1_fix_default_kernel_flag_gives_way(mode, capsys):
-    args = brute.args(**{mode: True})  # kernel flag left at its default True
+    args = brute.unvalidated(**{mode: True})  # kernel flag left at its default True
     lines = check_sepllm_args(args)
     assert args.USE_SEP_ATTN_KERNEL_ACCELERATOR is False
     assert ">> USE_SEP_ATTN_KERNEL_ACCELERATOR: True ----changed to----> False" in lines
@@ -34,7 +34,7 @@ def test_rule1_fix_default_kernel_flag_gives_way(mode, capsys):
 
 
 def test_rule2_full_attention_rewrites():
-    args = brute.args(USE_ORIGINAL_FULL_ATTEN=True, USE_SEP_ATTN_KERNEL_ACCELERATOR=False, seq_length=64,
+    args = brute.unvalidated(USE_ORIGINAL_FULL_ATTEN=True, USE_SEP_ATTN_KERNEL_ACCELERATOR=False, seq_length=64,
                       USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS=True, prefill_loc_win_size_list=[64, 8],
                       USE_BiPE=True, BiPE_seps=[3], PRINT_KV_RATIO=True, BATCH_ADAPTIVE_INIT_POS=True,
                       attention_config=["global", "local"])
@@ -45,13 +45,13 @@ def test_rule2_full_attention_rewrites():
                 or args.BATCH_ADAPTIVE_INIT_POS)
     assert args.BiPE_seps is None and args.attention_config == ["global", "global"]
     assert ">> separator_token_ids: [3, 7] ----changed to----> [-1]" in lines
-    compact = brute.args(USE_ORIGINAL_FULL_ATTEN=True, attention_config=[[["local"], 2]])
+    compact = brute.unvalidated(USE_ORIGINAL_FULL_ATTEN=True, attention_config=[[["local"], 2]])
     check_sepllm_args(compact)
     assert compact.attention_config == [[["global"], 2]]
 
 
 def test_rule3_streaming_constraints():
-    args = brute.args(streamingLLM=True, USE_SEP_ATTN_KERNEL_ACCELERATOR=False, separator_token_ids=None)
+    args = brute.unvalidated(streamingLLM=True, USE_SEP_ATTN_KERNEL_ACCELERATOR=False, separator_token_ids=None)
     assert check_sepllm_args(args) == [">> separator_token_ids: None ----changed to----> [-1]"]
     _fails("USE_BiPE", streamingLLM=True, USE_SEP_ATTN_KERNEL_ACCELERATOR=False, USE_BiPE=True, BiPE_seps=[3])
     _fails("init_tok_max_idx", streamingLLM=True, USE_SEP_ATTN_KERNEL_ACCELERATOR=False, init_tok_max_idx=-1)
@@ -63,14 +63,16 @@ def test_rule3_streaming_constraints():
 def test_rule4_sa_needs_global_attention():
     _fails("attention_config", USE_SA_SOFTMAX_NO_DENO=True, USE_SEP_ATTN_KERNEL_ACCELERATOR=False,
            attention_config=[[["local"], 2]])
-    assert check_sepllm_args(brute.args(USE_SA_SOFTMAX=True, USE_SEP_ATTN_KERNEL_ACCELERATOR=False,
+    assert check_sepllm_args(brute.unvalidated(USE_SA_SOFTMAX=True, USE_SEP_ATTN_KERNEL_ACCELERATOR=False,
                                         separator_token_ids=[-1])) == []
 
 
 def test_rule5_kernel_torch_version(monkeypatch):
+    kernel, mask = brute.unvalidated(), brute.unvalidated(USE_SEP_ATTN_KERNEL_ACCELERATOR=False)
     monkeypatch.setattr(torch, "__version__", "2.4.1+cpu")
-    _fails("USE_SEP_ATTN_KERNEL_ACCELERATOR")
-    assert check_sepllm_args(brute.args(USE_SEP_ATTN_KERNEL_ACCELERATOR=False)) == []
+    with pytest.raises(ValueError, match="'USE_SEP_ATTN_KERNEL_ACCELERATOR'"):
+        check_sepllm_args(kernel)
+    assert check_sepllm_args(mask) == []
 
 
 def test_rule5_separator_ids():
@@ -80,7 +82,7 @@ def test_rule5_separator_ids():
 
 
 def test_rule5_separators_derived_from_pythia_tokenizer(pythia_tokenizer_path, capsys):
-    args = brute.args(separator_token_ids=None, tokenizer_type="HFTokenizer", vocab_file=str(pythia_tokenizer_path),
+    args = brute.unvalidated(separator_token_ids=None, tokenizer_type="HFTokenizer", vocab_file=str(pythia_tokenizer_path),
                       merge_file=None, make_vocab_size_divisible_by=128, model_parallel_size=1)
     lines = check_sepllm_args(args)
     assert args.separator_token_ids == [15, 13, 32, 2, 28, 27, 209, 186, 187]
@@ -100,11 +102,11 @@ def test_rule6_padding_id_and_windows():
 
 def test_rule7_recompile_needs_kernel():
     _fails("RECOMPILE_SEP_ATTN_KERNEL", RECOMPILE_SEP_ATTN_KERNEL=True, USE_SEP_ATTN_KERNEL_ACCELERATOR=False)
-    assert check_sepllm_args(brute.args(RECOMPILE_SEP_ATTN_KERNEL=True)) == []
+    assert check_sepllm_args(brute.unvalidated(RECOMPILE_SEP_ATTN_KERNEL=True)) == []
 
 
 def test_rule8_differing_windows_is_a_note(capsys):
-    assert check_sepllm_args(brute.args(generate_local_window_size=64)) == []
+    assert check_sepllm_args(brute.unvalidated(generate_local_window_size=64)) == []
     assert "differs from prefill_local_window_size" in capsys.readouterr().out
 
 
@@ -116,7 +118,7 @@ def test_rule9_per_layer_lists():
 
 def test_rule10_init_tok_max_idx():
     _fails("init_tok_max_idx", init_tok_max_idx=-2)
-    assert check_sepllm_args(brute.args(init_tok_max_idx=-1)) == []
+    assert check_sepllm_args(brute.unvalidated(init_tok_max_idx=-1)) == []
 
 
 def test_rule11_bipe():
@@ -127,7 +129,7 @@ def test_rule11_bipe():
 
 
 def test_rule12_adaptive_init_warning(capsys):
-    assert check_sepllm_args(brute.args(BATCH_ADAPTIVE_INIT_POS=True)) == []
+    assert check_sepllm_args(brute.unvalidated(BATCH_ADAPTIVE_INIT_POS=True)) == []
     assert "BATCH_ADAPTIVE_INIT_POS is meant for left-padded evaluation" in capsys.readouterr().out
 
 

@@ -85,12 +85,11 @@ def load(mode: Path, corpus: str, tokenizer: Path, layers: int = 4, char_level: 
 
 @pytest.mark.parametrize("mode", MODES, ids=[m.stem for m in MODES])
 def test_config_loads_and_trains_three_steps(mode, corpus, pythia_tokenizer_path):
-    from megatron.model.attention import select_attention_variant
     from megatron.model.layer_list import build_sequential_model
 
     load(mode, corpus, pythia_tokenizer_path)  # as written: Pythia tokenizer
     args = load(mode, corpus, pythia_tokenizer_path, char_level=True)
-    variant = select_attention_variant(args)
+    variant = args.attention_variant
     expected = ("full" if "vanilla" in mode.name else "streamingllm" if "streaming" in mode.name else
                 "sa_softmax" if mode.name.startswith("sa-") else
                 "sepllm_mask" if "NOkernel" in mode.name else "sep_kernel")

@@ -155,7 +155,7 @@ def test_meta_streaming_full_and_windows():
     meta = build_attn_meta(ids, None, brute.args())
     assert torch.equal(meta.sep_flags, rule.separator_flags(ids, SEPS))
     with pytest.raises(ValueError, match="window must be >= 1"):
-        SepLLMMaskAttention(brute.args(prefill_local_window_size=0), 0)
+        SepLLMMaskAttention(brute.unvalidated(prefill_local_window_size=0), 0)  # the layer's own guard
 
 
 def test_compiled_layers_see_each_micro_batch_own_separators():

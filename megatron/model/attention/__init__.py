@@ -1,9 +1,11 @@
 """Core attention variants behind one interface, selected by configuration.
 
 Every variant is ``cls(neox_args, layer_number)`` with ``forward(q, k, v, meta) -> out`` (``[B, H, S, D]``,
-see docs/internals.md). Adding a variant: one module and one line in ``_VARIANT_MODULES`` (and the flag that
-selects it in :func:`select_attention_variant`). Variants other than ``full`` are imported lazily so that a
-missing or broken optional module only matters to runs that select it.
+see docs/internals.md). The configuration's ``attention_variant`` names the one a run uses; derivation
+settles it from the SepLLM mode flags. Adding a variant: one module, one line in ``_VARIANT_MODULES``, its
+name in ``ATTENTION_VARIANT_NAMES`` (megatron/neox_arguments/sepllm_args.py) and the flag that selects
+it in ``attention_variant`` (megatron/neox_arguments/derive.py). Variants other than ``full`` are
+imported lazily so that a missing or broken optional module only matters to runs that select it.
 """
 import importlib
 
@@ -20,20 +22,6 @@ _VARIANT_MODULES = {
 }
 
 ATTENTION_VARIANTS = {"full": FullAttention}
-
-
-def select_attention_variant(neox_args) -> str:
-    """Name of the variant the SepLLM mode flags select (priority as the reference's checker)."""
-    if getattr(neox_args, "USE_ORIGINAL_FULL_ATTEN", False):
-        return "full"
-    if getattr(neox_args, "streamingLLM", False):
-        return "streamingllm"
-    if getattr(neox_args, "USE_SA_SOFTMAX", False) or getattr(neox_args, "USE_SA_SOFTMAX_NO_DENO", False):
-        return "sa_softmax"
-    # The reference defaults the kernel flag to True.
-    if getattr(neox_args, "USE_SEP_ATTN_KERNEL_ACCELERATOR", True):
-        return "sep_kernel"
-    return "sepllm_mask"
 
 
 def get_attention_class(name: str) -> type:
@@ -58,4 +46,4 @@ def get_attention_class(name: str) -> type:
 
 def build_core_attention(neox_args, layer_number: int):
     """The configured core attention module for 0-based ``layer_number``."""
-    return get_attention_class(select_attention_variant(neox_args))(neox_args, layer_number)
+    return get_attention_class(neox_args.attention_variant)(neox_args, layer_number)

@@ -83,8 +83,8 @@ class SepKernelAttention(SepLLMMaskAttention):
 
     def __init__(self, neox_args, layer_number: int):
         super().__init__(neox_args, layer_number)
-        self.block_size = int(getattr(neox_args, "_DEFAULT_SPARSE_BLOCK_SIZE", 128))
-        self.compile_block_mask = bool(getattr(neox_args, "RECOMPILE_SEP_ATTN_KERNEL", False))
+        self.block_size = int(neox_args._DEFAULT_SPARSE_BLOCK_SIZE)
+        self.compile_block_mask = bool(neox_args.RECOMPILE_SEP_ATTN_KERNEL)
 
     def block_mask(self, meta, q_len: int, kv_len: int):
         """This layer's BlockMask for the micro-batch (shared with every layer of the same window)."""

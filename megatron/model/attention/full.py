@@ -17,8 +17,8 @@ class FullAttention(nn.Module):
     def __init__(self, neox_args, layer_number: int):
         super().__init__()
         self.layer_number = layer_number
-        self.dropout_p = float(getattr(neox_args, "attention_dropout", 0.0) or 0.0)
-        self.use_alibi = getattr(neox_args, "pos_emb", "rotary") == "alibi"
+        self.dropout_p = float(neox_args.attention_dropout)
+        self.use_alibi = neox_args.pos_emb == "alibi"
         if self.use_alibi:
             self.register_buffer("alibi_slopes",
                                  torch.tensor(alibi_slopes(int(neox_args.num_attention_heads))),

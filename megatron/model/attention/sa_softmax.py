@@ -40,14 +40,14 @@ class SASoftmaxAttention(SepLLMMaskAttention):
 
     def __init__(self, neox_args, layer_number: int):
         super().__init__(neox_args, layer_number)
-        plain = bool(getattr(neox_args, "USE_SA_SOFTMAX", False))
-        no_deno = bool(getattr(neox_args, "USE_SA_SOFTMAX_NO_DENO", False))
+        plain = bool(neox_args.USE_SA_SOFTMAX)
+        no_deno = bool(neox_args.USE_SA_SOFTMAX_NO_DENO)
         if plain == no_deno:
             raise ValueError("sa_softmax attention needs exactly one of USE_SA_SOFTMAX and "
                              f"USE_SA_SOFTMAX_NO_DENO set (got {plain} and {no_deno})")
         self.normalised = plain
-        self.numerator_bias = float(getattr(neox_args, "SA_Numerator_Bias", 0.0))
-        self.denominator_bias = float(getattr(neox_args, "SA_Denominator_Bias", 1e-10))
+        self.numerator_bias = float(neox_args.SA_Numerator_Bias)
+        self.denominator_bias = float(neox_args.SA_Denominator_Bias)
 
     def forward(self, q, k, v, meta):
         scale = q.shape[-1] ** -0.5

@@ -45,12 +45,11 @@ class _Checker:
     def __init__(self, args):
         self.args = args
         self.changes: List[str] = []
-        rank = getattr(args, "rank", None)
-        self.verbose = rank in (None, 0)
+        self.verbose = args.rank in (None, 0)
 
     # -- helpers -----------------------------------------------------------------------------------
-    def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self.args, key, default)
+    def get(self, key: str) -> Any:
+        return getattr(self.args, key)
 
     def say(self, line: str):
         if self.verbose:
@@ -69,8 +68,8 @@ class _Checker:
     def fail(key: str, message: str):
         raise ValueError(f"SepLLM argument check failed for '{key}': {message}")
 
-    def flag(self, key: str, default: bool = False) -> bool:
-        value = self.get(key, default)
+    def flag(self, key: str) -> bool:
+        value = self.get(key)
         if not isinstance(value, bool):
             self.fail(key, f"must be true or false, got {value!r}")
         return value
@@ -112,7 +111,7 @@ class _Checker:
     def run(self) -> List[str]:
         self.say("> SepLLM: checking arguments")
         others = [key for key in MODE_FLAGS if key != KERNEL_FLAG and self.flag(key)]
-        kernel = self.flag(KERNEL_FLAG, True)
+        kernel = self.flag(KERNEL_FLAG)
         if len(others) > 1:
             self.fail(others[1], f"at most one of {MODE_FLAGS} may be true; {others} are all true")
         if others and kernel:
@@ -158,7 +157,7 @@ class _Checker:
             self.set("separator_token_ids", [-1])
         if self.flag("USE_BiPE"):
             self.fail("USE_BiPE", "StreamingLLM training does not support BiPE; set it false")
-        init = self.get("init_tok_max_idx", 2)
+        init = self.get("init_tok_max_idx")
         if not isinstance(init, int) or init < 0:
             self.fail("init_tok_max_idx", f"StreamingLLM needs initial tokens (>= 0), got {init!r}")
         for key in ("USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS", "USE_GENERATE_LOCAL_WIN_SIZES_wrt_LAYERS"):
@@ -185,15 +184,15 @@ class _Checker:
             self.fail("separator_token_ids", f"entries must be non-negative integer ids, got {list(seps)!r}")
 
     def common_rules(self):
-        if self.get("PADDING_ID", 0) != 0:
+        if self.get("PADDING_ID") != 0:
             self.fail("PADDING_ID", f"must be 0 for Pythia / GPT-NeoX tokenizers, got {self.get('PADDING_ID')!r}")
         for key in ("generate_local_window_size", "prefill_local_window_size"):
-            value = self.get(key, 256)
+            value = self.get(key)
             if not isinstance(value, int) or value < 1:
                 self.fail(key, f"must be an integer >= 1 (a window of 1 keeps the diagonal), got {value!r}")
-        if self.flag("RECOMPILE_SEP_ATTN_KERNEL") and not self.flag(KERNEL_FLAG, True):
+        if self.flag("RECOMPILE_SEP_ATTN_KERNEL") and not self.flag(KERNEL_FLAG):
             self.fail("RECOMPILE_SEP_ATTN_KERNEL", f"only meaningful with {KERNEL_FLAG}: true")
-        if self.get("generate_local_window_size", 256) != self.get("prefill_local_window_size", 256):
+        if self.get("generate_local_window_size") != self.get("prefill_local_window_size"):
             self.say("> SepLLM note: generate_local_window_size differs from prefill_local_window_size; "
                      "keeping them equal is recommended")
         num_layers = self.get("num_layers")
@@ -213,16 +212,16 @@ class _Checker:
                 self.get("generate_win_loc_size_list") != self.get("prefill_loc_win_size_list"):
             self.say("> SepLLM note: generate_win_loc_size_list differs from prefill_loc_win_size_list; "
                      "keeping them equal is recommended")
-        init = self.get("init_tok_max_idx", 2)
+        init = self.get("init_tok_max_idx")
         if not isinstance(init, int) or init < -1:
             self.fail("init_tok_max_idx", f"must be an integer >= -1 (-1 keeps no initial token), got {init!r}")
         if self.flag("USE_BiPE"):
             seps = self.get("BiPE_seps")
             if not isinstance(seps, (list, tuple)) or not seps or list(seps) == [-1]:
                 self.fail("BiPE_seps", f"USE_BiPE needs a non-empty list of separator ids, got {seps!r}")
-            if self.get("rope_fusion", False):
+            if self.get("rope_fusion"):
                 self.fail("rope_fusion", "must be false with USE_BiPE (rotary is gathered at BiPE positions)")
-            if self.get("pos_emb", "rotary") not in ("rotary", "alibi"):
+            if self.get("pos_emb") not in ("rotary", "alibi"):
                 self.fail("pos_emb", f"USE_BiPE needs rotary or alibi, got {self.get('pos_emb')!r}")
         if self.flag("BATCH_ADAPTIVE_INIT_POS"):
             self.say("> SepLLM warning: BATCH_ADAPTIVE_INIT_POS is meant for left-padded evaluation; "
@@ -237,7 +236,7 @@ def derive_separator_ids(args) -> List[int]:
     except ImportError as err:
         raise ValueError("SepLLM argument check failed for 'separator_token_ids': it is not set and the "
                          f"tokenizer module to derive it is unavailable ({err}); set it explicitly") from err
-    if getattr(args, "tokenizer_type", None) is None:
+    if args.tokenizer_type is None:
         raise ValueError("SepLLM argument check failed for 'separator_token_ids': it is not set and no "
                          "tokenizer_type is configured to derive it from")
     ids = [int(t) for t in separator_ids(build_tokenizer(args))]

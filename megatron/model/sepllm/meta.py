@@ -23,10 +23,6 @@ def token_flags(input_ids: torch.Tensor, token_ids: Optional[Sequence[int]]) -> 
     return separator_flags(input_ids, token_ids)
 
 
-def _sepllm_active(neox_args) -> bool:
-    return not getattr(neox_args, "USE_ORIGINAL_FULL_ATTEN", False)
-
-
 def build_attn_meta(input_ids: torch.Tensor, position_ids: Optional[torch.Tensor], neox_args) -> AttnMeta:
     """Builds the :class:`AttnMeta` of one micro-batch from its token ids.
 
@@ -37,18 +33,19 @@ def build_attn_meta(input_ids: torch.Tensor, position_ids: Optional[torch.Tensor
     if position_ids is None:
         position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(bsz, seq)
     rope_pos = position_ids
-    if getattr(neox_args, "USE_BiPE", False):
+    if neox_args.USE_BiPE:
         _, rope_pos = bipe_positions(input_ids, neox_args.BiPE_seps)
-    if _sepllm_active(neox_args) and not getattr(neox_args, "streamingLLM", False):
-        sep_flags = token_flags(input_ids, getattr(neox_args, "separator_token_ids", None))
+    variant = neox_args.attention_variant
+    if variant not in ("full", "streamingllm"):
+        sep_flags = token_flags(input_ids, neox_args.separator_token_ids)
     else:
         sep_flags = torch.zeros_like(input_ids, dtype=torch.bool)
-    if _sepllm_active(neox_args) and getattr(neox_args, "BATCH_ADAPTIVE_INIT_POS", False):
+    if variant != "full" and neox_args.BATCH_ADAPTIVE_INIT_POS:
         init_start = adaptive_init_start(input_ids, neox_args.PADDING_ID)
     else:
         init_start = torch.zeros(bsz, dtype=torch.long, device=input_ids.device)
     meta = AttnMeta(rope_pos.long(), sep_flags, init_start)
-    if getattr(neox_args, "PRINT_KV_RATIO", False) and torch.is_grad_enabled():
+    if neox_args.PRINT_KV_RATIO and torch.is_grad_enabled():
         # Training forwards only (evaluation runs without gradients); counts stay on the device.
         from megatron.model.sepllm.stats import observe_forward
 

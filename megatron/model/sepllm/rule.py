@@ -221,7 +221,7 @@ def layer_windows(args, num_layers: int, phase: str = "prefill") -> List[int]:
                 "generate_win_loc_size_list")
     else:
         raise ValueError(f"phase must be 'prefill' or 'generate', got {phase!r}")
-    scalar, flag, lst = (getattr(args, key, None) for key in keys)
+    scalar, flag, lst = (getattr(args, key) for key in keys)
     return [select_window(i, scalar, bool(flag), lst, num_layers) for i in range(num_layers)]
 
 

@@ -27,11 +27,11 @@ class LayerSettings:
                              "(prefill_local_window_size / prefill_loc_win_size_list)")
         return cls(
             window=window,
-            num_init=rule.num_initial_tokens(getattr(neox_args, "init_tok_max_idx", 2)),
-            exclude_diagonal=bool(getattr(neox_args, "EXCLUDE_DIAGONAL", True)),
-            use_alibi=getattr(neox_args, "pos_emb", "rotary") == "alibi",
+            num_init=rule.num_initial_tokens(neox_args.init_tok_max_idx),
+            exclude_diagonal=bool(neox_args.EXCLUDE_DIAGONAL),
+            use_alibi=neox_args.pos_emb == "alibi",
             num_heads=int(neox_args.num_attention_heads),
-            attention_dropout=float(getattr(neox_args, "attention_dropout", 0.0) or 0.0),
+            attention_dropout=float(neox_args.attention_dropout),
         )
 
 

@@ -73,18 +73,16 @@ class KVRatioTracker:
 
     def __init__(self, neox_args, force: bool = False):
         self.args = neox_args
-        from megatron.model.attention import select_attention_variant
-
-        mode = select_attention_variant(neox_args)
-        self.enabled = (force or bool(getattr(neox_args, "PRINT_KV_RATIO", False))) and mode != "full"
-        self.interval = int(getattr(neox_args, "print_ratio_intervals", 8000) or 8000)
+        mode = neox_args.attention_variant
+        self.enabled = (force or bool(neox_args.PRINT_KV_RATIO)) and mode != "full"
+        self.interval = int(neox_args.print_ratio_intervals)
         if self.interval < 1:
             raise ValueError(f"print_ratio_intervals must be >= 1, got {self.interval}")
         self.use_separators = mode != "streamingllm"
         self.num_layers = int(neox_args.num_layers)
         self.windows = rule.layer_windows(neox_args, self.num_layers, "prefill") if self.enabled else []
-        self.num_init = rule.num_initial_tokens(getattr(neox_args, "init_tok_max_idx", 2))
-        self.exclude_diagonal = bool(getattr(neox_args, "EXCLUDE_DIAGONAL", True))
+        self.num_init = rule.num_initial_tokens(neox_args.init_tok_max_idx)
+        self.exclude_diagonal = bool(neox_args.EXCLUDE_DIAGONAL)
         self._since: Optional[torch.Tensor] = None  # counts since the last summary
         self._since_shape = [0, 0]  # rows, seq
         self._total: Optional[torch.Tensor] = None  # counts since the start
