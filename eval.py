@@ -47,8 +47,8 @@ def main(argv=None) -> int:
         neox_args = NeoXArgs.consume_neox_args(argv if argv is not None else None)
         if int(os.environ.get("RANK", "0")) != 0:
             return 0
-        tasks = tasks or getattr(neox_args, "eval_tasks", None)
-        prefix = prefix if prefix is not None else getattr(neox_args, "eval_results_prefix", "")
+        tasks = tasks or neox_args.eval_tasks
+        prefix = prefix if prefix is not None else neox_args.eval_results_prefix
         model, tokenizer = load_from_neox_args(neox_args, device)
     elif args.model_dir:
         from megatron.hf.loading import load_export

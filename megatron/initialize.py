@@ -25,17 +25,14 @@ def _default_single_process_env() -> None:
 
 
 def build_topology(neox_args):
-    """DeepSpeed's pipe x data x model grid for this job.
-
-    ``pipe_parallel_size`` 0 (sequential model) and 1 both mean one pipeline stage.
-    """
+    """DeepSpeed's pipe x data x model grid for this job (``pipe_stages``: derivation counts the sequential
+    model, ``pipe_parallel_size`` 0, as one stage)."""
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     world = torch.distributed.get_world_size()
-    pp = max(int(getattr(neox_args, "pipe_parallel_size", 0) or 0), 1)
-    mp = max(int(getattr(neox_args, "model_parallel_size", 1) or 1), 1)
+    pp, mp = int(neox_args.pipe_stages), int(neox_args.model_parallel_size)
     if world % (pp * mp) != 0:
-        raise ValueError(f"world size {world} is not divisible by pipe_parallel_size ({pp}) x "
+        raise ValueError(f"world size {world} is not divisible by pipe_stages ({pp}) x "
                          f"model_parallel_size ({mp})")
     return PipeModelDataParallelTopology(num_pp=pp, num_mp=mp, num_dp=world // (pp * mp))
 
@@ -103,5 +100,5 @@ def initialize_megatron(neox_args):
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     topology = build_topology(neox_args)
     pipe_rank = topology.get_coord(neox_args.rank).pipe
-    set_random_seed(getattr(neox_args, "seed", 1234), pipe_rank)
+    set_random_seed(neox_args.seed, pipe_rank)
     return topology, device

@@ -163,8 +163,8 @@ def build_train_valid_test_datasets(data_prefix, splits_string, num_samples, neo
 
 def _paths_and_weights(neox_args, split: str):
     key = f"{split}_data_paths"
-    paths = list(getattr(neox_args, key, None) or [])
-    weights = getattr(neox_args, f"{split}_data_weights", None)
+    paths = list(getattr(neox_args, key) or [])
+    weights = getattr(neox_args, f"{split}_data_weights")
     if weights is None or len(weights) == 0:
         weights = [1.0] * len(paths)
     if len(weights) != len(paths):
@@ -198,9 +198,9 @@ def build_weighted_datasets(neox_args, num_samples):
         return result
 
     weights = [w for _, w in per_split]
-    if getattr(neox_args, "weight_by_num_documents", False):
+    if neox_args.weight_by_num_documents:
         # GPT-NeoX: weights from document counts replace the configured ones.
-        alpha = float(getattr(neox_args, "weighted_sampler_alpha", 0.3))
+        alpha = float(neox_args.weighted_sampler_alpha)
         probes = build(weights, build_index_mappings=False)
         weights = [
             weights_by_num_docs([d.indexed_dataset.sizes.shape[0] for d in ds], alpha) if ds else w
@@ -213,9 +213,9 @@ def build_weighted_datasets(neox_args, num_samples):
 def build_train_valid_test_datasets_from_args(neox_args):
     """The three datasets (None where a split is empty), from data_path/split or the per-split paths."""
     num_samples = samples_per_split(neox_args)
-    if getattr(neox_args, "train_data_paths", None):
+    if neox_args.train_data_paths:
         return build_weighted_datasets(neox_args, num_samples)
-    if getattr(neox_args, "data_path", None):
+    if neox_args.data_path:
         return build_train_valid_test_datasets(neox_args.data_path, neox_args.split, num_samples, neox_args)
     raise ValueError("no training data configured: set data_path (with split) or train_data_paths")
 
@@ -230,17 +230,17 @@ def data_parallel_rank_and_size(neox_args) -> tuple[int, int]:
     global rank = (pipe * dp + data) * mp + model.
     """
     dp = int(neox_args.data_parallel_size)
-    mp = max(1, int(getattr(neox_args, "model_parallel_size", 1) or 1))
+    mp = int(neox_args.model_parallel_size)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        pp = max(1, int(getattr(neox_args, "pipe_parallel_size", 1) or 1))
+        pp = int(neox_args.pipe_stages)
         if world != dp * mp * pp:
             raise ValueError(
                 f"world size {world} != data_parallel_size {dp} x model_parallel_size {mp} x "
-                f"pipe_parallel_size {pp}"
+                f"pipe_stages {pp}"
             )
     else:
-        rank = int(getattr(neox_args, "rank", 0) or 0)
+        rank = int(neox_args.rank or 0)
     return (rank // mp) % dp, dp
 
 
@@ -259,7 +259,7 @@ def make_data_loader(dataset, consumed_samples: int, neox_args):
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
-        num_workers=int(getattr(neox_args, "num_workers", 0) or 0),
+        num_workers=int(neox_args.num_workers),
         pin_memory=torch.cuda.is_available(),
     )
 
@@ -276,7 +276,7 @@ def build_train_valid_test_data_iterators(neox_args):
     print_rank_0("> building train, validation, and test datasets ...")
     train_ds, valid_ds, test_ds = build_train_valid_test_datasets_from_args(neox_args)
 
-    iteration = int(getattr(neox_args, "iteration", 0) or 0)
+    iteration = int(neox_args.iteration or 0)
     batch = int(neox_args.train_batch_size)
     train_consumed = iteration * batch
     valid_consumed = (iteration // int(neox_args.eval_interval)) * int(neox_args.eval_iters) * batch

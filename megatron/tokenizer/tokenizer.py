@@ -245,12 +245,6 @@ class CharLevelTokenizer(AbstractTokenizer):
         return b[0] if len(b) == 1 else None
 
 
-def _arg(args, name, default=None):
-    if isinstance(args, dict):
-        return args.get(name, default)
-    return getattr(args, name, default)
-
-
 def make_tokenizer(tokenizer_type: str, vocab_file=None, merge_file=None) -> AbstractTokenizer:
     """The tokenizer of one type, without touching any configuration object."""
     if tokenizer_type == "HFTokenizer":
@@ -266,17 +260,13 @@ def make_tokenizer(tokenizer_type: str, vocab_file=None, merge_file=None) -> Abs
 
 def build_tokenizer(args) -> AbstractTokenizer:
     """Build the tokenizer named by ``args.tokenizer_type`` and set ``args.padded_vocab_size``."""
-    tokenizer_type = _arg(args, "tokenizer_type")
+    tokenizer_type = args.tokenizer_type
     if tokenizer_type is None:
         raise TokenizerError("tokenizer-type is not set")
-    if _arg(args, "rank", 0) == 0:
+    if args.rank == 0:
         print(f"> building {tokenizer_type} tokenizer ...", flush=True)
-    tokenizer = make_tokenizer(tokenizer_type, _arg(args, "vocab_file"), _arg(args, "merge_file"))
-    padded = _vocab_size_with_padding(tokenizer.vocab_size, args)
-    if isinstance(args, dict):
-        args["padded_vocab_size"] = padded
-    else:
-        args.padded_vocab_size = padded
+    tokenizer = make_tokenizer(tokenizer_type, args.vocab_file, args.merge_file)
+    args.padded_vocab_size = _vocab_size_with_padding(tokenizer.vocab_size, args)
     return tokenizer
 
 
@@ -285,13 +275,11 @@ def _vocab_size_with_padding(orig_vocab_size: int, args) -> int:
 
     The padding keeps the embedding matrix evenly split across tensor-parallel ranks and GPU-friendly.
     """
-    divisible_by = _arg(args, "make_vocab_size_divisible_by", 128) or 1
-    mp = _arg(args, "model_parallel_size", 1) or 1
-    multiple = int(divisible_by) * int(mp)
+    multiple = int(args.make_vocab_size_divisible_by) * int(args.model_parallel_size)
     if multiple <= 0:
         raise TokenizerError(f"make-vocab-size-divisible-by x model-parallel-size must be positive, got {multiple}")
     after = -(-int(orig_vocab_size) // multiple) * multiple
-    if _arg(args, "rank", 0) == 0:
+    if args.rank == 0:
         print(f" > padded vocab (size: {orig_vocab_size}) with {after - orig_vocab_size} dummy tokens "
               f"(new size: {after})", flush=True)
     return after

@@ -1,6 +1,4 @@
 """Splits, weights, sample counts and dataset construction from the configuration; bad input named."""
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 
@@ -12,7 +10,7 @@ from megatron.data.data_utils import (
     get_train_valid_test_split_,
     samples_per_split,
 )
-from corpus_utils import write_corpus as _write_corpus
+from corpus_utils import data_config, write_corpus as _write_corpus
 
 
 def write_corpus(prefix, n_docs, seed, max_len=60):
@@ -20,17 +18,9 @@ def write_corpus(prefix, n_docs, seed, max_len=60):
 
 
 def make_args(**overrides):
-    args = dict(
-        train_iters=10, eval_interval=5, eval_iters=2, train_batch_size=4, train_micro_batch_size_per_gpu=2,
-        gradient_accumulation_steps=1, data_parallel_size=2, model_parallel_size=1, pipe_parallel_size=1,
-        seq_length=16, seed=1234, data_path=None, split="969,30,1", train_data_paths=None,
-        valid_data_paths=None, test_data_paths=None, train_data_weights=None, valid_data_weights=None,
-        test_data_weights=None, weight_by_num_documents=False, weighted_sampler_alpha=0.3, data_impl="mmap",
-        mmap_warmup=False, num_workers=0, use_shared_fs=True, iteration=0, rank=0, padded_vocab_size=50304,
-        tokenizer_type="HFTokenizer",
-    )
-    args.update(overrides)
-    return SimpleNamespace(**args)
+    keys = dict(train_iters=10, eval_interval=5, eval_iters=2, train_batch_size=4, train_micro_batch_size_per_gpu=2,
+                seed=1234, split="969,30,1")
+    return data_config(world_size=2, **{**keys, **overrides})
 
 
 @pytest.mark.parametrize(
@@ -132,16 +122,24 @@ def test_weight_by_num_documents(tmp_path):
 
 def test_bad_inputs_name_the_key_or_file(tmp_path):
     a = write_corpus(tmp_path / "a", 10, seed=6)
+    # Validation refuses these before launch; a rank still names them if the resolved config it is given
+    # (or the data on its node) differs from what the launcher checked.
+    args = make_args(train_data_paths=[a, a])
+    args.train_data_weights = [1]
     with pytest.raises(ValueError, match="train_data_weights has 1 entries but train_data_paths has 2"):
-        build_train_valid_test_datasets_from_args(make_args(train_data_paths=[a, a], train_data_weights=[1]))
+        build_train_valid_test_datasets_from_args(args)
+    args = make_args(train_data_paths=[a], valid_data_paths=[a])
+    args.valid_data_weights = [1, 2]
     with pytest.raises(ValueError, match="valid_data_weights has 2 entries but valid_data_paths has 1"):
-        build_train_valid_test_datasets_from_args(
-            make_args(train_data_paths=[a], valid_data_paths=[a], valid_data_weights=[1, 2])
-        )
+        build_train_valid_test_datasets_from_args(args)
     missing = str(tmp_path / "nope")
+    args = make_args(train_data_paths=[a], valid_data_paths=[a])
+    args.valid_data_paths = [missing]
     with pytest.raises(FileNotFoundError, match=r"valid_data_paths: data file\(s\) not found: .*nope.bin"):
-        build_train_valid_test_datasets_from_args(make_args(train_data_paths=[a], valid_data_paths=[missing]))
+        build_train_valid_test_datasets_from_args(args)
+    args = make_args(data_path=a)
+    args.data_path = missing
     with pytest.raises(FileNotFoundError, match=r"data_path: .*nope.idx"):
-        build_train_valid_test_datasets_from_args(make_args(data_path=missing))
+        build_train_valid_test_datasets_from_args(args)
     with pytest.raises(ValueError, match="set data_path"):
         build_train_valid_test_datasets_from_args(make_args())

@@ -1,14 +1,13 @@
 """Sampler and data iterators: GPT-NeoX order, data-parallel slices, exact resume, rank-0 index build."""
 import os
 import socket
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from megatron.data.data_utils import build_train_valid_test_data_iterators
-from corpus_utils import write_corpus as _write_corpus
+from corpus_utils import data_config, write_corpus as _write_corpus
 from megatron.data.samplers import DistributedBatchSampler
 
 
@@ -16,21 +15,11 @@ def write_corpus(prefix, n_docs, seed, max_len=80):
     return _write_corpus(prefix, n_docs, seed, max_len)
 
 
-def make_args(data_path, **overrides):
-    args = dict(
-        train_iters=12, eval_interval=4, eval_iters=2, train_micro_batch_size_per_gpu=2,
-        gradient_accumulation_steps=2, data_parallel_size=2, model_parallel_size=1, pipe_parallel_size=1,
-        seq_length=16, seed=1234, data_path=data_path, split="80,15,5", train_data_paths=None,
-        valid_data_paths=None, test_data_paths=None, train_data_weights=None, valid_data_weights=None,
-        test_data_weights=None, data_impl="mmap", mmap_warmup=False, num_workers=0, use_shared_fs=True,
-        padded_vocab_size=50304, tokenizer_type="HFTokenizer",
-        iteration=0, rank=0,
-    )
-    args.update(overrides)
-    args["train_batch_size"] = (
-        args["train_micro_batch_size_per_gpu"] * args["gradient_accumulation_steps"] * args["data_parallel_size"]
-    )
-    return SimpleNamespace(**args)
+def make_args(data_path, rank=0, **overrides):
+    """Rank ``rank`` of two data-parallel ranks; 2 micro-batches of 2 per iteration (8 samples)."""
+    keys = dict(train_iters=12, eval_interval=4, eval_iters=2, train_micro_batch_size_per_gpu=2,
+                gradient_accumulation_steps=2, seed=1234, data_path=data_path, split="80,15,5", iteration=0)
+    return data_config(world_size=2, rank=rank, **{**keys, **overrides})
 
 
 def take(iterator, n):
@@ -150,10 +139,10 @@ def test_only_the_builder_rank_builds(tmp_path):
 def test_data_parallel_rank_follows_gpt_neox_topology():
     from megatron.data.data_utils import data_parallel_rank_and_size
 
-    # Ranks laid out (pipe, data, model) with model fastest: rank = (pipe * dp + data) * mp + model.
+    # Ranks laid out (pipe, data, model) with model fastest: rank = (pipe * dp + data) * mp + model; the
+    # configuration allows model-parallel size 1 only, so here rank = pipe * dp + data.
     for pipe in range(2):
         for data in range(3):
-            for model in range(2):
-                rank = (pipe * 3 + data) * 2 + model
-                args = SimpleNamespace(data_parallel_size=3, model_parallel_size=2, pipe_parallel_size=2, rank=rank)
-                assert data_parallel_rank_and_size(args) == (data, 3)
+            rank = pipe * 3 + data
+            args = data_config(world_size=6, rank=rank, pipe_parallel_size=2)
+            assert data_parallel_rank_and_size(args) == (data, 3)

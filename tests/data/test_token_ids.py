@@ -1,7 +1,6 @@
 """Token ids against the padded vocabulary: chunked scan, cache keyed by the files, errors naming everything."""
 import json
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,6 +8,7 @@ import pytest
 from megatron.data import data_utils, token_ids
 from megatron.data.indexed_dataset import IndexedDatasetError, make_builder
 from megatron.data.token_ids import TokenIdError, cache_path, check_token_ids, scan_token_range, token_id_range
+from corpus_utils import data_config
 
 
 def write(prefix, docs, dtype=np.uint16):
@@ -101,15 +101,9 @@ def test_corrupt_pair_is_named_before_the_scan(tmp_path):
 
 
 def _args(**overrides):
-    args = dict(train_iters=4, eval_interval=2, eval_iters=1, train_batch_size=2, train_micro_batch_size_per_gpu=2,
-                gradient_accumulation_steps=1, data_parallel_size=1, model_parallel_size=1, pipe_parallel_size=1,
-                seq_length=8, seed=1, data_path=None, split="1,0,0", train_data_paths=None, valid_data_paths=None,
-                test_data_paths=None, train_data_weights=None, valid_data_weights=None, test_data_weights=None,
-                weight_by_num_documents=False, weighted_sampler_alpha=0.3, data_impl="mmap", mmap_warmup=False,
-                num_workers=0, use_shared_fs=True, iteration=0, rank=0, padded_vocab_size=512,
-                tokenizer_type="CharLevelTokenizer")
-    args.update(overrides)
-    return SimpleNamespace(**args)
+    keys = dict(train_iters=4, eval_interval=2, eval_iters=1, train_batch_size=2, train_micro_batch_size_per_gpu=2,
+                seq_length=8, seed=1, split="1,0,0")
+    return data_config(vocab=512, **{**keys, **overrides})
 
 
 def test_the_loader_checks_every_dataset(tmp_path):

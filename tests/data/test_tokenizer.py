@@ -1,12 +1,12 @@
 """Tokenizers from the config, vocabulary padding, and the BPE trainer."""
 import json
-import types
 
 import numpy as np
 import pytest
 
 from megatron.tokenizer import TokenizerError, _vocab_size_with_padding, build_tokenizer, make_tokenizer
 from megatron.tokenizer.train_tokenizer import save_tokenizer, train_bpe_tokenizer
+from corpus_utils import data_config
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
         "must be in want of a wife.\nHowever little known the feelings or views of such a man may be; "
@@ -20,15 +20,13 @@ def trained_tokenizer_path(tmp_path_factory):
     return path
 
 
-def _args(**kw):
-    base = dict(tokenizer_type="HFTokenizer", vocab_file=None, merge_file=None, make_vocab_size_divisible_by=128,
-                model_parallel_size=1, rank=1)
-    base.update(kw)
-    return types.SimpleNamespace(**base)
+def _args(**keys):
+    return data_config(**{"tokenizer_type": "HFTokenizer", "make_vocab_size_divisible_by": 128, **keys})
 
 
 def test_pythia_hf_tokenizer(pythia_tokenizer_path):
     args = _args(vocab_file=str(pythia_tokenizer_path))
+    args.padded_vocab_size = None  # derivation already built it once; build_tokenizer sets it again
     tok = build_tokenizer(args)
     assert (tok.vocab_size, tok.eod, tok.pad) == (50277, 0, 1)
     assert args.padded_vocab_size == 50304
@@ -39,9 +37,12 @@ def test_pythia_hf_tokenizer(pythia_tokenizer_path):
 
 
 def test_vocab_padding():
-    assert _vocab_size_with_padding(50277, _args(make_vocab_size_divisible_by=128, model_parallel_size=2)) == 50432
-    assert _vocab_size_with_padding(512, _args()) == 512
-    assert _vocab_size_with_padding(513, _args(make_vocab_size_divisible_by=8)) == 520
+    tensor_parallel = _args(tokenizer_type="CharLevelTokenizer")
+    tensor_parallel.model_parallel_size = 2  # GPT-NeoX's formula; this project's config refuses size 2
+    assert _vocab_size_with_padding(50277, tensor_parallel) == 50432
+    assert _vocab_size_with_padding(512, _args(tokenizer_type="CharLevelTokenizer")) == 512
+    assert _vocab_size_with_padding(513, _args(tokenizer_type="CharLevelTokenizer", make_vocab_size_divisible_by=8)) \
+        == 520
 
 
 def test_trained_tokenizer_is_neox_style(trained_tokenizer_path):
@@ -98,6 +99,7 @@ def test_spm_tokenizer(tmp_path):
 
 def test_char_level():
     args = _args(tokenizer_type="CharLevelTokenizer")
+    args.padded_vocab_size = None
     tok = build_tokenizer(args)
     assert tok.vocab_size == 512 and args.padded_vocab_size == 512 and tok.eod == 0
     assert tok.tokenize("hé") == [104, 195, 169] and tok.detokenize([104, 195, 169]) == "hé"
@@ -108,16 +110,17 @@ def test_unparsable_tokenizer_file(tmp_path, content):
     bad = tmp_path / "bad.json"
     bad.write_text(content)
     with pytest.raises(TokenizerError, match=r"bad\.json is not a valid HuggingFace tokenizer\.json"):
-        build_tokenizer(_args(vocab_file=str(bad)))
+        make_tokenizer("HFTokenizer", str(bad))
 
 
 def test_bad_tokenizer_config(tmp_path):
+    # The configuration refuses these before a tokenizer is built; the tokenizers name them as well.
     with pytest.raises(TokenizerError, match="vocab-file is required"):
-        build_tokenizer(_args())
+        make_tokenizer("HFTokenizer")
     with pytest.raises(TokenizerError, match=r"vocab-file .*missing\.json does not exist"):
-        build_tokenizer(_args(vocab_file=str(tmp_path / "missing.json")))
+        make_tokenizer("HFTokenizer", str(tmp_path / "missing.json"))
     with pytest.raises(TokenizerError, match="'Tiktoken' is not one of"):
-        build_tokenizer(_args(tokenizer_type="Tiktoken"))
+        make_tokenizer("Tiktoken")
     (tmp_path / "v.json").write_text("[1, 2]")
     (tmp_path / "m.txt").write_text("")
     with pytest.raises(TokenizerError, match="must map token strings"):
