@@ -6,6 +6,8 @@
 2. Write the resolved configuration to a file (the ranks read it with `--neox_config_file`).
 3. Run DeepSpeed's runner: all local GPUs by default, CPU processes (gloo) on a machine without GPUs,
    several nodes through a hostfile over pdsh / openmpi / mvapich / slurm.
+4. Supervise it (RunSupervisor): Ctrl-C or SIGTERM to deepy.py saves a checkpoint at the next step and
+   stops with exit 0; a repeat after 5 s kills the run (128 + signal); deepy.py's death ends the run too.
 
 Command-line options override the launcher keys of the configs (see `python deepy.py --help`).
 """
