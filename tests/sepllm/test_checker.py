@@ -35,9 +35,9 @@ def test_rule1_fix_default_kernel_flag_gives_way(mode, capsys):
 
 def test_rule2_full_attention_rewrites():
     args = brute.unvalidated(USE_ORIGINAL_FULL_ATTEN=True, USE_SEP_ATTN_KERNEL_ACCELERATOR=False, seq_length=64,
-                      USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS=True, prefill_loc_win_size_list=[64, 8],
-                      USE_BiPE=True, BiPE_seps=[3], PRINT_KV_RATIO=True, BATCH_ADAPTIVE_INIT_POS=True,
-                      attention_config=["global", "local"])
+                             USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS=True, prefill_loc_win_size_list=[64, 8],
+                             USE_BiPE=True, BiPE_seps=[3], PRINT_KV_RATIO=True, BATCH_ADAPTIVE_INIT_POS=True,
+                             attention_config=["global", "local"])
     lines = check_sepllm_args(args)
     assert (args.separator_token_ids, args.prefill_local_window_size, args.generate_local_window_size,
             args.init_tok_max_idx) == ([-1], 64, 64, -1)
@@ -64,7 +64,7 @@ def test_rule4_sa_needs_global_attention():
     _fails("attention_config", USE_SA_SOFTMAX_NO_DENO=True, USE_SEP_ATTN_KERNEL_ACCELERATOR=False,
            attention_config=[[["local"], 2]])
     assert check_sepllm_args(brute.unvalidated(USE_SA_SOFTMAX=True, USE_SEP_ATTN_KERNEL_ACCELERATOR=False,
-                                        separator_token_ids=[-1])) == []
+                                               separator_token_ids=[-1])) == []
 
 
 def test_rule5_kernel_torch_version(monkeypatch):
@@ -82,8 +82,8 @@ def test_rule5_separator_ids():
 
 
 def test_rule5_separators_derived_from_pythia_tokenizer(pythia_tokenizer_path, capsys):
-    args = brute.unvalidated(separator_token_ids=None, tokenizer_type="HFTokenizer", vocab_file=str(pythia_tokenizer_path),
-                      merge_file=None, make_vocab_size_divisible_by=128, model_parallel_size=1)
+    args = brute.unvalidated(separator_token_ids=None, tokenizer_type="HFTokenizer",
+                             vocab_file=str(pythia_tokenizer_path), make_vocab_size_divisible_by=128)
     lines = check_sepllm_args(args)
     assert args.separator_token_ids == [15, 13, 32, 2, 28, 27, 209, 186, 187]
     assert lines == [">> separator_token_ids: None ----changed to----> [15, 13, 32, 2, 28, 27, 209, 186, 187]"]
