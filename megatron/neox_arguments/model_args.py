@@ -17,6 +17,9 @@ POS_EMBS = ("learned", "rotary", "alibi", "none")
 ACTIVATIONS = ("gelu", "relu", "silu", "swish")
 """The accepted values of the `activation` key (megatron/model/transformer.py's get_activation)."""
 
+ATTENTION_VARIANT_NAMES = ("full", "streamingllm", "sa_softmax", "sep_kernel", "sepllm_mask")
+"""Names of the core attention variants (megatron/model/attention registers one class for each)."""
+
 INIT_METHODS = ("normal", "scaled_normal", "orthogonal", "scaled_orthogonal", "xavier_uniform",
                 "xavier_normal", "wang_init", "small_init")
 
@@ -60,6 +63,11 @@ class ModelArgs:
         None, "GPT-NeoX attention layout, e.g. [[[\"global\"], 12]]: lists of types each repeated N times. "
               "Resolved to one entry per layer. Accepted types: global, flash (both full attention). "
               "None means global for every layer.")
+    attention_variant: Optional[str] = arg(
+        None, "Core attention every layer runs, derived from the SepLLM mode flags by the checker's priority: full "
+              "(USE_ORIGINAL_FULL_ATTEN), streamingllm (streamingLLM), sa_softmax (USE_SA_SOFTMAX / "
+              "USE_SA_SOFTMAX_NO_DENO), sep_kernel (USE_SEP_ATTN_KERNEL_ACCELERATOR), else sepllm_mask.",
+        role="derived", choices=ATTENTION_VARIANT_NAMES)
     output_layer_parallelism: str = arg(
         "column", "How the output layer would be split under tensor parallelism (GPT-NeoX key).",
         choices=("row", "column"))

@@ -8,9 +8,6 @@ from typing import Optional
 
 from .field import arg
 
-ATTENTION_VARIANT_NAMES = ("full", "streamingllm", "sa_softmax", "sep_kernel", "sepllm_mask")
-"""Names of the core attention variants (megatron/model/attention registers one class for each)."""
-
 
 @dataclass
 class SepLLMArgs:
@@ -45,10 +42,6 @@ class SepLLMArgs:
     BiPE_seps: Optional[list] = arg(None, "Separator ids that delimit BiPE segments.")
     EXCLUDE_DIAGONAL: bool = arg(True, "Window of W keys including the diagonal (True) or W + 1 keys (False).")
     _DEFAULT_SPARSE_BLOCK_SIZE: int = arg(128, "Q and KV block size of the FlexAttention BlockMask.")
-    attention_variant: Optional[str] = arg(
-        None, "Core attention the mode flags select, by the checker's priority: full (USE_ORIGINAL_FULL_ATTEN), "
-              "streamingllm (streamingLLM), sa_softmax (USE_SA_SOFTMAX / USE_SA_SOFTMAX_NO_DENO), sep_kernel "
-              "(USE_SEP_ATTN_KERNEL_ACCELERATOR), else sepllm_mask.", role="derived", choices=ATTENTION_VARIANT_NAMES)
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Every variant is ``cls(neox_args, layer_number)`` with ``forward(q, k, v, meta) -> out`` (``[B, H, S, D]``,
 see docs/internals.md). The configuration's ``attention_variant`` names the one a run uses; derivation
 settles it from the SepLLM mode flags. Adding a variant: one module, one line in ``_VARIANT_MODULES``, its
-name in ``ATTENTION_VARIANT_NAMES`` (megatron/neox_arguments/sepllm_args.py) and the flag that selects
+name in ``ATTENTION_VARIANT_NAMES`` (megatron/neox_arguments/model_args.py) and the flag that selects
 it in ``attention_variant`` (megatron/neox_arguments/derive.py). Variants other than ``full`` are
 imported lazily so that a missing or broken optional module only matters to runs that select it.
 """
