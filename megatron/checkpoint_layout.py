@@ -33,7 +33,8 @@ LAYOUT_FILE = "layout.json"
 RESOLVED_CONFIG = os.path.join("configs", "resolved_config.yml")
 
 # Keys that decide the shapes (or the meaning) of the weights: a checkpoint never loads into another value.
-MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "intermediate_size", "no_weight_tying")
+MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "intermediate_size", "no_weight_tying",
+              "padded_vocab_size")
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,8 @@ def optimizer_state_refusal(saved: Layout, new: Layout) -> Optional[str]:
 
 def model_key_mismatch(args, saved_config: Optional[dict], ckpt_dir: str) -> Optional[str]:
     for key in MODEL_KEYS:
-        if saved_config is None or saved_config.get(key) is None:
+        # padded_vocab_size is known only where the tokenizer could be built
+        if saved_config is None or saved_config.get(key) is None or getattr(args, key) is None:
             continue
         if saved_config[key] != getattr(args, key):
             return (f"key '{key}' is {getattr(args, key)!r}, but checkpoint {ckpt_dir} was saved with "
@@ -250,7 +252,7 @@ def _check_layer(own: dict, idx: int, state: dict, source: str, saved_config: Op
         if tuple(got.shape) != tuple(tensor.shape):
             hint = ", ".join(f"{k}: checkpoint {saved_config.get(k)!r}, this run {getattr(args, k)!r}"
                              for k in MODEL_KEYS if saved_config and saved_config.get(k) is not None
-                             and saved_config[k] != getattr(args, k))
+                             and getattr(args, k) is not None and saved_config[k] != getattr(args, k))
             raise CheckpointError(
                 f"{source}: tensor '{key}' of layer {idx} has shape {list(got.shape)} in the checkpoint, but this "
                 f"run's model expects {list(tensor.shape)} (config keys hidden_size / num_attention_heads / "

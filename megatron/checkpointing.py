@@ -514,8 +514,10 @@ def _deepspeed_load(engine, load_dir: str, tag: str, load_optimizer_states: bool
             checkpoint_layout.check_files(ckpt_dir, checkpoint_layout.read_layout(ckpt_dir, saved_config), saved_config)
         except CheckpointError as problem:
             raise problem from None  # the file named is the cause; DeepSpeed's trace would only bury it
-        raise CheckpointError(f"checkpoint {ckpt_dir} could not be loaded: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else '(no message)'}") from exc
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        # load_state_dict puts the tensor and both shapes on its second line
+        detail = next((line for line in lines if line.startswith("size mismatch")), lines[0] if lines else "(no message)")
+        raise CheckpointError(f"checkpoint {ckpt_dir} could not be loaded: {type(exc).__name__}: {detail}") from exc
     if path is None or client_state is None:
         raise FileNotFoundError(f"load={ckpt_dir}: DeepSpeed found no loadable checkpoint for tag {tag!r}")
     return client_state

@@ -397,3 +397,25 @@ def test_a_kill_at_every_file_operation_of_a_save_leaves_a_consistent_directory(
         assert ck.stale_temporaries(str(root)) == [] and latest.read_text() == "global_step6", k
     assert kills > 10, kills  # the save was really cut at each of its operations
     print(f"{kills} kill points checked")
+
+
+def test_vocabulary_size_is_compared_where_it_is_known(tmp_path):
+    ckpt = saved_checkpoint(tmp_path, padded_vocab_size=512)
+    assert cl.resume_plan(layout_args(padded_vocab_size=None), ckpt)[0]  # a launcher that could not build it
+    with pytest.raises(ConfigError, match="key 'padded_vocab_size' is 1024, but checkpoint .* padded_vocab_size=512"):
+        cl.resume_plan(layout_args(padded_vocab_size=1024), ckpt)
+
+
+def test_a_load_deepspeed_fails_on_names_the_tensor_and_both_shapes(tmp_path):
+    args = make_args(tmp_path)
+    ck.save_checkpoint(args, 2, FakeEngine(), 16)
+
+    class ShapeEngine(FakeEngine):
+        def load_checkpoint(self, *a, **kw):
+            torch.nn.Linear(4, 4).load_state_dict({"weight": torch.zeros(8, 4), "bias": torch.zeros(4)})
+
+    args.load = args.save
+    with pytest.raises(CheckpointError, match=r"could not be loaded: RuntimeError: size mismatch for weight: copying a "
+                                              r"param with shape torch.Size\(\[8, 4\]\) from checkpoint, the shape in "
+                                              r"current model is torch.Size\(\[4, 4\]\)"):
+        ck.load_checkpoint(args, ShapeEngine())
