@@ -353,6 +353,10 @@ def main(argv=None, runner=None, env=None, host_resolver=None) -> int:
 
     for note in no_op_notes(args):
         print(f"deepy.py: note: {note}", file=sys.stderr)
+    if args.user_script.endswith("train.py"):
+        from megatron.neox_arguments.derive import describe_attention
+
+        print(f"deepy.py: {describe_attention(args)}", flush=True)
     resolved = args.save_resolved(cli.resolved_config or default_resolved_path(args))
     runner_argv = build_runner_argv(args, resolved, env.has_cuda)
     print(f"deepy.py: {args.global_num_gpus} rank(s) (data parallel {args.data_parallel_size}, pipeline "

@@ -6,6 +6,7 @@ lengths, padded vocabulary, distributed backend. A step raises ConfigError when 
 consistent value (e.g. batch sizes that do not multiply out).
 """
 import collections
+import dataclasses
 import os
 
 from .deepspeed_args import BF16_KEYS, FP16_KEYS, PRECISION_ALIASES, PRECISIONS
@@ -110,6 +111,42 @@ def expand_attention_config(config, num_layers):
     if len(layers) != num_layers:
         raise ConfigError(f"key 'attention_config' describes {len(layers)} layers but num_layers is {num_layers}")
     return layers
+
+
+def sepllm_keys() -> frozenset:
+    """The keys of the SepLLM fork (SepLLM and Self-Adjusting softmax): a config that sets one of them is a
+    SepLLM config and follows the reference's rules and defaults."""
+    from .sepllm_args import AdjustSoftmaxArgs, SepLLMArgs
+
+    return frozenset(f.name for cls in (SepLLMArgs, AdjustSoftmaxArgs) for f in dataclasses.fields(cls))
+
+
+def derive_attention_mode(args, given):
+    """A config that sets no SepLLM key is a GPT-NeoX config: its ``attention_config`` (global / flash) means
+    full causal attention. The fork's default ``USE_SEP_ATTN_KERNEL_ACCELERATOR: true`` would otherwise turn
+    every GPT-NeoX config, Pythia's included, into SepLLM training without a word."""
+    if given & sepllm_keys():
+        return
+    args.USE_ORIGINAL_FULL_ATTEN = True
+    args.USE_SEP_ATTN_KERNEL_ACCELERATOR = False
+
+
+def describe_attention(args) -> str:
+    """One line for the launch log: the attention every layer runs, and where that comes from."""
+    variant = args.attention_variant
+    if variant == "full":
+        why = "" if set(args.user_keys or ()) & sepllm_keys() else " (no SepLLM key set: a GPT-NeoX config)"
+        return f"attention: full causal attention on all {args.num_layers} layers{why}"
+    if args.USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS and args.prefill_loc_win_size_list:
+        windows = args.prefill_loc_win_size_list
+        groups = collections.OrderedDict()
+        for layer, window in enumerate(windows):
+            groups.setdefault(window, []).append(str(layer))
+        window_text = "windows " + "; ".join(f"{w} on layers {','.join(ls)}" for w, ls in groups.items())
+    else:
+        window_text = f"window {args.prefill_local_window_size} on all {args.num_layers} layers"
+    initial = args.init_tok_max_idx + 1
+    return f"attention: {variant}, {initial} initial token(s), {window_text}"
 
 
 def derive_model(args, given):
@@ -290,6 +327,7 @@ def derive_all(args, given, env, on_rank=False):
     derive_optimizer(args, given)
     derive_precision(args, given)
     derive_zero(args, given)
+    derive_attention_mode(args, given)
     derive_model(args, given)
     derive_world(args, given, env, on_rank)
     derive_batch(args, given)

@@ -38,9 +38,10 @@ def test_pythia_configs_load(local_setup, name, layers, hidden, heads, micro, lr
     assert args.train_batch_size == micro * 8
     assert args.lr_decay_iters == 143000 and args.warmup_iters == 1430 and args.lr_decay_style == "cosine"
     assert args.extra_save_iters[-1] == 512 and args.checkpoint_factor == 1000
-    assert args.attention_config == ["flash"] * layers
-    # No SepLLM keys: the reference's default is the kernel mode, separators derived from the tokenizer.
-    assert args.separator_token_ids == [15, 13, 32, 2, 28, 27, 209, 186, 187]
+    # No SepLLM keys: a GPT-NeoX config, so full attention as its attention_config says (the fork's default
+    # would have been the Sep-Attention kernel); the checker's full-attention rewrites follow.
+    assert args.USE_ORIGINAL_FULL_ATTEN and not args.USE_SEP_ATTN_KERNEL_ACCELERATOR
+    assert args.attention_variant == "full" and args.attention_config == ["global"] * layers
     ds = args.deepspeed_config()
     assert ds["fp16"]["initial_scale_power"] == 12 and ds["zero_optimization"]["reduce_bucket_size"] == 500000000
 
