@@ -13,7 +13,6 @@ is not on the disk, even after a power loss. Leftovers of a killed save (``*.tmp
 next save. A save that fails (full disk) removes its partial directory and leaves the previous checkpoint and
 ``latest`` as they were (:class:`CheckpointSaveFailed`).
 """
-import dataclasses
 import errno
 import os
 import random
@@ -75,40 +74,17 @@ def atomic_torch_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
-def _plain(value):
-    """A YAML-safe copy of a config value (callables and devices become their repr)."""
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return repr(value)
-
-
-def resolved_config_dict(neox_args) -> dict:
-    if hasattr(neox_args, "to_dict"):
-        data = neox_args.to_dict()
-    elif dataclasses.is_dataclass(neox_args):
-        data = {f.name: getattr(neox_args, f.name) for f in dataclasses.fields(neox_args)}
-    else:
-        data = dict(vars(neox_args))
-    return {k: _plain(v) for k, v in data.items() if not k.startswith("_")}
-
-
 def write_config_copies(neox_args, ckpt_dir: str) -> None:
     """Copies the user's YAMLs and the resolved configuration into ``<ckpt_dir>/configs``.
 
     ``neox_args.config_files`` is GPT-NeoX's ``{file name: YAML text}``; a list of paths works too.
     The folder is assembled under a temporary name and renamed into place.
     """
-    import yaml
-
     final = os.path.join(ckpt_dir, "configs")
     tmp = f"{final}.tmp.{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    files = getattr(neox_args, "config_files", None) or {}
+    files = neox_args.config_files or {}
     if isinstance(files, dict):
         for name, text in files.items():
             with open(os.path.join(tmp, os.path.basename(name)), "w") as f:
@@ -116,13 +92,9 @@ def write_config_copies(neox_args, ckpt_dir: str) -> None:
     else:
         for path in files:
             shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
-    if hasattr(neox_args, "save_resolved"):
-        # NeoXArgs' own writer, the one deepy.py uses, so that the copy reads back with NeoXArgs.from_resolved
-        # (the exporter's source) with every field, internal ones such as _DEFAULT_SPARSE_BLOCK_SIZE included.
-        neox_args.save_resolved(os.path.join(tmp, "resolved_config.yml"))
-    else:  # plain namespaces standing in for NeoXArgs in unit tests
-        with open(os.path.join(tmp, "resolved_config.yml"), "w") as f:
-            yaml.safe_dump(resolved_config_dict(neox_args), f, sort_keys=True)
+    # NeoXArgs' own writer, the one deepy.py uses, so that the copy reads back with NeoXArgs.from_resolved
+    # (the exporter's source) with every field, internal ones such as _DEFAULT_SPARSE_BLOCK_SIZE included.
+    neox_args.save_resolved(os.path.join(tmp, "resolved_config.yml"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 

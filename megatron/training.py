@@ -33,6 +33,7 @@ from megatron import checkpointing
 from megatron.initialize import initialize_megatron
 from megatron.learning_rates import build_lr_scheduler, learning_rate
 from megatron.logging import TrainingLogger, collect_extra_metrics, tee_text_logs
+from megatron.neox_arguments.optimizer_args import TRAINER_OPTIMIZERS
 from megatron.param_stats import ParameterStatistics
 from megatron.utils import (StopSignal, all_reduce_max, get_ltor_masks_and_position_ids,
                             get_params_for_weight_decay_optimization, print_rank_0, stop_request_path)
@@ -133,22 +134,20 @@ class NonFiniteStepGuard:
 
 
 def optimizer_spec(neox_args):
-    opt = getattr(neox_args, "optimizer", None) or {}
-    if not isinstance(opt, dict):
-        raise ValueError(f"optimizer={opt!r}: expected a mapping {{type: ..., params: {{...}}}}")
-    kind = str(opt.get("type", getattr(neox_args, "optimizer_type", "adam"))).lower()
-    params = dict(opt.get("params", {}) or {})
-    return kind, params
+    """``(kind, params)``: the derived ``optimizer_type`` and the ``optimizer.params`` the config gives."""
+    params = dict((neox_args.optimizer or {}).get("params") or {})
+    return neox_args.optimizer_type, params
 
 
 def build_optimizer(neox_args, model: torch.nn.Module, device):
     """The trainer's optimizer: ``Adam``/``AdamW`` -> torch AdamW (decoupled weight decay, as GPT-NeoX's
     apex FusedAdam in adam_w_mode), fused kernels on CUDA."""
     kind, params = optimizer_spec(neox_args)
-    if kind not in ("adam", "adamw"):
+    if kind not in TRAINER_OPTIMIZERS:
         raise ValueError(f"optimizer.type={kind!r}: the trainer builds Adam/AdamW; other types must be "
                          "handed to DeepSpeed through the config's optimizer section")
-    groups = get_params_for_weight_decay_optimization(model, float(getattr(neox_args, "weight_decay", 0.0) or 0.0))
+    groups = get_params_for_weight_decay_optimization(model, neox_args.weight_decay)
+    # Adam's own defaults where the config gives no value (GPT-NeoX's FusedAdam has the same).
     betas = tuple(params.get("betas", (0.9, 0.999)))
     eps = float(params.get("eps", 1e-8))
     kwargs = {"fused": True} if device.type == "cuda" else {}
@@ -156,9 +155,7 @@ def build_optimizer(neox_args, model: torch.nn.Module, device):
 
 
 def deepspeed_config_dict(neox_args) -> dict:
-    cfg = neox_args.deepspeed_config() if callable(getattr(neox_args, "deepspeed_config", None)) \
-        else getattr(neox_args, "deepspeed_config")
-    cfg = dict(cfg)
+    cfg = neox_args.deepspeed_config()
     bf16 = cfg.get("bf16")
     if isinstance(bf16, dict) and bf16.get("enabled") and "check_grad_overflow" not in bf16:
         # DeepSpeed's bf16 overflow check (ZeRO paths) tests every gradient tensor with a host sync each;
@@ -174,7 +171,7 @@ def build_model(neox_args, topology):
     from megatron.model import GPT2ModelPipe
 
     model = GPT2ModelPipe(neox_args, topology=topology, parallel_output=False)
-    if int(getattr(neox_args, "pipe_parallel_size", 0) or 0) == 0:
+    if not neox_args.is_pipe_parallel:
         return model.to_sequential(), False
     model.loss_fn = pipe_loss_fn
     return model, True
@@ -224,7 +221,7 @@ def setup_model_and_optimizer(neox_args, topology, device):
     ds_config = deepspeed_config_dict(neox_args)
     if "optimizer" in ds_config:
         # DeepSpeed builds it (DeepSpeed-only types, or use_deepspeed_optimizer).
-        groups = get_params_for_weight_decay_optimization(model, float(getattr(neox_args, "weight_decay", 0.0) or 0.0))
+        groups = get_params_for_weight_decay_optimization(model, neox_args.weight_decay)
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config,
                                                dist_init_required=False)
     else:
@@ -248,7 +245,7 @@ def train_step_sequential(engine, data_iter: Iterator, neox_args, eod_token, dev
     losses = []
     for _ in range(neox_args.gradient_accumulation_steps):
         tokens, labels, loss_mask, position_ids = get_batch(next(data_iter), eod_token,
-                                                            getattr(neox_args, "eod_mask_loss", False), device)
+                                                            neox_args.eod_mask_loss, device)
         logits = engine(model_inputs(tokens, position_ids))
         loss = poison_non_finite(lm_loss(logits, labels, loss_mask))
         engine.backward(loss)
@@ -276,7 +273,7 @@ def evaluate(engine, data_source, neox_args, eod_token, device, is_pipe: bool) -
         for _ in range(neox_args.eval_iters):
             for _ in range(neox_args.gradient_accumulation_steps):
                 tokens, labels, loss_mask, position_ids = get_batch(
-                    next(data_iter), eod_token, getattr(neox_args, "eod_mask_loss", False), device)
+                    next(data_iter), eod_token, neox_args.eod_mask_loss, device)
                 total += lm_loss(engine(model_inputs(tokens, position_ids)), labels, loss_mask).float()
                 count += 1
     finally:
@@ -316,8 +313,8 @@ class Trainer:
         self.engine, self.scheduler, self.guard = engine, scheduler, guard
         self.is_pipe, self.device, self.eod = is_pipe, device, eod_token
         self.logger = logger
-        self.fp16 = getattr(neox_args, "precision", "fp32") == "fp16"
-        self.pipe_stages = max(int(getattr(neox_args, "pipe_parallel_size", 0) or 0), 1)
+        self.fp16 = neox_args.precision == "fp16"
+        self.pipe_stages = neox_args.pipe_stages
 
     def save(self, iteration: int, consumed: int) -> None:
         start = time.perf_counter()
@@ -350,12 +347,11 @@ class Trainer:
         if own_stop:
             stop = StopSignal().install()
         if self.is_pipe:
-            engine.set_batch_fn(PipeBatchFn(self.eod, getattr(args, "eod_mask_loss", False), self.device))
+            engine.set_batch_fn(PipeBatchFn(self.eod, args.eod_mask_loss, self.device))
         engine.train()
-        log_interval = max(int(getattr(args, "log_interval", 1) or 1), 1)
-        eval_interval = int(getattr(args, "eval_interval", 0) or 0)
-        exit_interval = int(getattr(args, "exit_interval", 0) or 0)
-        max_bad = int(getattr(args, "max_consecutive_bad_steps", 10) or 0)
+        log_interval, eval_interval = args.log_interval, args.eval_interval
+        exit_interval = args.exit_interval or 0
+        max_bad = args.max_consecutive_bad_steps
         # Losses stay on the device between log lines; only the log interval synchronises them.
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         good_in_interval, iters_in_interval, skipped_in_interval, consecutive_bad = 0, 0, 0, 0
@@ -446,8 +442,8 @@ class Trainer:
 
 
 def _eod_token(tokenizer) -> Optional[int]:
-    eod = getattr(tokenizer, "eod", None)
-    return None if eod is None else int(eod)
+    """The end-of-document id (None for a SentencePiece model without one)."""
+    return None if tokenizer.eod is None else int(tokenizer.eod)
 
 
 def pretrain(neox_args) -> int:
@@ -470,11 +466,11 @@ def _pretrain(neox_args, stop: StopSignal) -> int:
     tokenizer = build_tokenizer(neox_args)
     engine, scheduler, guard, is_pipe = setup_model_and_optimizer(neox_args, topology, device)
     iteration, consumed = 0, 0
-    if getattr(neox_args, "load", None):
+    if neox_args.load:
         load_iter, load_consumed = checkpointing.load_checkpoint(
             neox_args, engine, load_optimizer_states=not neox_args.no_load_optim and not neox_args.finetune,
             scheduler=None if neox_args.finetune else scheduler)
-        if not getattr(neox_args, "finetune", False):
+        if not neox_args.finetune:
             iteration, consumed = load_iter, load_consumed
         print_rank_0(f"loaded checkpoint from {neox_args.load} at iteration {load_iter}")
     neox_args.iteration = iteration
@@ -507,7 +503,7 @@ def _pretrain(neox_args, stop: StopSignal) -> int:
             raise ValueError("no training data: the train split is empty (check data paths and 'split')")
         code = trainer.train(train_iter, valid_iter, iteration, consumed, stop=stop)
         if code == EXIT_OK and neox_args.iteration >= neox_args.train_iters:
-            if valid_iter is not None and getattr(neox_args, "eval_interval", 0) \
+            if valid_iter is not None and neox_args.eval_interval \
                     and neox_args.iteration % neox_args.eval_interval != 0:
                 trainer.run_eval(neox_args.iteration, valid_iter, "validation")
             trainer.run_eval(neox_args.iteration, test_iter, "test")

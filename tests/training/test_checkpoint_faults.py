@@ -209,11 +209,17 @@ def test_trainer_save_goes_on_or_exits_by_config(tmp_path):
 
 # --------------------------------------------------------------------------------------------- layout
 def layout_args(**over):
-    d = dict(global_num_gpus=2, data_parallel_size=2, pipe_parallel_size=0, model_parallel_size=1, zero_stage=1,
-             no_load_optim=False, finetune=False, num_layers=2, hidden_size=64, num_attention_heads=4,
-             intermediate_size=256, no_weight_tying=True, load=None, checkpoint=None)
-    d.update(over)
-    return types.SimpleNamespace(**d)
+    """A resolved config of a 2-rank ZeRO-1 run; ``over`` changes fields of it (another layout)."""
+    from megatron.neox_arguments import Environment, NeoXArgs
+
+    args = NeoXArgs.from_dict(dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=64,
+                                   padded_vocab_size=128, USE_ORIGINAL_FULL_ATTEN=True, no_weight_tying=True,
+                                   num_gpus=2, zero_optimization={"stage": 1}, pipe_parallel_size=0,
+                                   train_micro_batch_size_per_gpu=1),
+                              env=Environment(cuda_device_count=0, environ={}))
+    for key, value in over.items():
+        setattr(args, key, value)
+    return args
 
 
 def saved_checkpoint(tmp_path, **over):
@@ -221,9 +227,7 @@ def saved_checkpoint(tmp_path, **over):
     (ckpt / "configs").mkdir(parents=True)
     args = layout_args(**over)
     cl.write_layout(str(ckpt), cl.layout_of(args))
-    import yaml
-
-    (ckpt / "configs" / "resolved_config.yml").write_text(yaml.safe_dump(vars(args)))
+    args.save_resolved(str(ckpt / "configs" / "resolved_config.yml"))
     return str(ckpt)
 
 

@@ -38,14 +38,20 @@ class FakeEngine:
 
 
 def make_args(tmp_path, **over):
-    d = dict(save=str(tmp_path / "ckpt"), load=None, train_batch_size=8, world_size=1, global_num_gpus=1,
-             checkpoint_factor=3, extra_save_iters=[1, 4], config_files={"model.yml": "num_layers: 2\n", "data.yml": "seq_length: 64\n"},
-             num_layers=2, precision="fp32", data_parallel_size=1, pipe_parallel_size=0, model_parallel_size=1,
-             zero_stage=0, no_load_optim=False, finetune=False, checkpoint=None, no_save_rng=False, no_save_optim=False,
-             no_load_rng=False, keep_last_n_checkpoints=None, override_lr_scheduler=False,
-             use_checkpoint_lr_scheduler=False, checkpoint_save_failure="exit")
-    d.update(over)
-    return types.SimpleNamespace(**d)
+    """A resolved config of a tiny run saving under ``tmp_path``; ``over`` then changes fields of it as a test
+    needs (a resolved config edited afterwards, e.g. another layout)."""
+    from megatron.neox_arguments import Environment, NeoXArgs
+
+    args = NeoXArgs.from_dict(dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=64,
+                                   padded_vocab_size=128, USE_ORIGINAL_FULL_ATTEN=True, lr=1e-3, train_iters=10,
+                                   train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=1,
+                                   save=str(tmp_path / "ckpt"), checkpoint_factor=3, extra_save_iters=[1, 4]),
+                              env=Environment(cuda_device_count=0, environ={}))
+    args.world_size = 1
+    args.config_files = {"model.yml": "num_layers: 2\n", "data.yml": "seq_length: 64\n"}
+    for key, value in over.items():
+        setattr(args, key, value)
+    return args
 
 
 def test_layout_latest_and_config_copies(tmp_path):
