@@ -4,9 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from megatron.hf.lm_eval_adapter import run_lm_eval
-from megatron.hf.loading import load_export
-from tests.hf.helpers import SEPS, base_config, make_export
+pytest.importorskip("lm_eval", reason="lm-eval is not installed (the GPU image has none)")
+
+from megatron.hf.lm_eval_adapter import run_lm_eval  # noqa: E402
+from megatron.hf.loading import load_export  # noqa: E402
+from tests.hf.helpers import SEPS, base_config, make_export  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
