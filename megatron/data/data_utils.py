@@ -261,18 +261,7 @@ def make_data_loader(dataset, consumed_samples: int, neox_args):
         batch_sampler=sampler,
         num_workers=int(neox_args.num_workers),
         pin_memory=torch.cuda.is_available(),
-        worker_init_fn=_ignore_stop_signals if neox_args.num_workers else None,
     )
-
-
-def _ignore_stop_signals(_worker_id: int) -> None:
-    """Loader workers leave SIGINT/SIGTERM to their rank: a Ctrl-C, ``scancel`` or DeepSpeed's launcher signals
-    every process of the job, and a worker dying of it would break the rank's next batch before the rank can
-    save. A worker still ends with its rank (the loader shuts it down, or notices the parent is gone)."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_train_valid_test_data_iterators(neox_args):

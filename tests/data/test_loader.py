@@ -146,27 +146,3 @@ def test_data_parallel_rank_follows_gpt_neox_topology():
             rank = pipe * 3 + data
             args = data_config(world_size=6, rank=rank, pipe_parallel_size=2)
             assert data_parallel_rank_and_size(args) == (data, 3)
-
-
-class _SignalProbe(torch.utils.data.Dataset):
-    """Each item says whether the process reading it ignores SIGINT and SIGTERM."""
-
-    def __len__(self):
-        return 8
-
-    def __getitem__(self, i):
-        import signal
-
-        ignored = [signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM)]
-        return {"text": torch.tensor([int(all(ignored)), os.getpid()])}
-
-
-def test_loader_workers_leave_stop_signals_to_the_rank():
-    from megatron.data.data_utils import make_data_loader
-
-    args = data_config(train_iters=2, train_micro_batch_size_per_gpu=2, num_workers=1)
-    batch = next(iter(make_data_loader(_SignalProbe(), 0, args)))["text"]
-    assert batch[:, 0].tolist() == [1, 1] and int(batch[0, 1]) != os.getpid()  # read in a worker that ignores them
-    import signal
-
-    assert signal.getsignal(signal.SIGTERM) != signal.SIG_IGN  # the rank itself still handles them
