@@ -70,3 +70,14 @@ def fixture_with_paths(tmp_path: Path, name: str, data_prefix: str, tokenizer: s
     out = tmp_path / name
     out.write_text(text)
     return str(out)
+
+
+class Recorder:
+    """A stand-in for DeepSpeed's runner: records each argv it is called with, launches nothing."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, argv):
+        self.calls.append(list(argv))
+        return 0

@@ -7,16 +7,7 @@ import pytest
 import deepy
 from megatron.neox_arguments import NeoXArgs
 
-from .helpers import cpu, gpus, make_dataset, small, write
-
-
-class Recorder:
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, argv):
-        self.calls.append(list(argv))
-        return 0
+from .helpers import Recorder, cpu, gpus, make_dataset, small, write
 
 
 @pytest.fixture()

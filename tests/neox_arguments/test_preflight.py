@@ -12,16 +12,7 @@ import pytest
 import deepy
 from megatron.neox_arguments import ConfigError, NeoXArgs
 
-from .helpers import cpu, make_dataset, small, write
-
-
-class Recorder:
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, argv):
-        self.calls.append(list(argv))
-        return 0
+from .helpers import Recorder, cpu, make_dataset, small, write
 
 
 def launch(tmp_path, capsys, data_keys, extra_yaml=""):

@@ -1,4 +1,5 @@
 """Helpers of the launch tests: a tiny byte-level corpus, run configs, and deepy.py launches."""
+import contextlib
 import os
 import re
 import subprocess
@@ -65,3 +66,19 @@ LOSS_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \| loss (\S+)")
 def losses_by_iteration(output: str) -> dict:
     """{iteration: loss string as printed} from the console lines (log_interval 1 gives every step)."""
     return {int(m.group(1)): m.group(2) for m in LOSS_LINE.finditer(output)}
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mount_point: Path, size: str):
+    """A tmpfs of ``size`` (e.g. "2m") at ``mount_point``, for full-disk tests; skips the test where mounting is
+    not allowed (needs root)."""
+    import pytest
+
+    mount_point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)

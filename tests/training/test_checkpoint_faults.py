@@ -163,13 +163,10 @@ def test_too_little_free_space_refuses_before_writing(tmp_path, monkeypatch):
 
 @pytest.fixture
 def tiny_fs(tmp_path):
-    mount_point = tmp_path / "tmpfs"
-    mount_point.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=True)
+    from launch_utils import mounted_tmpfs
+
+    with mounted_tmpfs(tmp_path / "tmpfs", "2m") as mount_point:
+        yield mount_point
 
 
 def test_real_full_disk(tiny_fs):

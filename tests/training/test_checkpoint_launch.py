@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from launch_utils import FIXTURES, REPO, deepy_command, launch_env, write_run_config, write_tiny_corpus
+from launch_utils import (FIXTURES, REPO, deepy_command, launch_env, mounted_tmpfs, write_run_config,
+                          write_tiny_corpus)
 from test_launch import BASE, run, tb_losses
 
 pytestmark = [pytest.mark.slow, pytest.mark.deepspeed]
@@ -180,13 +181,8 @@ def test_damaged_checkpoints_are_named_before_launch_and_on_the_rank(work):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=True)
+    with mounted_tmpfs(tmp_path / "disk", "3m") as mount_point:
+        yield mount_point
 
 
 @pytest.mark.parametrize("policy", ["continue", "exit"])
