@@ -2,7 +2,6 @@
 order, a full disk (a real 2 MiB tmpfs where mounting is allowed), layouts and damaged files."""
 import errno
 import os
-import subprocess
 import types
 
 import pytest
