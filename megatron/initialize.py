@@ -13,15 +13,34 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _default_single_process_env() -> None:
-    """Lets ``python train.py --neox_config_file ...`` run as one rank without a launcher."""
+def _default_single_process_env() -> bool:
+    """Lets ``python train.py --neox_config_file ...`` run as one rank without a launcher. Returns whether
+    this process picked ``MASTER_PORT`` itself (then it may pick another if the port is taken meanwhile)."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return
+        return False
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if "MASTER_PORT" in os.environ:
+        return False
+    os.environ["MASTER_PORT"] = str(_free_port())
+    return True
+
+
+def _init_process_group(backend: str, own_port: bool, attempts: int = 5) -> None:
+    """``deepspeed.init_distributed``; a port this process picked can be taken by another process between the
+    probe and the listen (EADDRINUSE), so such a port is picked afresh a few times."""
+    import deepspeed
+
+    for attempt in range(attempts):
+        try:
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+            return
+        except torch.distributed.DistNetworkError as err:
+            if not own_port or "EADDRINUSE" not in str(err) or attempt == attempts - 1:
+                raise
+            os.environ["MASTER_PORT"] = str(_free_port())
 
 
 def build_topology(neox_args):
@@ -84,15 +103,13 @@ def initialize_megatron(neox_args):
     """Starts the process group (nccl on GPU, gloo on CPU), picks the device, builds the topology and
     seeds every RNG. Sets ``rank``, ``local_rank`` and ``world_size`` on ``neox_args``; returns
     ``(topology, device)``."""
-    import deepspeed
-
-    _default_single_process_env()
+    own_port = _default_single_process_env()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
+        _init_process_group("nccl" if use_cuda else "gloo", own_port)
     release_deepspeed_shm(torch.distributed.get_rank())
     neox_args.rank = torch.distributed.get_rank()
     neox_args.local_rank = local_rank
