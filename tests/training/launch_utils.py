@@ -37,8 +37,14 @@ def write_run_config(path: Path, **keys) -> str:
     return str(path)
 
 
+# torch.distributed variables of this test process (in-process tests start a one-rank group here): a child
+# that inherited them would reuse this process's port, which its store is listening on.
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                  "CROSS_RANK", "CROSS_SIZE")
+
+
 def launch_env() -> dict:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
