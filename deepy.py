@@ -86,25 +86,6 @@ def default_resolved_path(args) -> str:
     return os.path.join(REPO_ROOT, "runs", "resolved", name)
 
 
-def check_with_deepspeed(args):
-    """Let DeepSpeed's own config parser see the derived config before launch.
-
-    DeepSpeed checks the batch product against the world size of *this* process (1), so the check runs on a
-    copy whose global batch is scaled to one data-parallel rank; our own derivation already checked the
-    real product.
-    """
-    from megatron.neox_arguments import ConfigError
-
-    config = args.deepspeed_config()
-    config["train_batch_size"] = config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"]
-    try:
-        from deepspeed.runtime.config import DeepSpeedConfig
-
-        DeepSpeedConfig(config)
-    except Exception as err:  # DeepSpeed raises assertion, pydantic and its own config errors
-        raise ConfigError(f"DeepSpeed rejects the derived DeepSpeed config: {err}") from err
-
-
 DEFAULT_MULTI_NODE_PORT = 29500
 
 
@@ -343,7 +324,6 @@ def main(argv=None, runner=None, env=None, host_resolver=None) -> int:
                                   env=env, host_resolver=host_resolver)
         from megatron.neox_arguments.preflight import check_before_launch  # DeepSpeed's parser, data files
         check_before_launch(args)
-        check_with_deepspeed(args)
         from megatron.checkpoint_layout import check_resume_before_launch  # damaged checkpoint, other layout
         check_resume_before_launch(args)
     except ConfigError as err:

@@ -124,7 +124,8 @@ def _one_line(err) -> str:
 def check_deepspeed_config(args):
     """DeepSpeed's parser on the derived config, and every deepspeed_extra_args key against what it reads."""
     config = args.deepspeed_config()
-    # DeepSpeed checks the batch product against this process's world size (1); see deepy.check_with_deepspeed.
+    # DeepSpeed checks the batch product against the world size of *this* process (1), so it sees the batch of
+    # one data-parallel rank; derivation already checked the real product.
     config["train_batch_size"] = config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"]
     try:
         reads = deepspeed_reads(config)

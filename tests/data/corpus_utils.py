@@ -4,6 +4,16 @@ import numpy as np
 from megatron.data.indexed_dataset import make_builder
 
 
+def write_docs(prefix, docs, dtype=np.uint16) -> str:
+    """The given documents (id arrays) at ``prefix``.bin/.idx in ``dtype``; returns the prefix."""
+    builder = make_builder(f"{prefix}.bin", "mmap", dtype=dtype)
+    for d in docs:
+        builder.add_item(np.asarray(d))
+        builder.end_document()
+    builder.finalize(f"{prefix}.idx")
+    return str(prefix)
+
+
 def write_corpus(prefix, n_docs, seed, max_len):
     """``n_docs`` documents of 1..max_len-1 random uint16 ids at ``prefix``.bin/.idx; returns the prefix."""
     rng = np.random.default_rng(seed)

@@ -12,16 +12,12 @@ from megatron.data.gpt2_dataset import (
     num_epochs_needed,
     source_record_path,
 )
-from megatron.data.indexed_dataset import make_builder, make_dataset
+from megatron.data.indexed_dataset import make_dataset
+from corpus_utils import write_docs
 
 
 def write_dataset(prefix, docs, dtype=np.uint16):
-    builder = make_builder(f"{prefix}.bin", "mmap", dtype=dtype)
-    for d in docs:
-        builder.add_item(np.asarray(d))
-        builder.end_document()
-    builder.finalize(f"{prefix}.idx")
-    return make_dataset(str(prefix), "mmap")
+    return make_dataset(write_docs(prefix, docs, dtype), "mmap")
 
 
 def random_docs(rng, n, max_len, vocab=50000, min_len=1):

@@ -6,18 +6,12 @@ import numpy as np
 import pytest
 
 from megatron.data import data_utils, token_ids
-from megatron.data.indexed_dataset import IndexedDatasetError, make_builder
+from megatron.data.indexed_dataset import IndexedDatasetError
 from megatron.data.token_ids import TokenIdError, cache_path, check_token_ids, scan_token_range, token_id_range
-from corpus_utils import data_config
+from corpus_utils import data_config, write_docs
 
 
-def write(prefix, docs, dtype=np.uint16):
-    builder = make_builder(f"{prefix}.bin", "mmap", dtype=dtype)
-    for d in docs:
-        builder.add_item(np.asarray(d))
-        builder.end_document()
-    builder.finalize(f"{prefix}.idx")
-    return str(prefix)
+write = write_docs
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.uint16, np.int32, np.int64])
