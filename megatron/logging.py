@@ -3,43 +3,69 @@
 Nothing here synchronises the GPU: the trainer accumulates losses on the device and hands this module
 plain floats once per log interval. The FLOPs formula is documented in docs/training.md.
 
-Extra metrics (e.g. the SepLLM KV-retention ratio) enter through :func:`register_metrics_source`:
-a callable returning ``{name: float}`` that is called once per log interval on every rank; rank 0
-prints and records what it returns.
+Dashboards get GPT-NeoX's scalar names (:data:`GPT_NEOX_SCALARS`), so a TensorBoard or wandb dashboard made
+for GPT-NeoX runs works unchanged; what GPT-NeoX does not have goes under ``train/``, ``runtime/`` or
+``sepllm/``. Extra metrics (e.g. the SepLLM KV-retention ratio) are passed in by the trainer, which owns
+whatever produces them: there is no registry of callbacks here.
 """
 import math
 import os
+import re
 import resource
 import socket
 import sys
 import time
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
 
 import torch
 
-_METRICS_SOURCES: Dict[str, Callable[[], Dict[str, float]]] = {}
+# The console key -> the dashboard name, as GPT-NeoX's megatron/logging.py (training_log) writes them at
+# EleutherAI/gpt-neox@ea7aefd8f8e183256992d9fede4d7c71a46d67a5. Units follow GPT-NeoX too: iteration_time in
+# seconds, flops_per_sec_per_gpu in FLOP/s, the utilisations in percent.
+GPT_NEOX_SCALARS = {
+    "lm_loss": "train/lm_loss",
+    "learning_rate": "train/learning_rate",
+    "loss_scale": "train/loss_scale",
+    "samples_per_sec": "runtime/samples_per_sec",
+    "iteration_time": "runtime/iteration_time",
+    "steps_per_sec": "runtime/steps_per_sec",
+    "tokens_per_sec": "runtime/tokens_per_sec",
+    "flops_per_sec_per_gpu": "runtime/flops_per_sec_per_gpu",
+    "model_flops_utilization": "runtime/model_flops_utilization",
+    "hardware_flops_utilization": "runtime/hardware_flops_utilization",
+}
+# The project's own scalars, named beside GPT-NeoX's.
+PROJECT_SCALARS = {
+    "grad_norm": "train/grad_norm",
+    "skipped_iters": "train/skipped_iters",
+    "mem_alloc_gib": "runtime/mem_alloc_gib",
+    "mem_reserved_gib": "runtime/mem_reserved_gib",
+    "mem_rss_gib": "runtime/mem_rss_gib",
+}
+_CONSOLE_ONLY = ("tflops_per_gpu", "mfu", "iter_time_ms", "progress")
+_PER_LAYER = re.compile(r"^(?P<base>.+)/layer_\d+$")
 
 
-def register_metrics_source(name: str, fn: Callable[[], Dict[str, float]]) -> None:
-    """Adds ``fn`` (no arguments -> dict of scalars) to what each log interval records under ``name/``."""
-    if not callable(fn):
-        raise TypeError(f"metrics source {name!r} is not callable: {fn!r}")
-    _METRICS_SOURCES[name] = fn
+def dashboard_scalars(metrics: Dict[str, float]) -> Dict[str, float]:
+    """The scalars of one training log step under their dashboard names.
 
-
-def unregister_metrics_source(name: str) -> None:
-    _METRICS_SOURCES.pop(name, None)
-
-
-def collect_extra_metrics() -> Dict[str, float]:
-    """Calls every registered source and flattens the results."""
-    out: Dict[str, float] = {}
-    for name, src in dict(_METRICS_SOURCES).items():
-        values = src() or {}
-        for key, value in values.items():
-            if torch.is_tensor(value):
-                value = value.item()
-            out[f"{name}/{key}"] = float(value)
+    Known keys get GPT-NeoX's or the project's name; a key that already has a namespace (``sepllm/...``,
+    per-layer values included) is kept as it is. Console-only derived values are dropped: their dashboard
+    forms are ``runtime/flops_per_sec_per_gpu`` and ``runtime/model_flops_utilization``.
+    """
+    out = {}
+    for key, value in metrics.items():
+        if key in _CONSOLE_ONLY or value is None or isinstance(value, bool) \
+                or not isinstance(value, (int, float)):
+            continue
+        if key in GPT_NEOX_SCALARS:
+            out[GPT_NEOX_SCALARS[key]] = float(value)
+        elif key in PROJECT_SCALARS:
+            out[PROJECT_SCALARS[key]] = float(value)
+        elif "/" in key:
+            out[key] = float(value)
+        else:
+            out[f"train/{key}"] = float(value)
     return out
 
 
@@ -66,17 +92,26 @@ def flops_per_token(neox_args, recompute: bool = False) -> float:
 
 
 def throughput_metrics(neox_args, iterations: int, elapsed_s: float) -> Dict[str, float]:
-    """tokens/s (whole job), TFLOP/s per GPU (hardware, incl. recomputation) and MFU (model FLOPs
-    without recomputation, divided by ``peak_tflops_per_gpu``; absent when no peak is configured)."""
-    tokens = iterations * neox_args.train_batch_size * neox_args.seq_length
-    world = neox_args.global_num_gpus
+    """Rates over ``iterations`` steps that took ``elapsed_s`` (the trainer passes one log interval).
+
+    ``tokens_per_sec``, ``samples_per_sec``, ``steps_per_sec``, ``iteration_time`` (s); ``tflops_per_gpu`` and
+    ``flops_per_sec_per_gpu``: hardware FLOPs (recomputation included) per GPU; ``mfu``: model FLOPs (no
+    recomputation) over ``peak_tflops_per_gpu`` as a fraction, and GPT-NeoX's ``model_flops_utilization`` /
+    ``hardware_flops_utilization`` in percent.
+    """
+    iterations = max(iterations, 1)
     elapsed_s = max(elapsed_s, 1e-9)
+    samples = iterations * neox_args.train_batch_size
+    tokens = samples * neox_args.seq_length
+    world = neox_args.global_num_gpus
     recompute = neox_args.checkpoint_activations
-    out = {"tokens_per_sec": tokens / elapsed_s,
-           "tflops_per_gpu": tokens * flops_per_token(neox_args, recompute) / elapsed_s / world / 1e12}
-    model_tflops = tokens * flops_per_token(neox_args, False) / elapsed_s / world / 1e12
-    out["mfu"] = model_tflops / neox_args.peak_tflops_per_gpu
-    return out
+    hardware = tokens * flops_per_token(neox_args, recompute) / elapsed_s / world
+    model = tokens * flops_per_token(neox_args, False) / elapsed_s / world
+    peak = neox_args.peak_tflops_per_gpu * 1e12
+    return {"tokens_per_sec": tokens / elapsed_s, "samples_per_sec": samples / elapsed_s,
+            "steps_per_sec": iterations / elapsed_s, "iteration_time": elapsed_s / iterations,
+            "tflops_per_gpu": hardware / 1e12, "flops_per_sec_per_gpu": hardware, "mfu": model / peak,
+            "model_flops_utilization": 100.0 * model / peak, "hardware_flops_utilization": 100.0 * hardware / peak}
 
 
 # ---------------------------------------------------------------------------------------- formatting
@@ -108,8 +143,34 @@ def progress_bar(iteration: int, total: int, elapsed_s: float, start_iteration: 
     return f"|{'#' * filled}{'.' * (width - filled)}| {100 * frac:5.1f}% [{format_duration(elapsed_s)}<{format_duration(eta)}]"
 
 
+_DASHBOARD_ONLY = ("flops_per_sec_per_gpu", "model_flops_utilization", "hardware_flops_utilization",
+                   "steps_per_sec", "iteration_time")
+
+
+def _collapse_layers(extra: Dict[str, float]) -> Dict[str, str]:
+    """Per-layer values (``.../layer_XX``) become one console entry: the overall value (or the mean of the
+    layers when there is none) and the layers' range when they differ."""
+    groups: Dict[str, list] = {}
+    for key, value in extra.items():
+        match = _PER_LAYER.match(key)
+        if match:
+            groups.setdefault(match.group("base"), []).append(float(value))
+    out = {}
+    for key in sorted(extra):
+        if _PER_LAYER.match(key):
+            continue
+        out[key] = f"{key} {extra[key]:.4g}"
+    for base, values in groups.items():
+        head = out.get(base) or f"{base} {sum(values) / len(values):.4g}"
+        if max(values) != min(values):
+            head += f" (layers {min(values):.4g}..{max(values):.4g})"
+        out[base] = head
+    return {k: out[k] for k in sorted(out)}
+
+
 def format_log_line(iteration: int, total: int, metrics: Dict[str, float]) -> str:
-    """The console line: fixed fields first, in a fixed order, then any extra metrics."""
+    """The console line: fixed fields first, in a fixed order, then any extra metrics, per-layer values
+    summarised (they are on the dashboards one by one)."""
     parts = [f"iteration {iteration:>8d}/{total:>8d}"]
     fixed = [("lm_loss", "loss", "{:.6E}"), ("learning_rate", "lr", "{:.4E}"), ("grad_norm", "grad norm", "{:.4f}"),
              ("loss_scale", "loss scale", "{:.1f}"), ("tokens_per_sec", "tokens/s", "{:.0f}"),
@@ -117,14 +178,13 @@ def format_log_line(iteration: int, total: int, metrics: Dict[str, float]) -> st
              ("samples_per_sec", "samples/s", "{:.2f}"), ("iter_time_ms", "ms/iter", "{:.1f}"),
              ("skipped_iters", "skipped", "{:d}"), ("mem_alloc_gib", "mem GiB", "{:.2f}"),
              ("mem_reserved_gib", "reserved GiB", "{:.2f}"), ("mem_rss_gib", "rss GiB", "{:.2f}")]
-    known = set()
+    known = set(_DASHBOARD_ONLY) | {"progress"}
     for key, label, fmt in fixed:
         known.add(key)
         if key in metrics and metrics[key] is not None:
             value = int(metrics[key]) if fmt == "{:d}" else metrics[key]
             parts.append(f"{label} {fmt.format(value)}")
-    for key in sorted(k for k in metrics if k not in known and k not in ("progress",)):
-        parts.append(f"{key} {metrics[key]:.4g}")
+    parts.extend(_collapse_layers({k: v for k, v in metrics.items() if k not in known}).values())
     if "progress" in metrics:
         parts.append(str(metrics["progress"]))
     return " | ".join(parts)
@@ -189,18 +249,18 @@ class TrainingLogger:
             self.wandb.log(clean, step=iteration)
 
     def log_training(self, iteration: int, metrics: Dict[str, float], interval_iters: int, interval_s: float) -> str:
-        """Prints and records one training log line; returns it (tests read it)."""
+        """Prints one training log line and records its scalars under their dashboard names
+        (:func:`dashboard_scalars`); returns the line (tests read it). Rates cover the log interval."""
         total = int(self.neox_args.train_iters)
         metrics = dict(metrics)
         metrics.update(throughput_metrics(self.neox_args, interval_iters, interval_s))
-        metrics["iter_time_ms"] = 1000.0 * interval_s / max(interval_iters, 1)
-        metrics["samples_per_sec"] = interval_iters * self.neox_args.train_batch_size / max(interval_s, 1e-9)
+        metrics["iter_time_ms"] = 1000.0 * metrics["iteration_time"]
         metrics.update(memory_metrics())
         elapsed = time.perf_counter() - self.start_time
         line = format_log_line(iteration, total, dict(metrics, progress=progress_bar(
             iteration, total, elapsed, self.start_iteration)))
         self.print(line)
-        self.log_scalars(iteration, metrics, prefix="train")
+        self.log_scalars(iteration, dashboard_scalars(metrics), prefix=None)
         return line
 
     def log_evaluation(self, iteration: int, split: str, loss: float) -> str:

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from megatron import checkpointing
 from megatron.initialize import initialize_megatron
 from megatron.learning_rates import build_lr_scheduler, learning_rate
-from megatron.logging import TrainingLogger, collect_extra_metrics, tee_text_logs
+from megatron.logging import TrainingLogger, tee_text_logs
+from megatron.model.sepllm.stats import KVRatioTracker
 from megatron.neox_arguments.optimizer_args import TRAINER_OPTIMIZERS
 from megatron.param_stats import ParameterStatistics
 from megatron.utils import (StopSignal, all_reduce_max, get_ltor_masks_and_position_ids,
@@ -86,13 +87,21 @@ def pipe_loss_fn(outputs, targets):
 
 
 class PipeBatchFn:
-    """``engine.set_batch_fn`` callable: raw ``{"text": ...}`` -> ``(inputs, (labels, loss_mask))``."""
+    """``engine.set_batch_fn`` callable: raw ``{"text": ...}`` -> ``(inputs, (labels, loss_mask))``.
 
-    def __init__(self, eod_token, eod_mask_loss, device):
+    ``tracker`` (a :class:`KVRatioTracker`) sees the tokens of training batches; the engine calls the same
+    function for evaluation batches, during which the trainer sets ``training`` to False.
+    """
+
+    def __init__(self, eod_token, eod_mask_loss, device, tracker: Optional[KVRatioTracker] = None):
         self.eod_token, self.eod_mask_loss, self.device = eod_token, eod_mask_loss, device
+        self.tracker = tracker
+        self.training = True
 
     def __call__(self, batch):
         tokens, labels, loss_mask, position_ids = get_batch(batch, self.eod_token, self.eod_mask_loss, self.device)
+        if self.training and self.tracker is not None:
+            self.tracker.observe(tokens)
         return model_inputs(tokens, position_ids), (labels, loss_mask)
 
 
@@ -239,13 +248,16 @@ def setup_model_and_optimizer(neox_args, topology, device):
 
 
 # ----------------------------------------------------------------------------------------------- steps
-def train_step_sequential(engine, data_iter: Iterator, neox_args, eod_token, device) -> torch.Tensor:
+def train_step_sequential(engine, data_iter: Iterator, neox_args, eod_token, device,
+                          tracker: Optional[KVRatioTracker] = None) -> torch.Tensor:
     """One optimizer step as ``gradient_accumulation_steps`` forward/backward passes; returns the
-    mean micro-batch loss (a device tensor, not synchronised)."""
+    mean micro-batch loss (a device tensor, not synchronised). ``tracker`` sees each micro-batch's tokens."""
     losses = []
     for _ in range(neox_args.gradient_accumulation_steps):
         tokens, labels, loss_mask, position_ids = get_batch(next(data_iter), eod_token,
                                                             neox_args.eod_mask_loss, device)
+        if tracker is not None:
+            tracker.observe(tokens)
         logits = engine(model_inputs(tokens, position_ids))
         loss = poison_non_finite(lm_loss(logits, labels, loss_mask))
         engine.backward(loss)
@@ -315,6 +327,10 @@ class Trainer:
         self.logger = logger
         self.fp16 = neox_args.precision == "fp16"
         self.pipe_stages = neox_args.pipe_stages
+        # PRINT_KV_RATIO: the statistics of the training micro-batches this rank reads (rank 0 logs its own).
+        tracker = KVRatioTracker(neox_args)
+        self.kv_tracker = tracker if tracker.enabled else None
+        self.batch_fn = PipeBatchFn(eod_token, neox_args.eod_mask_loss, device, self.kv_tracker) if is_pipe else None
 
     def save(self, iteration: int, consumed: int) -> None:
         start = time.perf_counter()
@@ -331,7 +347,13 @@ class Trainer:
         self.logger.print(f"saved checkpoint {path} at iteration {iteration} ({time.perf_counter() - start:.1f} s)")
 
     def run_eval(self, iteration: int, data_source, split: str) -> Optional[float]:
-        loss = evaluate(self.engine, data_source, self.args, self.eod, self.device, self.is_pipe)
+        if self.batch_fn is not None:
+            self.batch_fn.training = False
+        try:
+            loss = evaluate(self.engine, data_source, self.args, self.eod, self.device, self.is_pipe)
+        finally:
+            if self.batch_fn is not None:
+                self.batch_fn.training = True
         if loss is not None:
             self.logger.log_evaluation(iteration, split, loss)
         return loss
@@ -347,7 +369,7 @@ class Trainer:
         if own_stop:
             stop = StopSignal().install()
         if self.is_pipe:
-            engine.set_batch_fn(PipeBatchFn(self.eod, args.eod_mask_loss, self.device))
+            engine.set_batch_fn(self.batch_fn)
         engine.train()
         log_interval, eval_interval = args.log_interval, args.eval_interval
         exit_interval = args.exit_interval or 0
@@ -365,7 +387,8 @@ class Trainer:
                 if self.is_pipe:
                     loss = engine.train_batch(data_iter=train_iter).detach().float().reshape(()).to(self.device)
                 else:
-                    loss = train_step_sequential(engine, train_iter, args, self.eod, self.device).float()
+                    loss = train_step_sequential(engine, train_iter, args, self.eod, self.device,
+                                                 self.kv_tracker).float()
                 iteration += 1
                 args.iteration = iteration
                 consumed += args.train_batch_size
@@ -434,7 +457,8 @@ class Trainer:
         scale = _loss_scale(self.engine)
         if scale is not None:
             metrics["loss_scale"] = scale
-        metrics.update(collect_extra_metrics())
+        if self.kv_tracker is not None:
+            metrics.update({f"sepllm/{k}": v for k, v in self.kv_tracker.report_if_due().items()})
         self.logger.log_training(iteration, metrics, iters, elapsed)
         if self.guard.stats is not None:
             # Hundreds of per-parameter values: dashboards only, under GPT-NeoX's names, not the console line.

@@ -30,8 +30,15 @@ class DeepSpeedArgs:
               "becomes offload_optimizer {device: cpu}.")
     zero_stage: Optional[int] = arg(None, "ZeRO stage (derived from zero_optimization.stage).", role="derived")
     gradient_clipping: float = arg(1.0, "Clip the global gradient L2 norm to this (0 disables; alias `clip_grad`).")
-    steps_per_print: int = arg(10, "DeepSpeed's own progress print interval.")
-    wall_clock_breakdown: bool = arg(False, "DeepSpeed timing of forward/backward/step.")
+    steps_per_print: int = arg(
+        10, "Interval of DeepSpeed's own prints (its `steps: N loss: ...` progress line, and its timers with "
+            "wall_clock_breakdown). They are off unless deepspeed_progress_log or wall_clock_breakdown is set: "
+            "the project's line at log_interval is the console log.")
+    deepspeed_progress_log: bool = arg(
+        False, "Project key: also print DeepSpeed's own progress line every steps_per_print steps (it shows "
+               "DeepSpeed's loss average, not the logged lm_loss).")
+    wall_clock_breakdown: bool = arg(False, "DeepSpeed timing of forward/backward/step, printed every "
+                                            "steps_per_print steps.")
     dump_state: bool = arg(False, "DeepSpeed prints its state after initialisation.")
     fp32_allreduce: bool = arg(False, "All-reduce gradients in fp32.")
     prescale_gradients: bool = arg(False, "Scale gradients before the all-reduce.")

@@ -40,6 +40,12 @@ def uses_deepspeed_optimizer(args) -> bool:
                                            or args.use_deepspeed_optimizer)
 
 
+# DeepSpeed prints when global_steps % steps_per_print == 0 and has no "off" value that every engine path
+# accepts (the pipeline engine's throughput log takes the modulo of None), so "off" is an interval no run
+# reaches.
+DEEPSPEED_PRINTS_OFF = 2**62
+
+
 def build_deepspeed_config(args) -> dict:
     """DeepSpeed config for `deepspeed.initialize(config=...)`, from resolved args."""
     config = {
@@ -47,7 +53,8 @@ def build_deepspeed_config(args) -> dict:
         "train_micro_batch_size_per_gpu": args.train_micro_batch_size_per_gpu,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "gradient_clipping": args.gradient_clipping,
-        "steps_per_print": args.steps_per_print,
+        "steps_per_print": args.steps_per_print if args.deepspeed_progress_log or args.wall_clock_breakdown
+        else DEEPSPEED_PRINTS_OFF,
         "wall_clock_breakdown": args.wall_clock_breakdown,
         "zero_optimization": _zero_section(args),
     }

@@ -55,22 +55,27 @@ def test_tracker_streaming_and_disabled():
     assert not KVRatioTracker(brute.args(PRINT_KV_RATIO=True, USE_ORIGINAL_FULL_ATTEN=True)).enabled
 
 
-def test_training_forwards_feed_the_logging_source():
-    from megatron import logging as mlog
+def test_trainer_batch_function_feeds_training_batches_only():
+    """The trainer's tracker sees the micro-batches it trains on, not evaluation batches, and reports once
+    print_ratio_intervals of them were seen. The model's metadata builder records nothing."""
     from megatron.model.sepllm.meta import build_attn_meta
+    from megatron.training import PipeBatchFn
 
     args = brute.args(num_layers=1, init_tok_max_idx=0, prefill_local_window_size=2, PRINT_KV_RATIO=True,
                       print_ratio_intervals=2)
-    ids = torch.tensor([[5, 5, 5, 5, 3, 5, 5, 5]])
-    try:
-        with torch.no_grad():
-            build_attn_meta(ids, None, args)  # evaluation: not counted
-        build_attn_meta(ids, None, args)
-        assert mlog.collect_extra_metrics() == {}  # 1 of 2 forwards
-        build_attn_meta(ids, None, args)
-        out = mlog.collect_extra_metrics()
-        assert out["sepllm/kv_ratio"] == pytest.approx(4 / 8)
-        assert out["sepllm/attn_density"] == pytest.approx(23 / 36)
-        assert mlog.collect_extra_metrics() == {}
-    finally:
-        mlog.unregister_metrics_source("sepllm")
+    tracker = KVRatioTracker(args)
+    # get_batch takes text of S+1 tokens: inputs are the first S.
+    batch = {"text": torch.tensor([[5, 5, 5, 5, 3, 5, 5, 5, 9]])}
+    fn = PipeBatchFn(eod_token=None, eod_mask_loss=False, device=torch.device("cpu"), tracker=tracker)
+    build_attn_meta(batch["text"][:, :-1], None, args)  # a forward alone is not counted
+    fn.training = False
+    fn(batch)  # an evaluation batch: not counted
+    fn.training = True
+    fn(batch)
+    assert tracker.report_if_due() == {}  # 1 of 2 training batches
+    fn(batch)
+    out = tracker.report_if_due()
+    # a = 1 initial token, separator at 4, window 2 (diagonal excluded): last row keeps {0, 4, 6, 7} of 8.
+    assert out["kv_ratio"] == pytest.approx(4 / 8)
+    assert out["attn_density"] == pytest.approx(23 / 36)
+    assert tracker.report_if_due() == {}

@@ -1,4 +1,4 @@
-"""Console line, progress bar, FLOPs formula, TensorBoard events and the extra-metrics hook."""
+"""Console line, progress bar, FLOPs formula, TensorBoard events under GPT-NeoX's names."""
 import io
 import glob
 import types
@@ -52,36 +52,46 @@ def test_progress_bar_and_duration():
     assert "<?]" in tlog.progress_bar(0, 100, 1.0)
 
 
-def test_log_line_tensorboard_and_extra_metrics(tmp_path):
+def test_log_line_and_gpt_neox_dashboard_names(tmp_path):
     tb = tmp_path / "tb"
     a = tiny_args(tensorboard_dir=str(tb))
-    tlog.register_metrics_source("sepllm", lambda: {"kv_ratio": 0.25})
-    tlog.register_metrics_source("extra", lambda: {"from_args": 2.0})
-    try:
-        out = io.StringIO()
-        logger = tlog.TrainingLogger(a, rank=0, stream=out)
-        metrics = {"lm_loss": 3.5, "learning_rate": 1e-3, "grad_norm": 0.75, "loss_scale": 1.0, "skipped_iters": 1}
-        metrics.update(tlog.collect_extra_metrics())
-        line = logger.log_training(5, metrics, interval_iters=5, interval_s=1.0)
-        logger.log_evaluation(5, "validation", 2.0)
-        logger.close()
-    finally:
-        tlog.unregister_metrics_source("sepllm")
-        tlog.unregister_metrics_source("extra")
+    out = io.StringIO()
+    logger = tlog.TrainingLogger(a, rank=0, stream=out)
+    metrics = {"lm_loss": 3.5, "learning_rate": 1e-3, "grad_norm": 0.75, "loss_scale": 1.0, "skipped_iters": 1,
+               "sepllm/kv_ratio": 0.25, "sepllm/kv_ratio/layer_00": 0.125, "sepllm/kv_ratio/layer_01": 0.375,
+               "sepllm/attn_density": 0.5, "sepllm/attn_density/layer_00": 0.5,
+               "sepllm/attn_density/layer_01": 0.5}
+    line = logger.log_training(5, metrics, interval_iters=5, interval_s=1.0)
+    logger.log_evaluation(5, "validation", 2.0)
+    logger.close()
     text = out.getvalue()
     assert line in text and "validation results at iteration 5" in text
     for part in ("iteration        5/      10", "loss 3.500000E+00", "lr 1.0000E-03", "grad norm 0.7500",
-                 "loss scale 1.0", "tokens/s 640", "TFLOP/s/GPU", "MFU", "skipped 1", "rss GiB",
-                 "sepllm/kv_ratio 0.25", "extra/from_args 2", "50.0%"):
+                 "loss scale 1.0", "tokens/s 640", "TFLOP/s/GPU", "MFU", "skipped 1", "rss GiB", "ms/iter 200.0",
+                 "sepllm/kv_ratio 0.25 (layers 0.125..0.375)", "50.0%"):
         assert part in line, (part, line)
+    # Per-layer values stay off the console: equal layers print no range, and no layer key is printed.
+    assert "layer_0" not in line and "sepllm/attn_density 0.5 |" in line
+    assert "flops_per_sec_per_gpu" not in line and "runtime/" not in line
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(glob.glob(str(tb / "events.*"))[0])
     acc.Reload()
-    tags = set(acc.Tags()["scalars"])
-    assert {"train/lm_loss", "train/tokens_per_sec", "train/mfu", "train/sepllm/kv_ratio", "validation/lm_loss"} <= tags
-    assert acc.Scalars("train/lm_loss")[0].value == pytest.approx(3.5)
-    assert acc.Scalars("train/lm_loss")[0].step == 5
+    scalars = {tag: acc.Scalars(tag)[0] for tag in acc.Tags()["scalars"]}
+    # GPT-NeoX's names (megatron/logging.py at ea7aefd8), with its units.
+    tokens = 5 * 4 * 32
+    expected = {"train/lm_loss": 3.5, "train/learning_rate": 1e-3, "train/loss_scale": 1.0,
+                "runtime/samples_per_sec": 20.0, "runtime/iteration_time": 0.2, "runtime/steps_per_sec": 5.0,
+                "runtime/tokens_per_sec": tokens,
+                "runtime/flops_per_sec_per_gpu": tokens * tlog.flops_per_token(a, False),
+                "runtime/model_flops_utilization": 100 * tokens * tlog.flops_per_token(a, False) / 1e9,
+                "validation/lm_loss": 2.0, "validation/lm_loss_ppl": 7.389056,
+                "sepllm/kv_ratio": 0.25, "sepllm/kv_ratio/layer_01": 0.375, "train/grad_norm": 0.75}
+    for tag, value in expected.items():
+        assert tag in scalars, (tag, sorted(scalars))
+        assert scalars[tag].value == pytest.approx(value, rel=1e-5), tag
+        assert scalars[tag].step == 5
+    assert not [t for t in scalars if t.startswith("train/sepllm") or t in ("train/mfu", "train/tokens_per_sec")]
 
 
 def test_non_zero_rank_writes_nothing(tmp_path):
@@ -91,9 +101,13 @@ def test_non_zero_rank_writes_nothing(tmp_path):
     assert out.getvalue() == "" and not (tmp_path / "tb").exists()
 
 
-def test_bad_metrics_source_is_rejected():
-    with pytest.raises(TypeError, match="not callable"):
-        tlog.register_metrics_source("x", 3)
+def test_deepspeed_progress_line_is_off_unless_asked():
+    from megatron.neox_arguments.deepspeed_config import DEEPSPEED_PRINTS_OFF, build_deepspeed_config
+
+    # GPT-NeoX's configs set steps_per_print: 10; that alone must not interleave DeepSpeed's line.
+    assert build_deepspeed_config(tiny_args(steps_per_print=10))["steps_per_print"] == DEEPSPEED_PRINTS_OFF
+    assert build_deepspeed_config(tiny_args(steps_per_print=3, deepspeed_progress_log=True))["steps_per_print"] == 3
+    assert build_deepspeed_config(tiny_args(steps_per_print=4, wall_clock_breakdown=True))["steps_per_print"] == 4
 
 
 def test_wandb_offline_without_key(tmp_path, monkeypatch):

@@ -44,10 +44,4 @@ def build_attn_meta(input_ids: torch.Tensor, position_ids: Optional[torch.Tensor
         init_start = adaptive_init_start(input_ids, neox_args.PADDING_ID)
     else:
         init_start = torch.zeros(bsz, dtype=torch.long, device=input_ids.device)
-    meta = AttnMeta(rope_pos.long(), sep_flags, init_start)
-    if neox_args.PRINT_KV_RATIO and torch.is_grad_enabled():
-        # Training forwards only (evaluation runs without gradients); counts stay on the device.
-        from megatron.model.sepllm.stats import observe_forward
-
-        observe_forward(meta, neox_args)
-    return meta
+    return AttnMeta(rope_pos.long(), sep_flags, init_start)

@@ -12,10 +12,11 @@ and both summed over layers for the overall ratio, each as ``(kept + 1e-6) / (to
 reference. Unlike the reference, counts stay on the device as tensors (no sync per layer) until the log
 step reads them once, and the batch reported is the one just trained (no one-batch lag).
 
-Wiring: with ``PRINT_KV_RATIO`` the model's metadata builder (``build_attn_meta``, once per training
-forward) feeds :func:`observe_forward`, which registers a ``sepllm`` metrics source with
-:mod:`megatron.logging`; at each log step the source returns the statistics of the micro-batches since the
-last report once ``print_ratio_intervals`` forwards were seen (else nothing). Explicit use::
+Wiring: the trainer owns one :class:`KVRatioTracker` (``megatron.training.Trainer``). It feeds it the
+token ids of every training micro-batch it reads (never evaluation batches), and at each log step asks
+:meth:`KVRatioTracker.report_if_due` for the statistics of the micro-batches since the last report, once
+``print_ratio_intervals`` forwards were seen (else nothing); they go to the log under ``sepllm/``. The
+model's metadata builder knows nothing of it. Use::
 
     tracker = KVRatioTracker(neox_args)            # tracker.enabled is False when off
     tracker.observe(tokens)                         # every micro-batch, tokens [B, S] fed to the model
@@ -130,24 +131,3 @@ class KVRatioTracker:
         if self._calls_since < self.interval:
             return {}
         return self.summary()
-
-
-# -- automatic logging: the model's metadata builder feeds the tracker, the log step reads it ---------------
-_ACTIVE: Dict[str, KVRatioTracker] = {}
-
-
-def observe_forward(meta: AttnMeta, neox_args):
-    """Called by :func:`megatron.model.sepllm.meta.build_attn_meta` for training forwards with
-    ``PRINT_KV_RATIO``; registers the ``sepllm`` metrics source of :mod:`megatron.logging` on first use."""
-    tracker = _ACTIVE.get("tracker")
-    if tracker is None or tracker.args is not neox_args:
-        tracker = KVRatioTracker(neox_args)
-        _ACTIVE["tracker"] = tracker
-        try:
-            from megatron.logging import register_metrics_source
-        except ImportError as err:
-            if getattr(err, "name", None) != "megatron.logging":
-                raise
-        else:
-            register_metrics_source("sepllm", lambda: _ACTIVE["tracker"].report_if_due())
-    tracker.observe(None, meta)
