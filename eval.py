@@ -16,18 +16,26 @@ import os
 import sys
 import time
 
+from megatron.cli import HelpFormatter
+
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="lm-eval over a SepLLM model")
+    parser = argparse.ArgumentParser(
+        description="lm-evaluation-harness over a SepLLM model: an HF export (--model_dir) or, through deepy.py, a "
+                    "trainer checkpoint. Options left out take the config's keys (eval_tasks, "
+                    "eval_results_prefix).", formatter_class=HelpFormatter)
     parser.add_argument("--neox_config_file", default=None, help="set by deepy.py (trainer checkpoint mode)")
     parser.add_argument("--model_dir", default=None, help="export directory")
-    parser.add_argument("--eval_tasks", nargs="+", default=None)
+    parser.add_argument("--eval_tasks", nargs="+", default=None,
+                        help="lm-eval task names, or task YAML files (config key eval_tasks)")
     parser.add_argument("--include_path", default=None, help="directory of local lm-eval task YAMLs")
     parser.add_argument("--limit", type=int, default=None, help="documents per task (for quick checks)")
-    parser.add_argument("--num_fewshot", type=int, default=None)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--eval_results_prefix", default=None)
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--num_fewshot", type=int, default=None,
+                        help="few-shot examples per prompt (default: each task's own)")
+    parser.add_argument("--batch_size", type=int, default=8, help="sequences per forward")
+    parser.add_argument("--eval_results_prefix", default=None,
+                        help="results go to <prefix>_eval_results_<time>.json (config key eval_results_prefix)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     args, _ = parser.parse_known_args(argv)
     return args
 

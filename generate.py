@@ -17,6 +17,8 @@ import json
 import os
 import sys
 
+from megatron.cli import HelpFormatter
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, like every other bad input
@@ -25,17 +27,26 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv):
-    parser = _Parser(description="SepLLM text generation")
+    parser = _Parser(description="SepLLM text generation, from an HF export (--model_dir) or, through deepy.py, "
+                                 "from a trainer checkpoint. Options left out take the config's text-generation "
+                                 "keys (docs/configuration.md), or those keys' defaults.",
+                     formatter_class=HelpFormatter)
     parser.add_argument("--neox_config_file", default=None, help="set by deepy.py (trainer checkpoint mode)")
     parser.add_argument("--model_dir", default=None, help="export directory (HF mode)")
     parser.add_argument("--text", nargs="*", default=None, help="prompt(s)")
     parser.add_argument("--sample_input_file", default=None, help="prompts separated by --prompt_end")
     parser.add_argument("--sample_output_file", default=None, help="jsonl of prompts and continuations")
-    parser.add_argument("--prompt_end", default=None)
-    parser.add_argument("--maximum_tokens", type=int, default=None)
-    parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--top_p", type=float, default=None)
-    parser.add_argument("--top_k", type=int, default=None)
+    parser.add_argument("--prompt_end", default=None,
+                        help="the string that ends a prompt in input files and interactive mode (config key "
+                             "prompt_end, default a newline)")
+    parser.add_argument("--maximum_tokens", type=int, default=None,
+                        help="tokens generated per prompt (config key maximum_tokens, default 64)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="sampling temperature, 0 for greedy decoding (config key temperature, default 0)")
+    parser.add_argument("--top_p", type=float, default=None,
+                        help="nucleus sampling threshold, 0 for off (config key top_p, default 0)")
+    parser.add_argument("--top_k", type=int, default=None,
+                        help="sample from the k most likely tokens, 0 for off (config key top_k, default 0)")
     parser.add_argument("--sep_cache", default=None, help="a,s,w,c sizes of a SepCache")
     parser.add_argument("--recompute", action="store_true", default=None,
                         help="no KV cache: recompute all attention at every step (GPT-NeoX's recompute)")
@@ -44,7 +55,8 @@ def parse_args(argv):
                              "the prompts of --sample_input_file; interactive: prompts read from stdin until EOF")
     parser.add_argument("--num_samples", type=int, default=None, help="samples of text_gen_type unconditional")
     parser.add_argument("--no_stream", action="store_true", help="print whole continuations only")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", default=None,
+                        help="torch device (default: cuda when available, else cpu)")
     args, _ = parser.parse_known_args(argv)  # DeepSpeed adds --local_rank
     return args
 

@@ -2,11 +2,17 @@
 import sys
 
 
-def main() -> int:
+def main(argv=None) -> int:
     from megatron.neox_arguments import NeoXArgs
+    from megatron.neox_arguments.errors import ConfigError
+
+    try:
+        neox_args = NeoXArgs.consume_neox_args(argv)
+    except ConfigError as err:
+        print(f"train.py: configuration error: {err}", file=sys.stderr)
+        return 2
     from megatron.training import pretrain
 
-    neox_args = NeoXArgs.consume_neox_args()
     return pretrain(neox_args)
 
 

@@ -12,14 +12,19 @@ Each chapter becomes one document; the novels' line structure is kept (``\\n`` b
 """
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 
-from data_prep import debian_packages as deb
-from data_prep.r_lazyload import read_lazyload_db
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data_prep import debian_packages as deb  # noqa: E402
+from data_prep.r_lazyload import read_lazyload_db  # noqa: E402
 
 AUSTEN_PACKAGE = "r-cran-janeaustenr"
 AUSTEN_DB = "usr/lib/R/site-library/janeaustenr/data/Rdata"
@@ -197,3 +202,31 @@ def fetch_from_gutenberg(work_dir: str, with_bible: bool = True, log=print) -> d
         else:
             sources[f"austen/{name}"] = split_chapters(text.split("\n"))
     return sources
+
+
+def main(argv=None) -> int:
+    """Fetches the sources and prints their chapter counts: a check of the sources that
+    ``prepare_data.py default`` (which builds the corpus) reads."""
+    parser = argparse.ArgumentParser(
+        description="Fetch the offline default corpus's sources (Debian packages, or Project Gutenberg where apt "
+                    "is unavailable) into WORK_DIR and print the chapters found per source. To build the "
+                    "tokenised corpus use `python data_prep/prepare_data.py default`.")
+    parser.add_argument("--work-dir", required=True, help="folder for the downloaded packages or books")
+    parser.add_argument("--source", choices=("auto", "debian", "gutenberg"), default="auto",
+                        help="where to fetch from (default: auto = Debian packages when apt-get is available)")
+    parser.add_argument("--no-bible", action="store_true", help="the Austen novels only (default: with the KJV)")
+    args = parser.parse_args(argv)
+    use_debian = deb.apt_available() if args.source == "auto" else args.source == "debian"
+    fetch = fetch_from_debian if use_debian else fetch_from_gutenberg
+    try:
+        sources = fetch(args.work_dir, with_bible=not args.no_bible)
+    except (deb.PackageError, CorpusSourceError) as err:
+        print(f"default_corpus.py: error: {err}", file=sys.stderr)
+        return 1
+    for name in sorted(sources):
+        print(f"{name}: {len(sources[name])} chapters, {sum(map(len, sources[name])):,} characters")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

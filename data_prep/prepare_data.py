@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from data_prep import default_corpus  # noqa: E402
 from data_prep import preprocess_data  # noqa: E402
 from data_prep.debian_packages import PackageError, apt_available  # noqa: E402
+from megatron.cli import HelpFormatter  # noqa: E402
 from megatron.data import indexed_dataset  # noqa: E402
 
 SHUFFLE_SEED = 1234
@@ -235,7 +236,7 @@ def prepare_pile_pythia(data_dir: str, keep_shards: bool = False) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("name", nargs="?", default="default", choices=["default", "enwik8", "pile_pythia"])
     p.add_argument("--data-dir", default="data", help="where corpora are written (default: data)")
     p.add_argument("--vocab-size", type=int, default=8192, help="default corpus: BPE vocabulary size")

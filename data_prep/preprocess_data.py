@@ -24,6 +24,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron.cli import HelpFormatter  # noqa: E402
 from megatron.data import indexed_dataset  # noqa: E402
 from megatron.tokenizer.corpus_reader import CorpusError, decode_record, iter_raw_records  # noqa: E402
 from megatron.tokenizer.tokenizer import make_tokenizer  # noqa: E402
@@ -34,7 +35,7 @@ _BATCH_CHARS = 4 << 20
 
 
 def get_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("input data")
     g.add_argument("--input", required=True,
                    help="comma-separated list of jsonl (plain/.gz/.zst) or plain text files")
@@ -42,14 +43,16 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--num-docs", type=int, default=None, help="stop after this many documents (all inputs)")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", required=True,
-                   choices=["HFTokenizer", "GPT2BPETokenizer", "SPMTokenizer", "CharLevelTokenizer"])
+                   choices=["HFTokenizer", "GPT2BPETokenizer", "SPMTokenizer", "CharLevelTokenizer"],
+                   help="tokenizer class, as GPT-NeoX's tokenizer_type")
     g.add_argument("--vocab-file", default=None, help="tokenizer.json, GPT-2 vocab.json or SentencePiece model")
     g.add_argument("--merge-file", default=None, help="GPT-2 merges.txt (GPT2BPETokenizer)")
     g.add_argument("--append-eod", action="store_true", help="append the end-of-document id to every document")
     g.add_argument("--ftfy", action="store_true", help="repair mojibake with ftfy.fix_text before tokenising")
     g = p.add_argument_group("output data")
     g.add_argument("--output-prefix", required=True, help="writes <prefix>_<key>_document.bin/.idx")
-    g.add_argument("--dataset-impl", default="mmap", choices=["mmap"])
+    g.add_argument("--dataset-impl", default="mmap", choices=["mmap"],
+                   help="output format; mmap is the one GPT-NeoX reads today (accepted for its command line)")
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenising processes")
     g.add_argument("--log-interval", type=int, default=100, help="documents between progress lines")

@@ -127,21 +127,26 @@ def load_tokens(args, tokenizer) -> torch.Tensor:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_dir", required=True)
-    parser.add_argument("--text_file")
+    from megatron.cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--model_dir", required=True, help="an HF model directory (this project's export or a stock model)")
+    parser.add_argument("--text_file", help="a text file to stream")
     parser.add_argument("--data_path", help="mmap dataset prefix (.bin/.idx)")
     parser.add_argument("--synthetic", type=int, help="N random tokens (memory / speed checks)")
-    parser.add_argument("--max_tokens", type=int)
-    parser.add_argument("--cache", default="sepcache", choices=CACHES)
-    parser.add_argument("--init_cache_size", type=int, default=4)
-    parser.add_argument("--sep_cache_size", type=int, default=64)
-    parser.add_argument("--local_size", type=int, default=256)
-    parser.add_argument("--cache_size", type=int, default=512)
-    parser.add_argument("--pe_shift", action="store_true")
-    parser.add_argument("--chunk", type=int, default=1024)
-    parser.add_argument("--dtype", default=None, choices=(None, "fp32", "bf16", "fp16"))
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--max_tokens", type=int, help="stop after this many tokens (default: the whole input)")
+    parser.add_argument("--cache", default="sepcache", choices=CACHES,
+                        help="sepcache: SepCache; streaming: StreamingLLM's sink + window cache; full: no eviction")
+    parser.add_argument("--init_cache_size", type=int, default=4, help="initial (sink) tokens kept")
+    parser.add_argument("--sep_cache_size", type=int, default=64, help="separator slots (sepcache)")
+    parser.add_argument("--local_size", type=int, default=256, help="local window slots")
+    parser.add_argument("--cache_size", type=int, default=512, help="most KV slots a layer holds")
+    parser.add_argument("--pe_shift", action="store_true",
+                        help="positions within the cache instead of the stream (positional-encoding shift)")
+    parser.add_argument("--chunk", type=int, default=1024, help="tokens per reported chunk")
+    parser.add_argument("--dtype", default=None, choices=(None, "fp32", "bf16", "fp16"),
+                        help="model dtype (default: the model's own)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--output", help="JSON lines file of the per-chunk records")
     parser.add_argument("--allow_cudnn_sdpa", action="store_true",
                         help="keep PyTorch's cuDNN SDPA backend (it plans per KV length: ~4 ms CPU per call "

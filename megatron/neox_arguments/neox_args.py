@@ -150,9 +150,16 @@ class NeoXArgs(RuntimeArgs, TextGenArgs, LauncherArgs, AdjustSoftmaxArgs, SepLLM
     @classmethod
     def consume_neox_args(cls, argv=None, env: Environment = None) -> "NeoXArgs":
         """On a rank: read `--neox_config_file PATH` from argv (DeepSpeed adds `--local_rank`, ignored) and
-        RANK / LOCAL_RANK / WORLD_SIZE from the environment; re-run derivation and validation."""
-        parser = argparse.ArgumentParser(add_help=False)
-        parser.add_argument("--neox_config_file", required=False)
+        RANK / LOCAL_RANK / WORLD_SIZE from the environment; re-run derivation and validation. `--help`
+        prints how the script is started and exits."""
+        parser = argparse.ArgumentParser(
+            description="A per-rank entry point: deepy.py resolves the configuration and starts this script on "
+                        "every rank. Start it as `python deepy.py SCRIPT config.yml [more.yml ...]` (see "
+                        "`python deepy.py --help`), not directly.")
+        parser.add_argument("--neox_config_file", required=False, metavar="PATH",
+                            help="the resolved configuration deepy.py wrote (resolved_config.yml)")
+        parser.add_argument("--local_rank", type=int, default=None,
+                            help="added by DeepSpeed's launcher and ignored: the rank is read from LOCAL_RANK")
         known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
         if not known.neox_config_file:
             raise ConfigError("missing --neox_config_file PATH: start this script through deepy.py "

@@ -15,6 +15,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run by path: the package it fronts sits two levels up
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from megatron.cli import HelpFormatter  # noqa: E402
 from megatron.hf.export import export  # noqa: E402
 from megatron.hf.export_config import ARCHITECTURES, PRECISIONS, ConversionError  # noqa: E402
 
@@ -28,16 +29,20 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    parser = _Parser(description=__doc__.split("\n\n")[0])
+    parser = _Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--input_dir", required=True, help="<save>/global_stepN")
     parser.add_argument("--config_file", nargs="*", default=None,
                         help="YAML file(s) of the run, checked against the checkpoint's resolved config "
                              "(default: the checkpoint's own)")
     parser.add_argument("--output_dir", required=True,
                         help="new directory, or a previous export (replaced)")
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
-    parser.add_argument("--architecture", default="sepllm_gpt_neox", choices=ARCHITECTURES)
-    parser.add_argument("--no_save_tokenizer", action="store_true")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="dtype of the exported weights; auto keeps the training precision")
+    parser.add_argument("--architecture", default="sepllm_gpt_neox", choices=ARCHITECTURES,
+                        help="sepllm_gpt_neox: the SepLLM model class shipped in the export (trust_remote_code); "
+                             "neox: a stock GPTNeoXForCausalLM (full-attention models only)")
+    parser.add_argument("--no_save_tokenizer", action="store_true",
+                        help="do not copy the training tokenizer into the export")
     parser.add_argument("--overwrite", action="store_true",
                         help="also replace a non-empty directory that is not an export (never one holding "
                              "checkpoints)")

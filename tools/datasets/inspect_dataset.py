@@ -14,6 +14,7 @@ import numpy as np
 if __package__ in (None, ""):  # run by path (python tools/...): the checkout's package is two levels up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from megatron.cli import HelpFormatter  # noqa: E402
 from megatron.data.indexed_dataset import IndexedDatasetError, make_dataset  # noqa: E402
 
 
@@ -33,12 +34,12 @@ def describe(prefix: str) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("prefix", help="dataset prefix (without .bin/.idx)")
     p.add_argument("--show", type=int, default=0, help="print the first N sequences")
-    p.add_argument("--tokenizer-type", default="HFTokenizer")
+    p.add_argument("--tokenizer-type", default="HFTokenizer", help="tokenizer class used to decode --show sequences")
     p.add_argument("--vocab-file", help="decode shown sequences with this tokenizer")
-    p.add_argument("--merge-file")
+    p.add_argument("--merge-file", help="GPT-2 merges.txt (GPT2BPETokenizer)")
     a = p.parse_args(argv)
     try:
         info = describe(a.prefix)

@@ -15,6 +15,7 @@ import sys
 if __package__ in (None, ""):  # run by path (python tools/...): the checkout's package is two levels up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from megatron.cli import HelpFormatter  # noqa: E402
 from megatron.data import indexed_dataset as ids  # noqa: E402
 
 
@@ -31,9 +32,9 @@ def merge(inputs: list[str], output_prefix: str) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="dataset prefixes to concatenate, in order")
-    p.add_argument("--output-prefix", required=True)
+    p.add_argument("--output-prefix", required=True, help="writes <prefix>.bin and <prefix>.idx (never over an existing dataset)")
     a = p.parse_args(argv)
     try:
         merge(a.input, a.output_prefix)

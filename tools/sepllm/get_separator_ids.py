@@ -15,17 +15,19 @@ import sys
 if __package__ in (None, ""):  # run by path (python tools/...): the checkout's package is two levels up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from megatron.cli import HelpFormatter  # noqa: E402
 from megatron.tokenizer.separators import SEPARATOR_CHARS, separator_ids  # noqa: E402
 from megatron.tokenizer.tokenizer import TokenizerError, make_tokenizer  # noqa: E402
 
 
 def separator_ids_cli(argv=None) -> list[int]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("tokenizer_json", nargs="?", help="a HuggingFace tokenizer.json (same as --vocab-file with HFTokenizer)")
     p.add_argument("--tokenizer-type", default="HFTokenizer",
-                   choices=["HFTokenizer", "GPT2BPETokenizer", "SPMTokenizer", "CharLevelTokenizer"])
-    p.add_argument("--vocab-file")
-    p.add_argument("--merge-file")
+                   choices=["HFTokenizer", "GPT2BPETokenizer", "SPMTokenizer", "CharLevelTokenizer"],
+                   help="tokenizer class, as the config key tokenizer_type")
+    p.add_argument("--vocab-file", help="tokenizer.json, GPT-2 vocab.json or SentencePiece model")
+    p.add_argument("--merge-file", help="GPT-2 merges.txt (GPT2BPETokenizer)")
     p.add_argument("--verbose", action="store_true", help="show each separator's token and its decoding")
     a = p.parse_args(argv)
     vocab = a.tokenizer_json or a.vocab_file
