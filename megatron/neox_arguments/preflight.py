@@ -7,6 +7,7 @@ rank traceback after the model is built into one `configuration error` line:
 - every dataset the config names is opened and validated by the loader's own rule
   (`megatron.data.indexed_dataset.MMapIndex.validate_against`), and its token ids are checked against
   the padded vocabulary (`megatron.data.token_ids`, cached next to the data);
+- the prompt file of ``text_gen_type: input-file`` exists;
 - DeepSpeed's config parser reads the derived DeepSpeed config (its errors shown on one line), and every
   `deepspeed_extra_args` key must be one it reads, with a value of the kind of DeepSpeed's default for it
   (DeepSpeed ignores unknown keys and crashes on wrong types only in the engine).
@@ -146,8 +147,24 @@ def check_deepspeed_config(args):
                               f"(its default is {reads[key]!r})")
 
 
+def check_prompt_file(args):
+    """``text_gen_type: input-file`` reads ``sample_input_file``: a missing file would stop generate.py only after
+    the ranks started and the model was loaded."""
+    import os
+
+    if args.text_gen_type != "input-file":
+        return
+    if not args.sample_input_file:
+        raise ConfigError("key 'text_gen_type' is input-file, which reads prompts from 'sample_input_file'; "
+                          "it is not set")
+    if not os.path.isfile(args.sample_input_file):
+        raise ConfigError(f"key 'sample_input_file': prompt file {args.sample_input_file} does not exist")
+
+
 def check_before_launch(args, log=None):
-    """Raise ConfigError for bad data files or deepspeed_extra_args (see the module docstring)."""
+    """Raise ConfigError for bad data files, a missing prompt file or deepspeed_extra_args (see the module
+    docstring)."""
     log = log or (lambda line: print(f"deepy.py: {line}", flush=True))
     check_deepspeed_config(args)
+    check_prompt_file(args)
     check_data_files(args, log=log)

@@ -191,3 +191,20 @@ def test_dataset_named_with_its_suffix_gets_the_prefix_suggested(tmp_path):
     with pytest.raises(ConfigError, match=r"is missing .*\.bin\.bin, .*\.bin\.idx \(a dataset is named by its "
                                           r"prefix: '.*corpus_text_document'\)"):
         NeoXArgs.from_dict(small(data_path=data + ".bin"), env=cpu())
+
+
+# ----------------------------------------------------------------------------- generation
+def test_missing_prompt_file_stops_before_launch(tmp_path, capsys):
+    data = {"data_path": make_dataset(tmp_path)}
+    rc, _, err, launched = launch(tmp_path, capsys, data, extra_yaml="text_gen_type: input-file\n")
+    assert rc == 2 and not launched
+    assert_one_line(err, "key 'text_gen_type' is input-file", "'sample_input_file'", "not set")
+    missing = tmp_path / "prompts.txt"
+    rc, _, err, _ = launch(tmp_path, capsys, data,
+                           extra_yaml=f"text_gen_type: input-file\nsample_input_file: {missing}\n")
+    assert rc == 2
+    assert_one_line(err, "key 'sample_input_file'", f"{missing} does not exist")
+    missing.write_text("It is a truth\n")
+    rc, _, err, launched = launch(tmp_path, capsys, data,
+                                  extra_yaml=f"text_gen_type: input-file\nsample_input_file: {missing}\n")
+    assert rc == 0 and launched, err
