@@ -88,7 +88,7 @@ def generate_text(model, tokenizer: TextTokenizer, prompt: str, max_new_tokens: 
         kwargs["streamer"] = PrintStreamer(tokenizer)
     cache = cache_factory() if cache_factory is not None else None
     if cache is not None:
-        kwargs["past_key_values"] = cache
+        kwargs["cache"] = cache  # transformers 5: generate(cache=...), past_key_values is deprecated
     with torch.no_grad():
         if getattr(cache, "is_sep_cache", False) and getattr(model.config, "model_type", "") != "sepllm_gpt_neox":
             from megatron.hf.sep_cache import use_sep_cache

@@ -25,7 +25,7 @@ def _greedy(model, ids, mask=None, cache=None, n=12):
     if mask is not None:
         kwargs["attention_mask"] = mask
     if cache is not None:
-        kwargs["past_key_values"] = cache
+        kwargs["cache"] = cache
     return model.generate(ids, **kwargs)
 
 
