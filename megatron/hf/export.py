@@ -134,8 +134,10 @@ def build_state_dict(reader: CheckpointReader, args) -> Dict[str, torch.Tensor]:
 
 def expected_shapes(args, vocab_rows: int) -> Dict[str, tuple]:
     """HF tensor name -> (shape, config keys of each dimension)."""
-    h, ffn = args.hidden_size, args.intermediate_size
-    H, F = f"hidden_size={h}", f"intermediate_size={ffn}"
+    h, ffn = args.hidden_size, args.mlp_inner_size
+    H = f"hidden_size={h}"
+    F = (f"intermediate_size={ffn}" if ffn == args.intermediate_size
+         else f"mlp_inner_size={ffn} from intermediate_size={args.intermediate_size}")
     V = f"padded_vocab_size={vocab_rows}"
     out = {"gpt_neox.embed_in.weight": ((vocab_rows, h), (V, H)),
            "embed_out.weight": ((vocab_rows, h), (V, H)),

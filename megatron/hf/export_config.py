@@ -172,7 +172,11 @@ def export_dtype(args: NeoXArgs, precision: str) -> torch.dtype:
 def _supported(args: NeoXArgs) -> None:
     refusals = (("activation", args.activation != "gelu", "GPT-NeoX exports support 'gelu' only"),
                 ("norm", args.norm != "layernorm", "GPT-NeoX exports support 'layernorm' only"),
-                ("gpt_j_tied", args.gpt_j_tied, "one shared layernorm is not supported by GPT-NeoX exports"))
+                ("gpt_j_tied", args.gpt_j_tied, "one shared layernorm is not supported by GPT-NeoX exports"),
+                ("num_kv_heads", args.num_kv_heads != args.num_attention_heads,
+                 "GPT-NeoX exports have multi-head attention only (use --architecture llama)"),
+                ("sliding_window_width", args.sliding_window_width is not None,
+                 "GPT-NeoX exports have no sliding window (use --architecture llama)"))
     for key, refused, why in refusals:
         if refused:
             raise ConversionError(f"{key}={getattr(args, key)!r}: {why}")
@@ -185,7 +189,7 @@ def hf_common(args: NeoXArgs, vocab_size: int) -> Dict:
         "hidden_size": args.hidden_size,
         "num_hidden_layers": args.num_layers,
         "num_attention_heads": args.num_attention_heads,
-        "intermediate_size": args.intermediate_size,
+        "intermediate_size": args.mlp_inner_size,
         "hidden_act": "gelu",
         "max_position_embeddings": args.max_position_embeddings,
         "initializer_range": args.init_method_std,

@@ -10,10 +10,11 @@ from megatron.neox_arguments.model_args import NORMS
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm as GPT-NeoX implements it: ``scale * x / (rms(x) + eps)``.
+    """Root-mean-square norm as GPT-NeoX implements it since 4c9f1081 (May 2025): ``scale * x / sqrt(mean(x^2) + eps)``.
 
-    ``eps`` is added to the RMS (not inside the square root) and the weight is called ``scale``, so GPT-NeoX
-    checkpoints load unchanged. ``p`` in (0, 1) gives partial RMSNorm (RMS over the first ``p * dim`` features).
+    ``eps`` goes inside the square root (HF's LlamaRMSNorm does the same, so Llama weights mean the same in both);
+    the weight is called ``scale``, so GPT-NeoX checkpoints load unchanged. ``p`` in (0, 1) gives partial RMSNorm
+    (the mean square over the first ``p * dim`` features, applied to all of them).
     """
 
     def __init__(self, dim: int, p: float = -1.0, eps: float = 1e-8, bias: bool = False):
@@ -29,20 +30,12 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         # Reduce in fp32: the sum of squares over 2k+ features overflows/loses precision in half types.
         xf = x.float()
-        if 0.0 < self.p < 1.0:
-            partial = int(self.d * self.p)
-            norm_x = xf[..., :partial].norm(2, dim=-1, keepdim=True)
-            d_x = partial
-        else:
-            norm_x = xf.norm(2, dim=-1, keepdim=True)
-            d_x = self.d
-        rms_x = norm_x * d_x ** (-0.5)
-        out = (xf / (rms_x + self.eps)).to(dtype) * self.scale.to(dtype)
+        stats = xf[..., :int(self.d * self.p)] if 0.0 < self.p < 1.0 else xf
+        variance = stats.pow(2).mean(dim=-1, keepdim=True)
+        out = (xf * torch.rsqrt(variance + self.eps)).to(dtype) * self.scale.to(dtype)
         if self.offset is not None:
             out = out + self.offset.to(dtype)
         return out
-
-
 
 
 def get_norm(neox_args) -> Tuple[Callable[..., nn.Module], float]:

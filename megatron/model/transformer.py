@@ -1,5 +1,6 @@
-"""GPT-NeoX transformer layer: fused per-head QKV, partial rotary, pluggable core attention, GELU MLP,
-parallel (GPT-J) or sequential residual. Tensors stay batch-first ``[B, S, H]`` end to end.
+"""GPT-NeoX transformer layer: fused QKV (per head, or GPT-NeoX's grouped-query layout), partial rotary, pluggable
+core attention, plain or gated (swiglu) MLP, parallel (GPT-J) or sequential residual. Tensors stay batch-first
+``[B, S, H]`` end to end.
 """
 import torch
 import torch.nn.functional as F
@@ -10,17 +11,18 @@ from megatron.model.attention import build_core_attention
 from megatron.model.norms import get_norm
 from megatron.model.positional_embeddings import RotaryEmbedding, apply_rotary_pos_emb
 from megatron.model.word_embeddings import unpack_meta
-from megatron.neox_arguments.model_args import ACTIVATIONS
+from megatron.neox_arguments.model_args import ACTIVATIONS, GATED_ACTIVATIONS
 
 
 def get_activation(neox_args):
-    """Elementwise MLP activation. ``gelu`` is the exact (erf) GELU that HF's GPT-NeoX uses."""
+    """Elementwise MLP activation (of the gate, for a gated one). ``gelu`` is the exact (erf) GELU that HF's
+    GPT-NeoX uses."""
     name = neox_args.activation
     if name == "gelu":
         return F.gelu
     if name == "relu":
         return F.relu
-    if name in ("silu", "swish"):
+    if name in ("silu", "swish", "swiglu"):
         return F.silu
     raise ValueError(f"activation {name!r} is not supported; choose one of {', '.join(ACTIVATIONS)}")
 
@@ -36,19 +38,30 @@ def _rotary_fn(neox_args):
 
 
 class ParallelSelfAttention(nn.Module):
-    """Fused QKV projection (GPT-NeoX per-head ``[heads, 3, d]`` row layout), rotary, core attention, output dense."""
+    """Fused QKV projection, rotary, core attention, output dense.
+
+    The QKV rows follow GPT-NeoX's checkpoints: per head ``[q_h; k_h; v_h]`` (``[heads, 3, d]``) for multi-head
+    attention; with fewer key/value heads (``num_kv_heads``) all query rows, then all key rows, then all value rows
+    (``[heads * d | kv_heads * d | kv_heads * d]``, GPT-NeoX's ``gqa_project``). K and V reach the core attention
+    with ``kv_heads`` heads; query head ``h`` reads key/value head ``h // (heads / kv_heads)``.
+    """
 
     def __init__(self, neox_args, init_method, output_layer_init_method, layer_number: int):
         super().__init__()
         self.hidden_size = int(neox_args.hidden_size)
         self.num_heads = int(neox_args.num_attention_heads)
+        self.num_kv_heads = int(neox_args.num_kv_heads)
         if self.hidden_size % self.num_heads != 0:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
                              f"num_attention_heads={self.num_heads}")
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(f"num_kv_heads={self.num_kv_heads} does not divide num_attention_heads={self.num_heads}")
         self.head_dim = self.hidden_size // self.num_heads
+        self.grouped = self.num_kv_heads != self.num_heads
         self.layer_number = layer_number
         use_bias = bool(neox_args.use_bias_in_attn_linear)
-        self.query_key_value = mpu.ColumnParallelLinear(neox_args, self.hidden_size, 3 * self.hidden_size,
+        qkv_size = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.query_key_value = mpu.ColumnParallelLinear(neox_args, self.hidden_size, qkv_size,
                                                         bias=use_bias, gather_output=False,
                                                         init_method=init_method)
         if neox_args.pos_emb == "rotary":
@@ -64,11 +77,20 @@ class ParallelSelfAttention(nn.Module):
         self.dense = mpu.RowParallelLinear(neox_args, self.hidden_size, self.hidden_size, bias=use_bias,
                                            input_is_parallel=True, init_method=output_layer_init_method)
 
+    def split_qkv(self, qkv: torch.Tensor):
+        """``[B, S, qkv]`` -> q ``[B, S, heads, d]``, k and v ``[B, S, kv_heads, d]`` (views, no copy)."""
+        bsz, seq, _ = qkv.shape
+        if not self.grouped:
+            return qkv.view(bsz, seq, self.num_heads, 3, self.head_dim).unbind(dim=3)
+        kv_size = self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([self.hidden_size, kv_size, kv_size], dim=-1)
+        return (q.view(bsz, seq, self.num_heads, self.head_dim), k.view(bsz, seq, self.num_kv_heads, self.head_dim),
+                v.view(bsz, seq, self.num_kv_heads, self.head_dim))
+
     def forward(self, x: torch.Tensor, meta) -> torch.Tensor:
         bsz, seq, _ = x.shape
         qkv, _ = self.query_key_value(x)
-        qkv = qkv.view(bsz, seq, self.num_heads, 3, self.head_dim)
-        q, k, v = qkv.unbind(dim=3)  # each [B, S, heads, d], views into the fused output
+        q, k, v = self.split_qkv(qkv)
         if self.rotary_emb is not None:
             if self.fused_rotary is not None and q.is_cuda:
                 q, k = self.fused_rotary(q, k, meta.rope_pos, self.rotary_emb.inv_freq)
@@ -83,12 +105,12 @@ class ParallelSelfAttention(nn.Module):
 
 
 class ParallelMLP(nn.Module):
-    """h -> ffn (default 4h) -> activation -> h."""
+    """h -> ffn (mlp_inner_size, default 4h) -> activation -> h."""
 
     def __init__(self, neox_args, init_method, output_layer_init_method):
         super().__init__()
         hidden = int(neox_args.hidden_size)
-        ffn = int(neox_args.intermediate_size)
+        ffn = int(neox_args.mlp_inner_size)
         use_bias = bool(neox_args.use_bias_in_mlp)
         self.activation_func = get_activation(neox_args)
         self.dense_h_to_4h = mpu.ColumnParallelLinear(neox_args, hidden, ffn, bias=use_bias, gather_output=False,
@@ -100,6 +122,34 @@ class ParallelMLP(nn.Module):
         h, _ = self.dense_h_to_4h(x)
         out, _ = self.dense_4h_to_h(self.activation_func(h))
         return out
+
+
+class ParallelGatedMLP(nn.Module):
+    """Gated MLP (swiglu), GPT-NeoX's names and layout: ``linear1`` (h -> 2f, rows ``[x; gate]``), then
+    ``act(gate) * x``, then ``linear2`` (f -> h), ``f = mlp_inner_size``. HF Llama's ``up_proj`` is the first
+    half of ``linear1``, ``gate_proj`` the second."""
+
+    def __init__(self, neox_args, init_method, output_layer_init_method):
+        super().__init__()
+        hidden = int(neox_args.hidden_size)
+        ffn = int(neox_args.mlp_inner_size)
+        use_bias = bool(neox_args.use_bias_in_mlp)
+        self.activation_func = get_activation(neox_args)
+        self.linear1 = mpu.ColumnParallelLinear(neox_args, hidden, 2 * ffn, bias=use_bias, gather_output=False,
+                                                init_method=init_method)
+        self.linear2 = mpu.RowParallelLinear(neox_args, ffn, hidden, bias=use_bias, input_is_parallel=True,
+                                             init_method=output_layer_init_method)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.linear1(x)
+        up, gate = h.chunk(2, dim=-1)
+        out, _ = self.linear2(self.activation_func(gate) * up)
+        return out
+
+
+def build_mlp(neox_args, init_method, output_layer_init_method) -> nn.Module:
+    cls = ParallelGatedMLP if neox_args.activation in GATED_ACTIVATIONS else ParallelMLP
+    return cls(neox_args, init_method, output_layer_init_method)
 
 
 class ParallelTransformerLayer(nn.Module):
@@ -116,7 +166,7 @@ class ParallelTransformerLayer(nn.Module):
         self.input_layernorm = norm(hidden, eps=eps)
         self.post_attention_layernorm = norm(hidden, eps=eps)
         self.attention = ParallelSelfAttention(neox_args, init_method, output_layer_init_method, layer_number)
-        self.mlp = ParallelMLP(neox_args, init_method, output_layer_init_method)
+        self.mlp = build_mlp(neox_args, init_method, output_layer_init_method)
         self.hidden_dropout = nn.Dropout(float(neox_args.hidden_dropout))
 
     def forward(self, x: torch.Tensor, meta) -> torch.Tensor:

@@ -13,7 +13,7 @@ from .deepspeed_args import BF16_KEYS, FP16_KEYS, PRECISION_ALIASES, PRECISIONS
 from .errors import ConfigError
 from .hostfile import parse_hostfile, select_resources
 from .loading import suggest_key
-from .model_args import ATTENTION_TYPES
+from .model_args import ATTENTION_TYPES, GATED_ACTIVATIONS
 from .optimizer_args import OPTIMIZER_TYPES
 
 
@@ -149,11 +149,44 @@ def describe_attention(args) -> str:
     return f"attention: {variant}, {initial} initial token(s), {window_text}"
 
 
+def mlp_widths(intermediate_size: int, gated: bool, multiple_of: int):
+    """``(input projection width, activation width)`` of GPT-NeoX's ParallelMLP (megatron/model/transformer.py
+    at ea7aefd8): a gated MLP scales ``f`` by 2/3 (equal parameters) and gates half of it; the projection is
+    rounded up to a multiple of ``2 * multiple_of``, the activation to a multiple of ``multiple_of``."""
+    ffn, ffn_in = intermediate_size, intermediate_size
+    if gated:
+        ffn = int(ffn * 2 / 3)
+        ffn_in = ffn // 2
+    twice = 2 * multiple_of
+    return twice * ((ffn + twice - 1) // twice), multiple_of * ((ffn_in + multiple_of - 1) // multiple_of)
+
+
+def derive_mlp(args, given):
+    """``mlp_inner_size`` by GPT-NeoX's rule; sizes it would build inconsistently (its forward then fails on a
+    shape mismatch) are refused here, naming the keys."""
+    if args.intermediate_size is None:
+        return
+    if args.mlp_multiple_of < 1:
+        raise ConfigError(f"key 'mlp_multiple_of' must be >= 1, got {args.mlp_multiple_of}")
+    gated = args.activation in GATED_ACTIVATIONS
+    projection, inner = mlp_widths(args.intermediate_size, gated, args.mlp_multiple_of)
+    if projection != (2 * inner if gated else inner):
+        raise ConfigError(
+            f"intermediate_size={args.intermediate_size} with activation {args.activation} and mlp_multiple_of="
+            f"{args.mlp_multiple_of} gives GPT-NeoX's MLP an input projection of {projection} and an activation of "
+            f"{inner} ({'half the projection expected' if gated else 'the same width expected'}); GPT-NeoX's "
+            f"forward fails on these sizes. Give an intermediate_size or mlp_multiple_of that agree")
+    _set_derived(args, given, "mlp_inner_size", inner)
+
+
 def derive_model(args, given):
     if args.max_position_embeddings is None and args.seq_length is not None:
         args.max_position_embeddings = args.seq_length
     if args.intermediate_size is None and args.hidden_size is not None:
         args.intermediate_size = 4 * args.hidden_size
+    derive_mlp(args, given)
+    if args.num_kv_heads is None:
+        args.num_kv_heads = args.num_attention_heads
     if args.num_layers is not None:
         config = args.attention_config
         # Already-expanded lists (a resolved config read back on a rank) are kept as they are.

@@ -14,8 +14,11 @@ cuDNN kernels on GPU); the SepLLM modes are selected by the SepLLM keys, not her
 POS_EMBS = ("learned", "rotary", "alibi", "none")
 """The accepted values of the `pos_emb` key."""
 
-ACTIVATIONS = ("gelu", "relu", "silu", "swish")
+ACTIVATIONS = ("gelu", "relu", "silu", "swish", "swiglu")
 """The accepted values of the `activation` key (megatron/model/transformer.py's get_activation)."""
+
+GATED_ACTIVATIONS = ("swiglu",)
+"""Activations whose MLP input projection is two halves, ``[x; gate]``, combined as ``act(gate) * x``."""
 
 ATTENTION_VARIANT_NAMES = ("full", "streamingllm", "sa_softmax", "sep_kernel", "sepllm_mask")
 """Names of the core attention variants (megatron/model/attention registers one class for each)."""
@@ -32,9 +35,26 @@ class ModelArgs:
     hidden_size: Optional[int] = arg(None, "Transformer hidden size (required).")
     num_attention_heads: Optional[int] = arg(
         None, "Number of attention heads (required); must divide `hidden_size`.")
+    num_kv_heads: Optional[int] = arg(
+        None, "Key/value heads of grouped-query attention (GPT-NeoX's key): it must divide num_attention_heads; "
+              "1 is multi-query attention. None means num_attention_heads (multi-head attention, QKV rows per head "
+              "[q_h; k_h; v_h]); fewer heads give GPT-NeoX's GQA layout, the QKV rows [all q | all k | all v].")
     intermediate_size: Optional[int] = arg(
-        None, "MLP inner size. None means 4 * hidden_size (GPT-NeoX's GELU MLP).")
+        None, "MLP size before GPT-NeoX's sizing rule (see mlp_inner_size). None means 4 * hidden_size.")
+    mlp_multiple_of: int = arg(
+        1, "GPT-NeoX's MLP rounding: the input projection's width is rounded up to a multiple of "
+           "2 * mlp_multiple_of and the activation's width (mlp_inner_size) to a multiple of mlp_multiple_of.")
+    mlp_inner_size: Optional[int] = arg(
+        None, "Width of the MLP activation (the input of its output projection; HF's intermediate_size), by "
+              "GPT-NeoX's rule: f = intermediate_size, for swiglu f = int(2 f / 3) with the activation f // 2; the "
+              "input projection (twice the activation for swiglu) rounded up to a multiple of 2 * mlp_multiple_of, "
+              "the activation to a multiple of mlp_multiple_of. Sizes where the two disagree are refused, as they "
+              "fail in GPT-NeoX.", role="derived")
     seq_length: Optional[int] = arg(None, "Training sequence length in tokens (required).")
+    sliding_window_width: Optional[int] = arg(
+        None, "Mistral's sliding window for full attention: a query sees itself and the W keys before it (GPT-NeoX's "
+              "flash-attn window_size=(W, -1)), through the SepLLM rule's local window with no initial tokens and "
+              "no separators. None: no window. Not combinable with the SepLLM modes, which have their own window.")
     max_position_embeddings: Optional[int] = arg(
         None, "Size of the position table / longest supported position. None means `seq_length`; "
               "`seq_length` may not exceed it.")
@@ -43,7 +63,7 @@ class ModelArgs:
     rotary_emb_base: int = arg(10000, "Base of the rotary embedding frequencies.")
     norm: str = arg("layernorm", "Normalisation layer: layernorm or rmsnorm.", choices=NORMS)
     layernorm_epsilon: float = arg(1.0e-5, "LayerNorm epsilon.")
-    rms_norm_epsilon: float = arg(1.0e-8, "RMSNorm epsilon.")
+    rms_norm_epsilon: float = arg(1.0e-8, "RMSNorm epsilon, added to the mean square: x / sqrt(mean(x^2) + eps).")
     use_bias_in_norms: bool = arg(
         True, "Give the norm layers an additive bias: LayerNorm's `bias`, RMSNorm's `offset` (GPT-NeoX's "
               "meaning; false drops both).")
@@ -53,7 +73,10 @@ class ModelArgs:
     gpt_j_residual: bool = arg(
         False, "Parallel residual x + Attn(LN1(x)) + MLP(LN2(x)) (Pythia) instead of the sequential one.")
     gpt_j_tied: bool = arg(False, "With gpt_j_residual, use one LayerNorm for both branches.")
-    activation: str = arg("gelu", "MLP activation.", choices=ACTIVATIONS)
+    activation: str = arg(
+        "gelu", "MLP activation. swiglu is the gated SiLU MLP of Llama: `mlp.linear1` (rows [x; gate]) -> "
+                "silu(gate) * x -> `mlp.linear2`, as GPT-NeoX names and lays them out; the others use "
+                "`mlp.dense_h_to_4h` / `mlp.dense_4h_to_h`.", choices=ACTIVATIONS)
     init_method: str = arg("normal", "Init of all weights except residual outputs.", choices=INIT_METHODS)
     output_layer_init_method: str = arg(
         "scaled_normal", "Init of the residual output projections (attention dense, MLP 4h->h).",

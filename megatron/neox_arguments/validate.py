@@ -50,8 +50,26 @@ def validate_model(args):
         if not 0.0 <= getattr(args, key) < 1.0:
             raise ConfigError(f"key '{key}' must be in [0, 1), got {getattr(args, key)}")
     _positive(args, "checkpoint_num_layers", "intermediate_size")
+    validate_llama_keys(args)
     if args.padded_vocab_size is not None and args.padded_vocab_size < 1:
         raise ConfigError(f"key 'padded_vocab_size' must be >= 1, got {args.padded_vocab_size}")
+
+
+def validate_llama_keys(args):
+    """Grouped-query attention and Mistral's sliding window (GPT-NeoX's num_kv_heads, sliding_window_width)."""
+    kv = args.num_kv_heads
+    if kv < 1 or args.num_attention_heads % kv:
+        raise ConfigError(f"key 'num_kv_heads' is {kv}; it must be >= 1 and divide num_attention_heads="
+                          f"{args.num_attention_heads}")
+    width = args.sliding_window_width
+    if width is None:
+        return
+    if width < 1:
+        raise ConfigError(f"key 'sliding_window_width' must be >= 1, got {width}")
+    if args.attention_variant != "full":
+        raise ConfigError(f"key 'sliding_window_width' ({width}) is a window of full attention, but this config "
+                          f"trains {args.attention_variant} (SepLLM keys set), whose local window is "
+                          f"prefill_local_window_size; give one of the two")
 
 
 def validate_parallelism(args):

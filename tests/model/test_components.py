@@ -45,13 +45,15 @@ def test_model_uses_configured_init():
 
 
 def test_rmsnorm_matches_gpt_neox_formula():
+    """GPT-NeoX's RMSNorm since 4c9f1081: eps inside the square root (an eps large against the mean square
+    tells it from the older ``x / (rms + eps)``)."""
     torch.manual_seed(0)
-    norm = RMSNorm(32, eps=1e-8)
+    norm = RMSNorm(32, eps=0.5)
     with torch.no_grad():
         norm.scale.copy_(torch.randn(32))
-    x = torch.randn(3, 5, 32) * 3
-    rms = x.norm(2, dim=-1, keepdim=True) / math.sqrt(32)
-    torch.testing.assert_close(norm(x), norm.scale * x / (rms + 1e-8))
+    x = torch.randn(3, 5, 32) * 0.3
+    ms = (x * x).sum(dim=-1, keepdim=True) / 32
+    torch.testing.assert_close(norm(x), norm.scale * x / torch.sqrt(ms + 0.5))
     assert [n for n, _ in norm.named_parameters()] == ["scale"]
     factory, eps = get_norm(make_args(norm="rmsnorm", rms_norm_epsilon=1e-6, use_bias_in_norms=False))
     assert isinstance(factory(8, eps=eps), RMSNorm) and eps == 1e-6

@@ -11,7 +11,8 @@ Dispatch, per call:
    (``RECOMPILE_SEP_ATTN_KERNEL`` compiles the BlockMask construction too).
 3. CPU without gradients: eager FlexAttention (tests compare it with the rule).
 4. CPU with gradients (FlexAttention has no CPU backward): the mask-based path, announced once.
-Attention dropout is not applied on the Flex/kernel paths (as in the reference).
+Attention dropout is not applied on the Flex/kernel paths (as in the reference). K/V with fewer heads than Q
+(grouped-query attention) reach every path as they are: FlexAttention's ``enable_gqa``, the kernel's own grouping.
 """
 import warnings
 
@@ -124,4 +125,5 @@ class SepKernelAttention(SepLLMMaskAttention):
         with warnings.catch_warnings():
             # Eager CPU flex warns that it is unfused; that is expected on the CPU test path.
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-            return flex(q, k, v, score_mod=self.score_mod(q, meta), block_mask=block_mask)
+            return flex(q, k, v, score_mod=self.score_mod(q, meta), block_mask=block_mask,
+                        enable_gqa=k.shape[1] != q.shape[1])

@@ -52,11 +52,17 @@ class SASoftmaxAttention(SepLLMMaskAttention):
     def forward(self, q, k, v, meta):
         scale = q.shape[-1] ** -0.5
         work = torch.promote_types(q.dtype, torch.float32)  # fp16/bf16 -> fp32; fp64 stays fp64
-        scores = torch.matmul(q.to(work), k.to(work).transpose(-1, -2)) * scale
+        bsz, heads, seq, dim = q.shape
+        kv_heads = k.shape[1]
+        # Grouped-query attention: query heads [B, KV, G, S, D] against their key/value head [B, KV, 1, S, D]
+        # by broadcasting, so K and V are never copied per query head.
+        qg = q.to(work).view(bsz, kv_heads, heads // kv_heads, seq, dim)
+        scores = torch.matmul(qg, k.to(work).unsqueeze(2).transpose(-1, -2)).view(bsz, heads, seq, -1) * scale
         bias = self.bias(q, meta)
         if bias is not None:
             scores = scores + bias.to(work)
         probs = sa_probabilities(scores, self.allowed_mask(meta), self.normalised,
                                  self.numerator_bias, self.denominator_bias)
         probs = F.dropout(probs.to(v.dtype), p=self.dropout_p(), training=self.training)
-        return torch.matmul(probs, v)
+        out = torch.matmul(probs.view(bsz, kv_heads, heads // kv_heads, seq, -1), v.unsqueeze(2))
+        return out.view(bsz, heads, seq, dim)

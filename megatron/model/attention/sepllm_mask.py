@@ -3,7 +3,8 @@
 The mask of a layer is built from the micro-batch's ``AttnMeta`` by the single rule module
 (:mod:`megatron.model.sepllm.rule`) once per micro-batch and window, and shared by every layer with
 that window. The attention itself is SDPA with a boolean mask (an additive float mask when ALiBi is on),
-which has a backward on CPU and uses the memory-efficient kernel on GPU.
+which has a backward on CPU and uses the memory-efficient kernel on GPU; K/V with fewer heads than Q
+(grouped-query attention) go in as they are (SDPA's ``enable_gqa``).
 """
 import torch
 import torch.nn.functional as F
@@ -66,4 +67,5 @@ class SepLLMMaskAttention(nn.Module):
         if bias is not None:
             # Additive mask: ALiBi where allowed, -inf elsewhere (the diagonal is always allowed).
             mask = bias.masked_fill(~mask, float("-inf")).to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout_p())
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout_p(),
+                                              enable_gqa=k.shape[1] != q.shape[1])

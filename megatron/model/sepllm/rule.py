@@ -64,6 +64,16 @@ def make_mask_mod(sep_flags: torch.Tensor, init_start: torch.Tensor, num_init: i
     return mask_mod
 
 
+def sliding_window_mask(seq_q: int, seq_k: int, width: int, device=None) -> torch.Tensor:
+    """``[Sq, Sk]`` bool: Mistral's sliding window (GPT-NeoX's ``sliding_window_width``) as this rule with no
+    initial tokens, no separators, window ``width`` and the diagonal counted (``E = 0``): the newest ``seq_q``
+    queries each see themselves and the ``width`` keys before them, as flash-attn's ``window_size=(width, -1)``."""
+    q_idx = torch.arange(seq_k - seq_q, seq_k, device=device).view(-1, 1)
+    k_idx = torch.arange(seq_k, device=device).view(1, -1)
+    none = torch.zeros((), dtype=torch.bool, device=device)
+    return visible(q_idx, k_idx, none, none, int(width), exclude_diagonal=False)
+
+
 # --------------------------------------------------------------------------------------------------
 # Dense masks (reference paths, tests, HF prefill and decode)
 # --------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .metadata import SepMetadata, build_sep_metadata
-from .reference import sep_attention_reference
+from .reference import expand_kv_heads, sep_attention_reference
 
 _SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 
@@ -445,9 +445,11 @@ sep_attn_fwd_flags_op.register_autograd(_flags_op_backward, setup_context=_flags
 
 
 def _check_inputs(q, k, v, sep_flags, init_start, n_init, window, exclude_diagonal):
-    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"q, k, v must share one [B, H, S, D] shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
+    grouped_ok = (q.dim() == 4 and k.dim() == 4 and k.shape == v.shape and k.shape[0] == q.shape[0]
+                  and k.shape[2:] == q.shape[2:] and k.shape[1] >= 1 and q.shape[1] % k.shape[1] == 0)
+    if not grouped_ok:
+        raise ValueError(f"bad shapes: q must be [B, H, S, D] and k, v [B, H_kv, S, D] with H_kv dividing H, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     bsz, _, seq, _ = q.shape
@@ -478,7 +480,9 @@ def sep_attention(
     ``n_init`` initial tokens from ``init_start[b]``, or ``sep_flags[b, k]``, or ``q - k <= window - E``),
     ``E = int(exclude_diagonal)``. ``window >= S`` is plain causal attention.
 
-    q, k, v: ``[B, H, S, D]`` (bf16/fp16; fp32 uses TF32 dot products on CUDA); returns ``[B, H, S, D]``.
+    q: ``[B, H, S, D]``, k and v: ``[B, H_kv, S, D]`` with ``H_kv`` dividing ``H`` (grouped-query attention: query
+    head ``h`` reads key/value head ``h // (H / H_kv)``); bf16/fp16 (fp32 uses TF32 dot products on CUDA); returns
+    ``[B, H, S, D]``.
     ``meta`` is :func:`build_sep_metadata` of ``(sep_flags, init_start, n_init)``. Leave it None to let the op
     build it once per micro-batch itself (cached on the identity of ``sep_flags``/``init_start`` when the op
     runs; see :class:`MetadataCache`): under torch.compile that is the only safe choice, because metadata
@@ -494,7 +498,10 @@ def sep_attention(
         return sep_attention_reference(q, k, v, sep_flags, init_start, n_init, window, exclude_diagonal, scale)
     if lo_off >= seq - 1:
         # Every causal key lies in the window: this layer is full causal attention.
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                              enable_gqa=k.shape[1] != heads)
+    # The Triton kernels index one key/value head per query head: grouped K/V are repeated for them here.
+    k, v = expand_kv_heads(k, heads), expand_kv_heads(v, heads)
     if dim not in _SUPPORTED_HEAD_DIMS:
         raise ValueError(f"sep_attention supports head dims {_SUPPORTED_HEAD_DIMS} on CUDA, got D={dim}")
     if not _triton_available():

@@ -32,6 +32,13 @@ def dense_sep_mask(
     return dense_mask(sep_flags.bool(), init_start, n_init, window, exclude_diagonal)
 
 
+def expand_kv_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, H_kv, S, D]`` -> ``[B, heads, S, D]``, each key/value head repeated for its group of query heads."""
+    if t.shape[1] == heads:
+        return t
+    return t.repeat_interleave(heads // t.shape[1], dim=1)
+
+
 def sep_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -44,7 +51,11 @@ def sep_attention_reference(
     scale: Optional[float] = None,
     compute_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    """Dense-mask attention (``O(S^2)`` memory). ``compute_dtype`` defaults to float32 for 16-bit inputs."""
+    """Dense-mask attention (``O(S^2)`` memory). ``compute_dtype`` defaults to float32 for 16-bit inputs.
+
+    ``k``/``v`` may have fewer heads than ``q`` (grouped-query attention): query head ``h`` reads head
+    ``h // (H / H_kv)``; this slow twin simply repeats them."""
+    k, v = expand_kv_heads(k, q.shape[1]), expand_kv_heads(v, q.shape[1])
     mask = dense_sep_mask(sep_flags, init_start, n_init, window, exclude_diagonal)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if compute_dtype is None:
@@ -83,7 +94,7 @@ def sep_attention_decomposed(
     bsz, heads, seq, dim = q.shape
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     lo_off = window - int(exclude_diagonal)
-    qf, kf, vf = (t.float() for t in (q, k, v))
+    qf, kf, vf = (expand_kv_heads(t, heads).float() for t in (q, k, v))
     q_pos = torch.arange(seq, device=q.device)
 
     # Compact part: gather the listed keys of each row (padded to the longest row).
