@@ -162,6 +162,8 @@ def generate(args, argv) -> int:
     try:
         prompts = prompts_for(opts, args.text)
         model, tokenizer = model_loader()
+        if prompts is None:  # unconditional: the samples start from the tokenizer's end-of-document token
+            prompts = [end_of_document_text(tokenizer)] * opts["num_samples"]
         cache_factory = sep_cache_factory(model, args.sep_cache) if args.sep_cache else None
     except (ValueError, FileNotFoundError) as err:
         raise BadInput(str(err)) from err
@@ -191,7 +193,7 @@ def prompts_for(opts: dict, text):
 
     kind = opts["text_gen_type"]
     if kind == "unconditional":
-        return [tokenizer_bos_text()] * opts["num_samples"]
+        return None  # the prompt is the tokenizer's end-of-document token, known once it is loaded
     if kind == "interactive":
         return _stdin_prompts()
     if kind == "input-file" and not opts["sample_input_file"]:
@@ -209,9 +211,16 @@ def _stdin_prompts():
             yield line
 
 
-def tokenizer_bos_text() -> str:
-    """Unconditional generation starts from the end-of-document token's text."""
-    return "<|endoftext|>"
+def end_of_document_text(tokenizer) -> str:
+    """The text of the tokenizer's end-of-document token (GPT-NeoX starts unconditional samples from it)."""
+    try:
+        eod = tokenizer.eod
+    except (TypeError, ValueError):
+        eod = None
+    if eod is None:
+        raise BadInput("text_gen_type unconditional starts from the end-of-document token, and this model's "
+                       "tokenizer has none")
+    return tokenizer.decode([eod])
 
 
 def sep_cache_sizes(spec: str):

@@ -28,7 +28,7 @@ def get_ltor_masks_and_position_ids(tokens: torch.Tensor, eod_token: Optional[in
     return loss_mask, position_ids
 
 
-def _no_weight_decay(module_name: str, module: torch.nn.Module, param_name: str) -> bool:
+def _no_weight_decay(module: torch.nn.Module, param_name: str) -> bool:
     """Biases and normalisation weights are not decayed (GPT-NeoX's rule)."""
     norm_types = (torch.nn.LayerNorm, torch.nn.GroupNorm)
     is_norm = isinstance(module, norm_types) or "norm" in type(module).__name__.lower()
@@ -39,12 +39,12 @@ def get_params_for_weight_decay_optimization(model: torch.nn.Module, weight_deca
     """Two parameter groups: decayed weights, and biases + norm parameters with weight decay 0."""
     decay, no_decay = [], []
     seen = set()
-    for module_name, module in model.named_modules():
+    for _, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            (no_decay if _no_weight_decay(module_name, module, name) else decay).append(param)
+            (no_decay if _no_weight_decay(module, name) else decay).append(param)
     groups = []
     if decay:
         groups.append({"params": decay, "weight_decay": float(weight_decay)})

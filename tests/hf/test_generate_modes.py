@@ -74,3 +74,14 @@ def test_contradictions_are_one_line(export_dir, tmp_path, capsys):
     assert "--num_samples must be >= 1" in capsys.readouterr().err
     assert _run(export_dir, tmp_path, "--text_gen_type", "input-file")[0] == 2
     assert "needs sample_input_file" in capsys.readouterr().err
+
+
+def test_unconditional_prompt_is_the_tokenizers_own_end_of_document_token():
+    import types
+
+    import generate
+
+    llama_like = types.SimpleNamespace(eod=2, decode=lambda ids: {2: "</s>"}[ids[0]])
+    assert generate.end_of_document_text(llama_like) == "</s>"
+    with pytest.raises(generate.BadInput, match="has none"):
+        generate.end_of_document_text(types.SimpleNamespace(eod=None, decode=str))
