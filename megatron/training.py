@@ -27,12 +27,12 @@ import time
 from typing import Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 
 from megatron import checkpointing
 from megatron.initialize import initialize_megatron
 from megatron.learning_rates import build_lr_scheduler, learning_rate
 from megatron.logging import TrainingLogger, tee_text_logs
+from megatron.model.loss import lm_loss
 from megatron.model.sepllm.stats import KVRatioTracker
 from megatron.neox_arguments.optimizer_args import TRAINER_OPTIMIZERS
 from megatron.param_stats import ParameterStatistics
@@ -61,14 +61,6 @@ def model_inputs(tokens, position_ids):
     """The model's input tuple ``(input_ids, position_ids)``: causality is implied by the attention
     layers, so no ``[B,1,S,S]`` mask is built or sent through the pipeline."""
     return tokens, position_ids
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy over unmasked positions, computed in fp32."""
-    losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="none")
-    mask = loss_mask.reshape(-1).to(losses.dtype)
-    # A micro-batch with every position masked contributes 0 rather than 0/0 = NaN.
-    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def poison_non_finite(loss: torch.Tensor) -> torch.Tensor:

@@ -1,21 +1,16 @@
 """``GPT2ModelPipe``: the GPT-NeoX model as a DeepSpeed ``PipelineModule`` (docs/internals.md, "Model")."""
 import torch
-import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
 from megatron.model.layer_list import activation_checkpoint_interval, compile_layers, gpt2_layer_specs
+from megatron.model.loss import lm_loss
 from megatron.model.utils import CHECKPOINTABLE_LAYERS, Lambda, SequentialWrapper, non_reentrant_checkpoint
 
 
 def cross_entropy(output: torch.Tensor, labels) -> torch.Tensor:
-    """Mean token loss over ``loss_mask``: ``labels = (label_ids [B,S], loss_mask [B,S])``.
-
-    Logits are upcast to fp32 for the softmax, as GPT-NeoX does. This is the pipeline engine's ``loss_fn``.
-    """
-    label_ids, loss_mask = labels[0], labels[1]
-    losses = F.cross_entropy(output.float().view(-1, output.shape[-1]), label_ids.reshape(-1), reduction="none")
-    loss_mask = loss_mask.reshape(-1).float()
-    return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+    """The pipeline engine's ``loss_fn`` form of :func:`megatron.model.loss.lm_loss`:
+    ``labels = (label_ids [B,S], loss_mask [B,S])``."""
+    return lm_loss(output, labels[0], labels[1])
 
 
 def _to_deepspeed_spec(spec):
