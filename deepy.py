@@ -25,7 +25,7 @@ REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # Command-line options that override the config key of the same name.
 _LAUNCH_OPTIONS = ("num_gpus", "num_nodes", "hostfile", "include", "exclude", "master_port", "master_addr",
-                   "launcher", "force_multi", "eval_tasks")
+                   "launcher", "force_multi", "eval_tasks", "eval_include_path")
 
 
 def parse_cli(argv):
@@ -48,6 +48,8 @@ def parse_cli(argv):
                         help="use the multi-node launcher even for one node")
     parser.add_argument("--eval_tasks", nargs="+", default=None,
                         help="lm-eval task names for eval.py (overrides the eval_tasks key)")
+    parser.add_argument("--include_path", dest="eval_include_path", default=None,
+                        help="folder of local lm-eval task YAMLs for eval.py (overrides the eval_include_path key)")
     parser.add_argument("--resolved_config", default=None,
                         help="where to write the resolved config (default runs/resolved/<name>.yml in the repo; "
                              "must be readable at the same path on every node)")

@@ -28,7 +28,12 @@ def parse_args(argv):
     parser.add_argument("--model_dir", default=None, help="export directory")
     parser.add_argument("--eval_tasks", nargs="+", default=None,
                         help="lm-eval task names, or task YAML files (config key eval_tasks)")
-    parser.add_argument("--include_path", default=None, help="directory of local lm-eval task YAMLs")
+    parser.add_argument("--include_path", default=None,
+                        help="folder of local lm-eval task YAMLs; its tasks are named in --eval_tasks "
+                             "(config key eval_include_path)")
+    parser.add_argument("--bootstrap_iters", type=int, default=None,
+                        help="bootstrap resamples for the standard errors (default: lm-eval's own; 0 skips them; "
+                             "config key eval_bootstrap_iters)")
     parser.add_argument("--limit", type=int, default=None, help="documents per task (for quick checks)")
     parser.add_argument("--num_fewshot", type=int, default=None,
                         help="few-shot examples per prompt (default: each task's own)")
@@ -48,6 +53,7 @@ def main(argv=None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tasks, prefix = args.eval_tasks, args.eval_results_prefix
+    include_path, bootstrap = args.include_path, args.bootstrap_iters
     if args.neox_config_file:
         from megatron.hf.loading import load_from_neox_args
         from megatron.neox_arguments import NeoXArgs
@@ -57,6 +63,8 @@ def main(argv=None) -> int:
             return 0
         tasks = tasks or neox_args.eval_tasks
         prefix = prefix if prefix is not None else neox_args.eval_results_prefix
+        include_path = include_path or neox_args.eval_include_path
+        bootstrap = bootstrap if bootstrap is not None else neox_args.eval_bootstrap_iters
         model, tokenizer = load_from_neox_args(neox_args, device)
     elif args.model_dir:
         from megatron.hf.loading import load_export
@@ -68,8 +76,8 @@ def main(argv=None) -> int:
     if not tasks:
         print("eval.py: error: no tasks: set eval_tasks in the YAML or pass --eval_tasks", file=sys.stderr)
         return 2
-    results = run_lm_eval(model, tokenizer, tasks, args.include_path, args.limit, args.batch_size,
-                          args.num_fewshot)
+    results = run_lm_eval(model, tokenizer, tasks, include_path, args.limit, args.batch_size, args.num_fewshot,
+                          bootstrap_iters=bootstrap)
     from lm_eval.utils import make_table
 
     print(make_table(results))

@@ -118,18 +118,31 @@ class SepLLMEvalLM(_lm_base()):
         return out
 
 
+def evaluation_model(model, tokenizer: TextTokenizer, batch_size: int = 8):
+    """lm-eval's own ``HFLM`` where the tokenizer is an HF one (exports, and checkpoints trained with
+    ``HFTokenizer``); this module's adapter for the other tokenizers (char-level, GPT-2 BPE and SentencePiece
+    vocabularies of trainer checkpoints), which ``HFLM`` cannot take."""
+    if tokenizer.hf is not None:
+        from lm_eval.models.huggingface import HFLM
+
+        return HFLM(pretrained=model, tokenizer=tokenizer.hf, batch_size=batch_size)
+    return SepLLMEvalLM(model, tokenizer, batch_size=batch_size)
+
+
 def run_lm_eval(model, tokenizer: TextTokenizer, tasks: List[str], include_path: Optional[str] = None,
                 limit: Optional[int] = None, batch_size: int = 8, num_fewshot: Optional[int] = None,
-                include_defaults: bool = True) -> dict:
-    """``lm_eval.simple_evaluate`` over our adapter; ``include_path`` adds local task YAMLs
-    (``include_defaults=False`` skips indexing lm-eval's built-in tasks, which takes seconds)."""
+                include_defaults: bool = True, bootstrap_iters: Optional[int] = None) -> dict:
+    """``lm_eval.simple_evaluate`` over :func:`evaluation_model`; ``include_path`` adds local task YAMLs
+    (``include_defaults=False`` skips indexing lm-eval's built-in tasks, which takes seconds).
+    ``bootstrap_iters=None`` keeps lm-eval's default, so results carry its standard errors."""
     from lm_eval import evaluator
     from lm_eval.tasks import TaskManager
 
     if not tasks:
         raise ValueError("no eval_tasks given (e.g. --eval_tasks lambada_openai piqa)")
-    lm = SepLLMEvalLM(model, tokenizer, batch_size=batch_size)
+    lm = evaluation_model(model, tokenizer, batch_size)
     manager = TaskManager(include_path=include_path, include_defaults=include_defaults) if include_path \
         else TaskManager()
+    extra = {} if bootstrap_iters is None else {"bootstrap_iters": int(bootstrap_iters)}
     return evaluator.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                     num_fewshot=num_fewshot, bootstrap_iters=0, log_samples=False)
+                                     num_fewshot=num_fewshot, log_samples=False, **extra)

@@ -25,5 +25,11 @@ class TextGenArgs:
     sample_input_file: Optional[str] = arg(None, "Prompts, one per line (text_gen_type input-file).")
     sample_output_file: str = arg("samples.txt", "Where generated samples are written.")
     num_samples: int = arg(1, "Number of samples of text_gen_type unconditional.")
-    eval_tasks: Optional[list] = arg(None, "lm-eval task names for eval.py.")
+    eval_tasks: Optional[list] = arg(None, "lm-eval task names (or task YAML files) for eval.py.")
+    eval_include_path: Optional[str] = arg(
+        None, "Project key: a folder of local lm-eval task YAMLs (lm-eval's --include_path); its tasks are then "
+              "named in eval_tasks like built-in ones. deepy.py's --include_path sets it.")
+    eval_bootstrap_iters: Optional[int] = arg(
+        None, "Project key: bootstrap resamples for lm-eval's standard errors (lm-eval's bootstrap_iters); unset: "
+              "lm-eval's default; 0 skips the standard errors of bootstrapped metrics.")
     eval_results_prefix: str = arg("", "Prefix of the eval.py results file.")

@@ -46,3 +46,48 @@ def test_export_with_lm_eval_hf_backend(sep_export, monkeypatch):
                                     task_manager=TaskManager(include_path=str(FIXTURES), include_defaults=False),
                                     batch_size=2, device="cpu", bootstrap_iters=0, log_samples=False)
     assert 0.0 <= res["results"]["tiny_mc"]["acc,none"] <= 1.0
+
+
+@pytest.mark.parametrize("tokenizer", ["HFTokenizer", "CharLevelTokenizer"])
+def test_trainer_checkpoint_through_deepy_eval_with_local_tasks_and_stderr(tmp_path, monkeypatch, capsys,
+                                                                           pythia_tokenizer_path, tokenizer):
+    """``deepy.py eval.py cfg --eval_tasks NAMES --include_path DIR``: local tasks by name, results with lm-eval's
+    standard errors. An HF tokenizer goes through lm-eval's own HFLM, a char-level one through the adapter."""
+    import json
+
+    import deepy
+    import eval as eval_script
+    from megatron.hf.lm_eval_adapter import SepLLMEvalLM, evaluation_model
+    from megatron.neox_arguments import NeoXArgs
+    from tests.hf.helpers import build_trainer_model, save_checkpoint
+    from tests.neox_arguments.helpers import Recorder, cpu
+
+    cfg = base_config(pythia_tokenizer_path, separator_token_ids=SEPS, prefill_local_window_size=8,
+                      generate_local_window_size=8)
+    if tokenizer == "CharLevelTokenizer":
+        cfg.update(tokenizer_type="CharLevelTokenizer", vocab_file=None, separator_token_ids=[46, 44, 32])
+    args, model = build_trainer_model(cfg)
+    save_checkpoint(model, cfg, tmp_path / "ckpt" / "global_step1", resolved_args=args)
+    (tmp_path / "ckpt" / "latest").write_text("global_step1")
+    run_yml = tmp_path / "run.yml"
+    run_yml.write_text(json.dumps({**cfg, "load": str(tmp_path / "ckpt"), "eval_results_prefix": str(tmp_path / "r")}))
+    resolved = tmp_path / "resolved.yml"
+    assert deepy.main([str(Path(eval_script.__file__)), str(run_yml), "--eval_tasks", "tiny_mc", "tiny_rolling",
+                       "--include_path", str(FIXTURES), "--resolved_config", str(resolved)],
+                      runner=Recorder(), env=cpu()) == 0
+    on_rank = NeoXArgs.from_resolved(str(resolved), env=cpu(WORLD_SIZE=1))
+    assert on_rank.eval_include_path == str(FIXTURES) and on_rank.eval_tasks == ["tiny_mc", "tiny_rolling"]
+    import megatron.hf.lm_eval_adapter as adapter
+
+    used = []
+    monkeypatch.setattr(adapter, "evaluation_model",
+                        lambda *a, **k: used.append(evaluation_model(*a, **k)) or used[-1])
+    monkeypatch.chdir(FIXTURES)  # the task YAMLs name their jsonl files relative to the working dir
+    monkeypatch.setenv("RANK", "0")
+    assert eval_script.main(["--neox_config_file", str(resolved)]) == 0
+    written = json.loads(next(tmp_path.glob("r_eval_results_*.json")).read_text())
+    mc = written["results"]["tiny_mc"]
+    assert 0.0 < mc["acc_stderr,none"] < 1.0  # a standard error, not lm-eval's "N/A" of bootstrap_iters=0
+    from lm_eval.models.huggingface import HFLM
+
+    assert isinstance(used[0], HFLM if tokenizer == "HFTokenizer" else SepLLMEvalLM)
