@@ -9,7 +9,8 @@ The command line is ``tools/ckpts/convert_neox_to_hf.py``; this module is the co
   rank adds its bias before the all-reduce) and taken once otherwise, norms averaged, embeddings on dim 0.
 * Every tensor's shape is checked against the config on every dimension (hidden, ffn, vocabulary, positions,
   number of blocks); a mismatch names the file, the tensor, both shapes and the config key.
-* ``neox`` writes a stock ``GPTNeoXForCausalLM`` (full attention only); ``sepllm_gpt_neox`` writes every
+* ``neox`` writes a stock ``GPTNeoXForCausalLM`` (full attention only); ``llama`` a stock ``LlamaForCausalLM`` or
+  ``MistralForCausalLM`` (full attention only, :mod:`megatron.hf.export_llama`); ``sepllm_gpt_neox`` writes every
   SepLLM/SA/BiPE key plus self-contained modeling code (config, model, SepCache and a verbatim copy of the
   trainer's ``rule.py``) for ``trust_remote_code=True``.
 * Nothing that is not a previous export is replaced (:func:`check_output_dir`). The export is assembled in a
@@ -28,7 +29,7 @@ import torch
 
 from megatron.checkpoint_io import CheckpointReader
 from megatron.hf.export_config import (ARCHITECTURES, DTYPE_NAMES, ConversionError, export_args, export_dtype,
-                                       make_neox_config, sepllm_config_dict)
+                                       make_neox_config, sepllm_config_dict, supported_by_gpt_neox)
 
 HF_SOURCE_DIR = Path(__file__).resolve().parent
 RULE_SOURCE = HF_SOURCE_DIR.parent / "model" / "sepllm" / "rule.py"
@@ -290,26 +291,35 @@ def export(input_dir: str, config_files: Optional[List[str]], output_dir: str, p
     if save_tokenizer and (user or args).tokenizer_type == "HFTokenizer" and (user or args).vocab_file is None:
         raise ConversionError(f"the run's tokenizer (vocab_file) is not available here: give --config_file with "
                               f"vocab_file, or --no_save_tokenizer")
+    if architecture != "llama":
+        supported_by_gpt_neox(args)  # before the weights are read: a Llama-family model is refused by name
     reader = CheckpointReader(input_dir, args.num_layers)
-    sd = build_state_dict(reader, args)
-    vocab_size = sd["gpt_neox.embed_in.weight"].shape[0]
-    sd = {k: v.detach().to(dtype).contiguous() for k, v in sd.items()}
     dtype_name = DTYPE_NAMES[dtype]
-    if architecture == "neox":
-        config = make_neox_config(args, vocab_size)
+    if architecture == "llama":
+        from megatron.hf.export_llama import build_llama_state_dict, make_llama_config
+
+        sd = build_llama_state_dict(reader, args)
+        vocab_size = sd["model.embed_tokens.weight"].shape[0]
+    else:
+        sd = build_state_dict(reader, args)
+        vocab_size = sd["gpt_neox.embed_in.weight"].shape[0]
+    sd = {k: v.detach().to(dtype).contiguous() for k, v in sd.items()}
+    stock = architecture in ("neox", "llama")
+    if stock:
+        config = make_llama_config(args, vocab_size) if architecture == "llama" else make_neox_config(args, vocab_size)
         config.dtype = dtype_name  # transformers 5 name (torch_dtype is deprecated)
     else:
         config = sepllm_config_dict(args, vocab_size)
         config["torch_dtype"] = config["dtype"] = dtype_name
     rule = Path(rule_source) if rule_source else RULE_SOURCE
-    if architecture != "neox" and not rule.is_file():
+    if not stock and not rule.is_file():
         raise ConversionError(f"the SepLLM rule {rule} is missing; the export needs a verbatim copy")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _private_name(out, "tmp")
     os.mkdir(tmp)  # mode 0o777 & ~umask, unlike tempfile.mkdtemp's private 0700
     try:
-        if architecture == "neox":
+        if stock:
             config.save_pretrained(tmp)
         else:
             with open(tmp / "config.json", "w") as handle:

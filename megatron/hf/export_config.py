@@ -28,7 +28,7 @@ from megatron.neox_arguments import ConfigError, Environment, NeoXArgs
 ConversionError = CheckpointError  # one error type for every bad input of the export
 
 RESOLVED_NAME = "resolved_config.yml"
-ARCHITECTURES = ("sepllm_gpt_neox", "neox")
+ARCHITECTURES = ("sepllm_gpt_neox", "neox", "llama")
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 DTYPES = {"fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -43,7 +43,8 @@ SEPLLM_KEYS = ("pos_emb", "separator_token_ids", "PADDING_ID",
                "SA_Numerator_Bias", "SA_Denominator_Bias", "BATCH_ADAPTIVE_INIT_POS")
 _LOGGING_ONLY = ("PRINT_KV_RATIO", "print_ratio_intervals")
 # Keys whose value changes the exported model (its weights' meaning, attention, or dtype under --precision auto).
-MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "intermediate_size", "max_position_embeddings",
+MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "intermediate_size",
+              "mlp_multiple_of", "sliding_window_width", "rms_norm_epsilon", "max_position_embeddings",
               "rotary_pct", "rotary_emb_base", "norm", "layernorm_epsilon", "use_bias_in_norms",
               "use_bias_in_attn_linear", "use_bias_in_mlp", "no_weight_tying", "gpt_j_residual", "gpt_j_tied",
               "activation", "padded_vocab_size", "precision") + tuple(k for k in SEPLLM_KEYS if k not in _LOGGING_ONLY)
@@ -169,7 +170,8 @@ def export_dtype(args: NeoXArgs, precision: str) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------- HF configs
-def _supported(args: NeoXArgs) -> None:
+def supported_by_gpt_neox(args: NeoXArgs) -> None:
+    """Refuses, naming the key, a model the GPT-NeoX model classes (stock or SepLLM) cannot represent."""
     refusals = (("activation", args.activation != "gelu", "GPT-NeoX exports support 'gelu' only"),
                 ("norm", args.norm != "layernorm", "GPT-NeoX exports support 'layernorm' only"),
                 ("gpt_j_tied", args.gpt_j_tied, "one shared layernorm is not supported by GPT-NeoX exports"),
@@ -183,7 +185,7 @@ def _supported(args: NeoXArgs) -> None:
 
 
 def hf_common(args: NeoXArgs, vocab_size: int) -> Dict:
-    _supported(args)
+    supported_by_gpt_neox(args)
     return {
         "vocab_size": vocab_size,
         "hidden_size": args.hidden_size,

@@ -2,7 +2,7 @@
 """Export a trainer checkpoint (``<save>/global_stepN``) to a HuggingFace model directory.
 
     python tools/ckpts/convert_neox_to_hf.py --input_dir <save>/global_stepN [--config_file cfg.yml ...] \
-        --output_dir out/ --precision auto|fp16|bf16|fp32 --architecture sepllm_gpt_neox|neox \
+        --output_dir out/ --precision auto|fp16|bf16|fp32 --architecture sepllm_gpt_neox|neox|llama \
         [--no_save_tokenizer] [--overwrite]
 
 The model is described by the checkpoint's own resolved config (``global_stepN/configs/resolved_config.yml``);
@@ -40,7 +40,8 @@ def parse_args(argv=None):
                         help="dtype of the exported weights; auto keeps the training precision")
     parser.add_argument("--architecture", default="sepllm_gpt_neox", choices=ARCHITECTURES,
                         help="sepllm_gpt_neox: the SepLLM model class shipped in the export (trust_remote_code); "
-                             "neox: a stock GPTNeoXForCausalLM (full-attention models only)")
+                             "neox: a stock GPTNeoXForCausalLM; llama: a stock LlamaForCausalLM, or "
+                             "MistralForCausalLM with sliding_window_width (both for full-attention models only)")
     parser.add_argument("--no_save_tokenizer", action="store_true",
                         help="do not copy the training tokenizer into the export")
     parser.add_argument("--overwrite", action="store_true",
