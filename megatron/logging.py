@@ -70,22 +70,30 @@ def dashboard_scalars(metrics: Dict[str, float]) -> Dict[str, float]:
 
 
 # --------------------------------------------------------------------------------------------- FLOPs
-def _ffn_hidden(neox_args) -> int:
-    return neox_args.intermediate_size or 4 * neox_args.hidden_size
+def _matmul_weights(neox_args) -> int:
+    """Weights one layer multiplies per token: QKV (``kv_heads`` key/value heads), the output projection, and the
+    MLP (three ``h x f`` matrices for a gated one, two otherwise; ``f = mlp_inner_size``)."""
+    from megatron.neox_arguments.model_args import GATED_ACTIVATIONS
+
+    h, f = neox_args.hidden_size, neox_args.mlp_inner_size
+    kv = neox_args.num_kv_heads * (h // neox_args.num_attention_heads)
+    mlp = (3 if neox_args.activation in GATED_ACTIVATIONS else 2) * h * f
+    return h * (h + 2 * kv) + h * h + mlp
 
 
 def flops_per_token(neox_args, recompute: bool = False) -> float:
     """Training FLOPs per token (forward + backward) of the GPT-NeoX model, dense attention.
 
     Forward per token: each layer does ``2 * (4 h^2 + 2 h f)`` FLOPs in its matmuls (QKV, output
-    projection, the two MLP matmuls with hidden ``f``) plus ``4 s h`` in attention (``QK^T`` and
+    projection, the two MLP matmuls with hidden ``f``; with ``num_kv_heads`` key/value heads of size ``d`` QKV is
+    ``h (h + 2 kv d)``, and a swiglu MLP has three ``h f`` matmuls) plus ``4 s h`` in attention (``QK^T`` and
     ``AV`` over ``s`` keys, counted as full attention as Megatron and PaLM do); the output layer does
     ``2 h V``. Backward costs twice the forward. Activation recomputation re-runs the layers' forward
     (not the output layer), adding one more forward of the layers when ``recompute`` is True.
     """
     h, s, L = neox_args.hidden_size, neox_args.seq_length, neox_args.num_layers
     vocab = neox_args.padded_vocab_size
-    layer_fwd = L * (2 * (4 * h * h + 2 * h * _ffn_hidden(neox_args)) + 4 * s * h)
+    layer_fwd = L * (2 * _matmul_weights(neox_args) + 4 * s * h)
     logits_fwd = 2 * h * vocab
     layer_passes = 4 if recompute else 3
     return float(layer_passes * layer_fwd + 3 * logits_fwd)

@@ -33,6 +33,15 @@ def test_flops_formula_counts_matmuls_attention_logits_and_recompute():
     assert tlog.flops_per_token(a, True) == pytest.approx(96 * L * h * h * (1 + s / (6 * h) + V / (16 * L * h)))
 
 
+def test_flops_formula_counts_grouped_kv_heads_and_the_swiglu_mlp():
+    a = tiny_args(num_kv_heads=1, activation="swiglu", intermediate_size=192, mlp_multiple_of=8)
+    h, s, L, V, f = 64, 32, 2, 512, 64  # swiglu width: int(192 * 2 / 3) // 2 = 64
+    qkv, dense, mlp = 2 * h * (h + 2 * 16), 2 * h * h, 2 * 3 * h * f  # one kv head of 16 dims; up, gate, down
+    fwd_layers = L * (qkv + dense + mlp + 2 * s * h * 2)
+    assert a.mlp_inner_size == f
+    assert tlog.flops_per_token(a) == 3 * fwd_layers + 3 * 2 * h * V
+
+
 def test_throughput_and_mfu():
     a = tiny_args(checkpoint_activations=True)
     m = tlog.throughput_metrics(a, iterations=5, elapsed_s=2.0)
