@@ -33,8 +33,8 @@ LAYOUT_FILE = "layout.json"
 RESOLVED_CONFIG = os.path.join("configs", "resolved_config.yml")
 
 # Keys that decide the shapes (or the meaning) of the weights: a checkpoint never loads into another value.
-MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "intermediate_size", "no_weight_tying",
-              "padded_vocab_size")
+MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "intermediate_size",
+              "mlp_inner_size", "activation", "no_weight_tying", "padded_vocab_size")
 
 
 @dataclass(frozen=True)

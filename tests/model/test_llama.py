@@ -254,3 +254,13 @@ def test_sepllm_mode_on_llama_shaped_gqa_model_matches_brute_force():
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
     assert (full - ref).abs().max().item() > 1e-3
     assert math.isfinite(got.abs().max().item())
+
+
+def test_resume_refuses_a_checkpoint_of_other_kv_heads_or_mlp():
+    from megatron.checkpoint_layout import model_key_mismatch
+
+    args = make_args(num_kv_heads=2, **LLAMA)
+    saved = args.to_dict()
+    assert model_key_mismatch(args, saved, "ckpt") is None
+    for key, value in (("num_kv_heads", 4), ("mlp_inner_size", 96), ("activation", "gelu")):
+        assert f"key '{key}' is" in model_key_mismatch(args, dict(saved, **{key: value}), "ckpt")
