@@ -12,6 +12,7 @@ import os
 from .deepspeed_args import BF16_KEYS, FP16_KEYS, PRECISION_ALIASES, PRECISIONS
 from .errors import ConfigError
 from .hostfile import parse_hostfile, select_resources
+from .kernel_knobs import ENV_KEYS, env_overrides, parse_blocks
 from .loading import suggest_key
 from .model_args import ATTENTION_TYPES, GATED_ACTIVATIONS
 from .optimizer_args import OPTIMIZER_TYPES
@@ -355,6 +356,27 @@ def derive_backend(args, env):
         args.distributed_backend = "gloo"
 
 
+def derive_kernel_settings(args, env, on_rank):
+    """$SEP_ATTN_BLOCKS / $SEP_ATTN_GATHER / $SEP_ATTN_FAST_LAUNCH override the kernel keys (experiments). They
+    are read once, where the configuration is resolved (the launcher): a rank takes the values its resolved
+    config records, with the variables that set them. The tile table is checked here."""
+    overrides = {} if on_rank else env_overrides(env.environ)
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    if not on_rank:
+        args.sep_attn_kernel_env = sorted(var for var, key in ENV_KEYS.items() if key in overrides) or None
+    if args.sep_attn_kernel_gather not in ("auto", "on", "off"):
+        raise ConfigError(f"key 'sep_attn_kernel_gather' must be auto, on or off, got {args.sep_attn_kernel_gather!r}"
+                          + (" (from $SEP_ATTN_GATHER: auto, 1 or 0)" if "sep_attn_kernel_gather" in overrides else ""))
+    if not isinstance(args.sep_attn_kernel_fast_launch, bool):
+        raise ConfigError(f"$SEP_ATTN_FAST_LAUNCH must be 0 or 1, got {args.sep_attn_kernel_fast_launch!r}")
+    try:
+        parse_blocks(args.sep_attn_kernel_blocks, "key 'sep_attn_kernel_blocks'"
+                     + (" (from $SEP_ATTN_BLOCKS)" if "sep_attn_kernel_blocks" in overrides else ""))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def derive_all(args, given, env, on_rank=False):
     """Fill every derived value of `args` (a NeoXArgs) from the user keys and the environment."""
     derive_optimizer(args, given)
@@ -367,3 +389,4 @@ def derive_all(args, given, env, on_rank=False):
     derive_schedule(args, given)
     derive_vocab(args, given)
     derive_backend(args, env)
+    derive_kernel_settings(args, env, on_rank)

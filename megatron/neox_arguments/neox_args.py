@@ -24,7 +24,7 @@ from .model_args import ModelArgs
 from .optimizer_args import LRScheduleArgs, OptimizerArgs
 from .parallelism_args import ParallelismArgs
 from .runtime_args import RuntimeArgs
-from .sepllm_args import AdjustSoftmaxArgs, SepLLMArgs
+from .sepllm_args import AdjustSoftmaxArgs, SepKernelArgs, SepLLMArgs
 from .textgen_args import TextGenArgs
 from .tokenizer_args import TokenizerArgs
 from .training_args import TrainingArgs
@@ -32,11 +32,12 @@ from .validate import validate_all
 
 # Later bases come first in the MRO; order only affects the field order of the resolved config.
 _TOPICS = (ModelArgs, TokenizerArgs, DataArgs, OptimizerArgs, LRScheduleArgs, TrainingArgs, LoggingArgs,
-           ParallelismArgs, DeepSpeedArgs, SepLLMArgs, AdjustSoftmaxArgs, LauncherArgs, TextGenArgs, RuntimeArgs)
+           ParallelismArgs, DeepSpeedArgs, SepLLMArgs, AdjustSoftmaxArgs, SepKernelArgs, LauncherArgs, TextGenArgs,
+           RuntimeArgs)
 
 
 @dataclass
-class NeoXArgs(RuntimeArgs, TextGenArgs, LauncherArgs, AdjustSoftmaxArgs, SepLLMArgs, DeepSpeedArgs,
+class NeoXArgs(RuntimeArgs, TextGenArgs, LauncherArgs, SepKernelArgs, AdjustSoftmaxArgs, SepLLMArgs, DeepSpeedArgs,
                ParallelismArgs, LoggingArgs, TrainingArgs, LRScheduleArgs, OptimizerArgs, DataArgs,
                TokenizerArgs, ModelArgs):
     """All configuration of a run. Build it with `from_ymls`, `from_dict` or (on a rank) `consume_neox_args`."""

@@ -52,3 +52,23 @@ class AdjustSoftmaxArgs:
     USE_SA_SOFTMAX_NO_DENO: bool = arg(False, "Self-Adjusting softmax without denominator: s * softmax(s).")
     SA_Numerator_Bias: float = arg(0.0, "Added to the numerator s - m.")
     SA_Denominator_Bias: float = arg(1e-10, "Added to the max term of the denominator (twice, as the reference).")
+
+
+@dataclass
+class SepKernelArgs:
+    """Launch settings of the Sep-Attention GPU kernel (project keys; they change speed, never results).
+    The experiment variables $SEP_ATTN_BLOCKS, $SEP_ATTN_GATHER and $SEP_ATTN_FAST_LAUNCH override them at
+    launch, with a notice, and the values used are what the resolved config records."""
+
+    sep_attn_kernel_blocks: Optional[dict] = arg(
+        None, "Tile sizes overriding the kernel's tuned table, per head-dim class: {64: {fwd: [BLOCK_M, BLOCK_N, "
+              "warps, stages], dq: [...], dkdv_c: [...], dkdv_b: [...]}, 128: {...}} "
+              "(`python -m megatron.model.sepllm.kernel.tune --json FILE` writes one).")
+    sep_attn_kernel_gather: str = arg(
+        "auto", "Copy the listed (initial and separator) K/V rows into contiguous buffers before the compact loops: "
+                "auto (from sequence length 8192), on, off.", choices=("auto", "on", "off"))
+    sep_attn_kernel_fast_launch: bool = arg(
+        True, "Call the compiled kernels directly after triton's first launch of each specialisation (less host "
+              "time per call); a failed direct launch falls back to triton's path with a warning.")
+    sep_attn_kernel_env: Optional[list] = arg(
+        None, "The $SEP_ATTN_* variables that overrode the keys above at launch.", role="derived")

@@ -137,7 +137,6 @@ def test_sep_attention_rejects_bad_arguments():
 
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
-    import os
     import torch
     from megatron.model.sepllm.kernel import build_sep_metadata, sep_attention_reference
     from megatron.model.sepllm.kernel.op import _SepAttentionFn, sep_attn_fwd_op
@@ -149,8 +148,10 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         (1, 1, 60, 16, 70, True, 3, 0.15, "fn"),  # window >= S
         (1, 1, 400, 16, 8, True, 3, 0.3, "fn"),  # long enough for the unmasked compact tiles of every kernel
     ]
-    for gather in ("0", "1"):  # indirect row loads / listed K/V gathered into contiguous buffers
-        os.environ["SEP_ATTN_GATHER"] = gather
+    from megatron.model.sepllm.kernel import settings
+
+    for gather in ("off", "on"):  # indirect row loads / listed K/V gathered into contiguous buffers
+        settings.configure(settings.KernelSettings(gather=gather))
         for (B, H, S, D, W, E, n_init, p, path) in cases:
             q, k, v = (torch.randn(B, H, S, D, requires_grad=True) for _ in range(3))
             flags = torch.rand(B, S) < p
@@ -257,7 +258,7 @@ def test_kernel_launcher_caches_per_specialisation(monkeypatch):
                                                                            launch_exit_hook=None))
     monkeypatch.setitem(sys.modules, "triton", fake_triton)
     monkeypatch.setattr(op, "_current_raw_stream", lambda index: 0)
-    monkeypatch.setattr(op.KernelLauncher, "enabled", True)
+    monkeypatch.setattr(op.KernelLauncher, "failed", False)
     launcher = op.KernelLauncher("fake")
     launcher.fn = _FakeJit()
     buf = torch.zeros(64, dtype=torch.float16)
@@ -278,20 +279,60 @@ def test_kernel_launcher_caches_per_specialisation(monkeypatch):
         monkeypatch.setattr(compiled, "run", broken_run)
     with pytest.warns(UserWarning, match="direct launch"):
         launcher((2, 3, 1), [a, 5, 0.5, True], 4, 2)  # falls back to triton's path and stays there
-    assert op.KernelLauncher.enabled is False
+    assert op.KernelLauncher.failed is True
     assert launcher.fn.log[-1][0] == "jit"
+    launcher((2, 3, 1), [a, 5, 0.5, True], 4, 2)
+    assert launcher.fn.log[-1][0] == "jit"  # stays on triton's path, without a second warning
+
+    from megatron.model.sepllm.kernel import settings
+
+    monkeypatch.setattr(op.KernelLauncher, "failed", False)
+    fresh = op.KernelLauncher("fake")
+    fresh.fn = _FakeJit()
+    settings.configure(settings.KernelSettings(fast_launch=False))
+    try:
+        fresh((2, 3, 1), [a, 5, 0.5, True], 4, 2)
+        fresh((2, 3, 1), [a, 5, 0.5, True], 4, 2)
+    finally:
+        settings.configure(None)
+    assert [entry[0] for entry in fresh.fn.log] == ["jit", "jit"]  # sep_attn_kernel_fast_launch: false
 
 
-def test_gather_mode_setting(monkeypatch):
-    from megatron.model.sepllm.kernel.op import _GATHER_MIN_SEQ, _gather_compact
+def test_kernel_settings_from_config_and_environment():
+    """The kernel keys reach the op through the resolved config; $SEP_ATTN_* override them on the launcher only,
+    are recorded, and bad values are one configuration error naming the key or variable."""
+    from megatron.model.sepllm.kernel import op, settings
+    from megatron.neox_arguments import ConfigError, Environment, NeoXArgs
 
-    monkeypatch.delenv("SEP_ATTN_GATHER", raising=False)
-    assert _gather_compact(_GATHER_MIN_SEQ) and not _gather_compact(_GATHER_MIN_SEQ - 1)
-    monkeypatch.setenv("SEP_ATTN_GATHER", "0")
-    assert not _gather_compact(10 ** 6)
-    monkeypatch.setenv("SEP_ATTN_GATHER", "yes")
-    with pytest.raises(ValueError, match="SEP_ATTN_GATHER"):
-        _gather_compact(10)
+    base = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=64, max_position_embeddings=64,
+                tokenizer_type="CharLevelTokenizer", train_micro_batch_size_per_gpu=1)
+
+    def resolve(environ=None, **keys):
+        return NeoXArgs.from_dict({**base, **keys}, env=Environment(cuda_device_count=0, environ=environ or {}))
+
+    args = resolve(sep_attn_kernel_gather="off", sep_attn_kernel_blocks={"64": {"fwd": [32, 16, 2, 2]}})
+    assert args.sep_attn_kernel_env is None
+    try:
+        settings.configure(settings.KernelSettings.from_args(args))
+        assert not op._gather_compact(10 ** 6)
+        assert op._block_config(64)["fwd"] == (32, 16, 2, 2) and op._block_config(64)["dq"] == op._DEFAULT_BLOCKS[64]["dq"]
+        assert op._block_config(128) == op._DEFAULT_BLOCKS[128]
+        settings.configure(None)
+        assert op._gather_compact(op._GATHER_MIN_SEQ) and not op._gather_compact(op._GATHER_MIN_SEQ - 1)
+        assert op._block_config(64)["fwd"] == op._DEFAULT_BLOCKS[64]["fwd"]
+    finally:
+        settings.configure(None)
+    env = resolve({"SEP_ATTN_GATHER": "1", "SEP_ATTN_FAST_LAUNCH": "0",
+                   "SEP_ATTN_BLOCKS": '{"128": {"dq": [64, 32, 4, 2]}}'}, sep_attn_kernel_gather="off")
+    assert (env.sep_attn_kernel_gather, env.sep_attn_kernel_fast_launch) == ("on", False)
+    assert env.sep_attn_kernel_blocks == {"128": {"dq": [64, 32, 4, 2]}}
+    assert env.sep_attn_kernel_env == ["SEP_ATTN_BLOCKS", "SEP_ATTN_FAST_LAUNCH", "SEP_ATTN_GATHER"]
+    with pytest.raises(ConfigError, match=r"sep_attn_kernel_gather.*yes.*SEP_ATTN_GATHER"):
+        resolve({"SEP_ATTN_GATHER": "yes"})
+    with pytest.raises(ConfigError, match=r"key 'sep_attn_kernel_blocks'.*four positive integers"):
+        resolve(sep_attn_kernel_blocks={"64": {"fwd": [32, 16]}})
+    with pytest.raises(ConfigError, match=r"key 'sep_attn_kernel_blocks' \(from \$SEP_ATTN_BLOCKS\)"):
+        resolve({"SEP_ATTN_BLOCKS": '{"64": {"bwd": [1, 1, 1, 1]}}'})
 
 
 def test_metadata_cache_follows_tensor_identity_and_versions():

@@ -127,13 +127,18 @@ def test_kernel_matches_reference_prepared_text_tokens():
     _check(q, k, v, flags, torch.zeros(2, dtype=torch.long, device="cuda"), 3, 256, True)
 
 
-@pytest.mark.parametrize("gather", ["0", "1"])
-def test_gathered_and_indirect_compact_paths(monkeypatch, gather):
+@pytest.mark.parametrize("gather", ["off", "on"])
+def test_gathered_and_indirect_compact_paths(gather):
     """Both ways of reading the listed K/V (indirect rows, contiguous gathered copy) meet the exactness bound."""
-    monkeypatch.setenv("SEP_ATTN_GATHER", gather)
+    from megatron.model.sepllm.kernel import settings
+
     q, k, v = _inputs((2, 4, 2048, 128), torch.bfloat16, seed=21)
     flags = random_flags(2, 2048, p=0.15, seed=22, device="cuda")
-    _check(q, k, v, flags, torch.tensor([0, 5], device="cuda"), 3, 256, True)
+    settings.configure(settings.KernelSettings(gather=gather))
+    try:
+        _check(q, k, v, flags, torch.tensor([0, 5], device="cuda"), 3, 256, True)
+    finally:
+        settings.configure(None)
 
 
 def test_direct_launch_equals_triton_launch(monkeypatch):

@@ -61,6 +61,19 @@ def fast_kernel():
     return _KERNEL
 
 
+def _configure_kernel(neox_args):
+    """The kernel's launch settings from the resolved config (process-wide: see kernel/settings.py), with one
+    notice per process when experiment variables overrode the config."""
+    from megatron.model.sepllm.kernel import settings
+
+    new = settings.KernelSettings.from_args(neox_args)
+    if new != settings.ACTIVE and neox_args.sep_attn_kernel_env and (neox_args.rank or 0) == 0:
+        print(f"> Sep-Attention kernel: {', '.join('$' + v for v in neox_args.sep_attn_kernel_env)} override the "
+              f"config (blocks {new.blocks or 'tuned table'}, gather {new.gather}, fast launch {new.fast_launch})",
+              flush=True)
+    settings.configure(new)
+
+
 def _notice_cpu_backward():
     global _CPU_BACKWARD_NOTICE_SHOWN
     if not _CPU_BACKWARD_NOTICE_SHOWN:
@@ -86,6 +99,7 @@ class SepKernelAttention(SepLLMMaskAttention):
         super().__init__(neox_args, layer_number)
         self.block_size = int(neox_args._DEFAULT_SPARSE_BLOCK_SIZE)
         self.compile_block_mask = bool(neox_args.RECOMPILE_SEP_ATTN_KERNEL)
+        _configure_kernel(neox_args)
 
     def block_mask(self, meta, q_len: int, kv_len: int):
         """This layer's BlockMask for the micro-batch (shared with every layer of the same window)."""

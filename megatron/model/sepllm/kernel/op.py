@@ -4,15 +4,14 @@ Eager calls go through an ``autograd.Function``; under torch.compile the same fo
 ``torch.library`` custom ops (``sepllm_kernel::*``) with fake kernels. Kernels are launched by
 :class:`KernelLauncher` (triton's launch path once per specialisation, then the compiled kernel directly).
 """
-import json
 import math
-import os
 import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from . import settings as kernel_settings
 from .metadata import SepMetadata, build_sep_metadata
 from .reference import expand_kv_heads, sep_attention_reference
 
@@ -27,27 +26,21 @@ _DEFAULT_BLOCKS = {
     64: dict(fwd=(64, 32, 4, 4), dq=(64, 32, 4, 3), dkdv_c=(64, 64, 4, 3), dkdv_b=(32, 64, 4, 2)),
     128: dict(fwd=(64, 64, 4, 3), dq=(128, 64, 8, 3), dkdv_c=(64, 128, 8, 3), dkdv_b=(32, 64, 4, 3)),
 }
-_BLOCK_ENV = "SEP_ATTN_BLOCKS"  # JSON {"64": {"fwd": [bm, bn, warps, stages], ...}} overriding the table
-
-
+# Per settings object and head-dim class: the table merged with the config's overrides (one dict lookup per call).
 _BLOCK_CACHE: dict = {}
 
 
 def _block_config(head_dim: int) -> dict:
-    """Launch configuration for ``head_dim`` (the table above, optionally overridden through $SEP_ATTN_BLOCKS)."""
+    """Launch configuration for ``head_dim``: the table above, with the overrides of the config key
+    ``sep_attn_kernel_blocks`` (:mod:`.settings`)."""
     key = 64 if head_dim <= 64 else 128
-    override = os.environ.get(_BLOCK_ENV)
-    cached = _BLOCK_CACHE.get((key, override))
-    if cached is not None:
-        return cached
+    active = kernel_settings.ACTIVE
+    cached = _BLOCK_CACHE.get((id(active), key))
+    if cached is not None and cached[0] is active:
+        return cached[1]
     cfg = dict(_DEFAULT_BLOCKS[key])
-    if override:
-        try:
-            cfg.update({k: tuple(v) for k, v in json.loads(override).get(str(key), {}).items()})
-        except (ValueError, AttributeError, TypeError) as err:
-            raise ValueError(f"${_BLOCK_ENV} must be JSON like {{\"64\": {{\"fwd\": [128, 64, 4, 3]}}}}, "
-                             f"got {override!r}: {err}") from err
-    _BLOCK_CACHE[(key, override)] = cfg
+    cfg.update(active.blocks.get(key, {}))
+    _BLOCK_CACHE[(id(active), key)] = (active, cfg)
     return cfg
 
 
@@ -70,19 +63,16 @@ def _probe_triton() -> bool:
 _TRITON_OK = _probe_triton()
 
 # Listed K/V are copied into contiguous buffers (one extra launch) from this length on, where the compact loops
-# dominate; below it the launch costs more than the indirect row loads. $SEP_ATTN_GATHER = 0 / 1 forces it.
+# dominate; below it the launch costs more than the indirect row loads. sep_attn_kernel_gather on / off forces it.
 _GATHER_MIN_SEQ = 8192
-_GATHER_ENV = "SEP_ATTN_GATHER"
 _GATHER_BLOCK = 64
 
 
 def _gather_compact(seq: int) -> bool:
-    mode = os.environ.get(_GATHER_ENV, "auto")
+    mode = kernel_settings.ACTIVE.gather
     if mode == "auto":
         return seq >= _GATHER_MIN_SEQ
-    if mode in ("0", "1"):
-        return mode == "1"
-    raise ValueError(f"${_GATHER_ENV} must be auto, 0 or 1, got {mode!r}")
+    return mode == "on"
 
 
 class KernelLauncher:
@@ -92,10 +82,12 @@ class KernelLauncher:
     specialisation, compile or cache lookup: tens of microseconds of Python). The compiled kernel is then kept under
     a key that covers everything triton specialises on (dtypes, 16-byte alignment of every pointer, the exact
     integer arguments, the constexprs and launch options), and later launches call it directly, as triton itself
-    does after its lookup. ``$SEP_ATTN_FAST_LAUNCH=0`` (read at import) or any launch error turns this off.
+    does after its lookup. The config key ``sep_attn_kernel_fast_launch: false`` turns this off; so does a failed
+    direct launch, for the rest of the process (the compiled kernel's launcher is triton-private and has no
+    stable signature), with one warning naming the error.
     """
 
-    enabled = os.environ.get("SEP_ATTN_FAST_LAUNCH", "1") != "0"
+    failed = False  # a direct launch raised: triton's own path from then on
 
     def __init__(self, name: str):
         self.name = name
@@ -118,7 +110,7 @@ class KernelLauncher:
             from . import triton_sep
 
             self.fn = getattr(triton_sep, self.name)
-        if not KernelLauncher.enabled:
+        if KernelLauncher.failed or not kernel_settings.ACTIVE.fast_launch:
             key = None
         elif key is None:
             key = self._key(args, num_warps, num_stages)
@@ -136,7 +128,7 @@ class KernelLauncher:
             except (TypeError, AttributeError, ValueError, ImportError) as err:
                 warnings.warn(f"sep_attention: direct launch of {self.name} failed ({type(err).__name__}: {err}); "
                               "using triton's launch path from now on")
-                KernelLauncher.enabled = False
+                KernelLauncher.failed = True
         kernel = self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages)
         if hasattr(kernel, "result"):  # asynchronous compile mode
             kernel = kernel.result()

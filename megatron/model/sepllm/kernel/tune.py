@@ -5,7 +5,8 @@
 
 Times each of the four kernels (forward, dQ, compact dK/dV, band dK/dV) for every candidate launch
 configuration on the benchmark shapes, prints the times and the per-kernel split of the best configuration
-next to SDPA's forward and backward, and writes the best table as the JSON that $SEP_ATTN_BLOCKS accepts.
+next to SDPA's forward and backward, and writes the best table as the JSON that the config key
+``sep_attn_kernel_blocks`` (or, for an experiment, $SEP_ATTN_BLOCKS) accepts.
 The compact K/V gather (on from S = 8192, see ``op._gather_compact``) is timed on its own and not included in
 the forward / dQ times; the split line lists it.
 """
@@ -108,7 +109,7 @@ def tune_shape(dim: int, bsz: int, heads: int, seq: int, window: int, candidates
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", help="write the best table here (the $SEP_ATTN_BLOCKS format)")
+    parser.add_argument("--json", help="write the best table here (the format of the key sep_attn_kernel_blocks and of $SEP_ATTN_BLOCKS)")
     parser.add_argument("--profile-only", action="store_true",
                         help="time only the configuration in use (the per-kernel split), no search")
     parser.add_argument("--dims", default="64,128", help="head dims to tune (comma-separated)")
@@ -132,7 +133,7 @@ def main() -> None:
         table[str(dim)] = {name: list(min(per_cfg, key=per_cfg.get)) for name, per_cfg in total.items()}
         print(f"best for D{dim}: {table[str(dim)]}", flush=True)
     text = json.dumps(table)
-    print("SEP_ATTN_BLOCKS=" + text)
+    print("sep_attn_kernel_blocks: " + text + "   # config key; or SEP_ATTN_BLOCKS='" + text + "'")
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
