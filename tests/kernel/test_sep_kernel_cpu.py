@@ -113,7 +113,7 @@ def test_cpu_fallback_forward_and_backward():
     flags = random_flags(2, 70, seed=6)
     init_start = torch.zeros(2, dtype=torch.long)
     out = sep_attention(q, k, v, flags, init_start, 3, 8)
-    mask = dense_sep_mask(flags, init_start, 3, 8).unsqueeze(1)
+    mask = _brute_force_mask(flags, init_start, 3, 8, True).unsqueeze(1)  # written from the definition
     sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert relative_error(out, sdpa) < 1e-5
     g = torch.randn_like(out)
@@ -349,3 +349,26 @@ def test_metadata_cache_follows_tensor_identity_and_versions():
     fresh = cache.get(flags, start, 3)
     assert fresh is not first and torch.equal(fresh.listed[0], flags[0] | (torch.arange(40) < 3))
     assert len(cache.entries) == 2
+
+
+def test_new_separator_flags_need_no_recompile():
+    """Under torch.compile the op is one opaque node: micro-batches with other separator positions (same shapes)
+    reuse the compiled graph, and each gets its own mask (the results follow the flags)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    fn = torch.compile(lambda q, k, v, f, s: sep_attention(q, k, v, f, s, 3, 6), backend=counter, fullgraph=True)
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    start = torch.zeros(1, dtype=torch.long)
+    outs = []
+    for seed in (1, 2, 3):
+        flags = random_flags(1, 40, p=0.2, seed=seed)
+        outs.append(fn(q, k, v, flags, start))
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=_brute_force_mask(flags, start, 3, 6, True).unsqueeze(1))
+        assert relative_error(outs[-1], want) < 1e-5
+    assert counter.frame_count == 1, f"compiled {counter.frame_count} times for new flags of the same shape"
+    assert relative_error(outs[0], outs[1]) > 1e-3  # the flags did change the result
+

@@ -74,7 +74,8 @@ def test_decode_row_equals_last_prefill_row_without_padding():
     ids = brute.random_ids(1, 30, gen)
     flags = rule.separator_flags(ids, SEPS)
     zero = torch.zeros(1, dtype=torch.long)
-    assert torch.equal(rule.decode_mask(flags, zero, 3, 6)[:, 0], rule.dense_mask(flags, zero, 3, 6)[:, -1])
+    # The brute-force prefill predicate's last row (loops over the reference's text), not the rule again.
+    assert torch.equal(rule.decode_mask(flags, zero, 3, 6)[:, 0], brute.prefill_mask(ids, 3, 6)[:, -1])
 
 
 def test_bipe_positions_and_incremental_continuation():
@@ -124,8 +125,9 @@ def test_kept_counts_closed_form_matches_mask(num_init, window, excl):
     assert full.tolist() == mask.sum((-1, -2)).tolist()
 
 
-def test_kernel_package_mask_agrees_with_rule():
-    """The Sep-Attention kernel's own dense twin must be the same rule (principle: one source of truth)."""
+def test_kernel_package_mask_is_the_brute_force_predicate():
+    """The Sep-Attention kernel's dense twin (the rule, by construction) against the brute-force predicate, with
+    left padding and the adaptive initial tokens."""
     kernel = pytest.importorskip("megatron.model.sepllm.kernel")
     gen = torch.Generator().manual_seed(2)
     ids = brute.random_ids(2, SEQ, gen, pad_left=[3, 0])
@@ -133,4 +135,4 @@ def test_kernel_package_mask_agrees_with_rule():
     start = rule.adaptive_init_start(ids, brute.PAD)
     for window, excl in [(1, True), (7, False), (200, True)]:
         assert torch.equal(kernel.dense_sep_mask(flags, start, 3, window, excl),
-                           rule.dense_mask(flags, start, 3, window, excl))
+                           brute.prefill_mask(ids, 3, window, excl, adaptive=True))
