@@ -58,42 +58,36 @@ def kv_bytes(cache) -> int:
 
 
 @torch.no_grad()
-def run(model, cache, ids, new_tokens, chunk, hook, profile_steps: int = 0):
+def run(model, cache, ids, new_tokens, chunk, profile_steps: int = 0):
     """Chunked prefill, then timed greedy decode; returns (tokens/s, seconds, kv bytes, peak bytes)."""
-    from contextlib import nullcontext
-
-    from megatron.hf.sep_cache import use_sep_cache
-
     device = ids.device
-    ctx = use_sep_cache(model, cache) if hook else nullcontext()
-    with ctx:
-        for start in range(0, ids.shape[1], chunk):
-            out = model(input_ids=ids[:, start:start + chunk], past_key_values=cache, use_cache=True,
-                        logits_to_keep=1)
+    for start in range(0, ids.shape[1], chunk):
+        out = model(input_ids=ids[:, start:start + chunk], past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    out = model(input_ids=nxt, past_key_values=cache, use_cache=True)  # warm-up step (first compression)
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    for _ in range(new_tokens):
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)  # warm-up step (first compression)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.time()
-        for _ in range(new_tokens):
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.time() - t0
-        if profile_steps:
-            from torch.profiler import ProfilerActivity, profile
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.time() - t0
+    if profile_steps:
+        from torch.profiler import ProfilerActivity, profile
 
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-            with profile(activities=activities) as prof:
-                for _ in range(profile_steps):
-                    out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-            print(f"profile of {profile_steps} decode steps with {type(cache).__name__}:")
-            print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=22))
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(profile_steps):
+                out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        print(f"profile of {profile_steps} decode steps with {type(cache).__name__}:")
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=22))
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
     return ids.shape[0] * new_tokens / seconds, seconds, kv_bytes(cache), peak
 
@@ -138,16 +132,15 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     model = build_model(args, device, dtype)
-    stock = getattr(model.config, "model_type", "") != "sepllm_gpt_neox"
     ids = context_ids(args.batch, args.context, device)
     a, s, w, c = (int(v) for v in args.sizes.split(","))
     floor = step_floor(model, ids[:, :1])
-    full = run(model, DynamicCache(), ids, args.new_tokens, args.chunk, hook=False, profile_steps=args.profile)
+    full = run(model, DynamicCache(), ids, args.new_tokens, args.chunk, profile_steps=args.profile)
     torch.cuda.empty_cache() if device.type == "cuda" else None
     sep_cache = SepCache.from_model_config(model.config, init_cache_size=a, sep_cache_size=s, local_size=w,
                                            cache_size=c, USE_MAX_SEP_CACHE=True, separator_token_ids=PYTHIA_SEPS,
                                            PADDING_ID=None, APPLY_PE_SHIFT=False)
-    sep = run(model, sep_cache, ids, args.new_tokens, args.chunk, hook=stock, profile_steps=args.profile)
+    sep = run(model, sep_cache, ids, args.new_tokens, args.chunk, profile_steps=args.profile)
     max_slots = max(layer.length() for layer in sep_cache.layers)
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",

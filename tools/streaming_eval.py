@@ -1,15 +1,21 @@
 #!/usr/bin/env python
-"""Streaming perplexity: one long token stream, fed token by token, with a bounded or a full KV cache.
+"""Streaming perplexity: text streamed token by token through a model with a bounded or a full KV cache.
 
-    python tools/streaming_eval.py --model_dir EXPORT --text_file book.txt --cache sepcache \
-        --init_cache_size 4 --sep_cache_size 64 --local_size 256 --cache_size 512 --pe_shift --chunk 1024
-    python tools/streaming_eval.py --model_dir EXPORT --synthetic 100000 --cache streaming ...
-    python tools/streaming_eval.py --model_dir EXPORT --data_path data/pile_text_document --max_tokens 1000000
+The reference's command line (Streaming-SepLLM's ``main/evaluate_streaming_inputs_perplexity.py``) runs as it is:
 
-Caches: ``sepcache`` (initial + separators + local window, PE shifting with ``--pe_shift``), ``streaming``
-(StreamingLLM: initial + local window, i.e. a SepCache without separators) and ``full`` (every KV kept).
-Each chunk of ``--chunk`` tokens reports its perplexity, the KV slots kept, the KV bytes and (on GPU) the
-peak allocated memory, as JSON lines. SepCache's memory stays constant however long the stream is.
+    python tools/streaming_eval.py --model_name_or_path MODEL --init_cache_size 4 --sep_cache_size 64 \
+        --local_size 256 --cache_size 800 --enable_kv_cache_manager True --enable_SepLLM True \
+        --enable_StreamingLLM False --enable_pos_shift True --num_samples 5000000 --num_eval_tokens 20480 \
+        --dataset_name pg19 --task default --split test --output_dir outputs/demo
+
+``--dataset_name`` is ``pg19`` (the local PG19 folder ``--pg19_dir``, ``<dir>/<split>/`` when it exists),
+another folder of ``.txt`` books, or one text file. Full attention is all three of ``--enable_kv_cache_manager``,
+``--enable_SepLLM`` and ``--enable_StreamingLLM`` False. ``--output_dir`` receives ``log.txt`` (one per-token NLL
+a line, as the reference writes it), ``ppl.txt`` (the overall perplexity) and ``summary.jsonl`` (one record per
+``--chunk`` tokens and a final one). The cache persists across books, as in the reference.
+
+The project's own form still works: ``--model_dir EXPORT --text_file book.txt --cache sepcache --pe_shift``,
+``--synthetic N`` or ``--data_path PREFIX`` (an mmap dataset), ``--output records.jsonl``.
 """
 import argparse
 import json
@@ -18,7 +24,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +33,74 @@ if __package__ in (None, ""):  # run by path (python tools/streaming_eval.py): t
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CACHES = ("sepcache", "streaming", "full")
+PG19_ENV = "SEPLLM_PG19_DIR"
+
+
+class BadInput(ValueError):
+    """A flag, file or value that cannot work; reported as one line before any model is loaded."""
+
+
+def str2bool(value) -> bool:
+    """The reference's ``True`` / ``False`` values (also true/false, 1/0, yes/no)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "y", "t"):
+        return True
+    if text in ("false", "0", "no", "n", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------- caches
+def resolve_cache_kind(args) -> str:
+    """``full`` / ``sepcache`` / ``streaming`` from the reference's three switches or ``--cache``."""
+    switches = {k: getattr(args, k) for k in ("enable_kv_cache_manager", "enable_SepLLM", "enable_StreamingLLM")}
+    if all(v is None for v in switches.values()):
+        return args.cache or "sepcache"
+    if args.cache is not None:
+        raise BadInput("give either --cache or the reference's --enable_kv_cache_manager/--enable_SepLLM/"
+                       "--enable_StreamingLLM switches, not both")
+    manager, sep, streaming = (bool(v) for v in switches.values())
+    if sep and streaming:
+        raise BadInput("--enable_SepLLM True and --enable_StreamingLLM True: choose one mode")
+    if not manager:
+        if sep or streaming:
+            mode = "--enable_SepLLM" if sep else "--enable_StreamingLLM"
+            raise BadInput(f"{mode} True needs --enable_kv_cache_manager True (all three False is full attention)")
+        return "full"
+    if not (sep or streaming):
+        raise BadInput("--enable_kv_cache_manager True needs --enable_SepLLM True or --enable_StreamingLLM True")
+    return "sepcache" if sep else "streaming"
+
+
+def check_sizes(kind: str, init_cache_size: int, sep_cache_size: int, local_size: int, cache_size: int) -> None:
+    """The reference's size rules, checked before the model loads."""
+    if kind == "full":
+        return
+    for name, value in (("--init_cache_size", init_cache_size), ("--sep_cache_size", sep_cache_size),
+                        ("--local_size", local_size), ("--cache_size", cache_size)):
+        if value is None or value < 0:
+            raise BadInput(f"{name} must be a non-negative integer, got {value}")
+    if local_size < 1:
+        raise BadInput(f"--local_size must be >= 1, got {local_size}")
+    if kind == "streaming" and cache_size != init_cache_size + local_size:
+        raise BadInput(f"StreamingLLM needs --cache_size == --init_cache_size + --local_size, got {cache_size} != "
+                       f"{init_cache_size} + {local_size}")
+    if kind == "sepcache" and init_cache_size + sep_cache_size + local_size >= cache_size:
+        raise BadInput(f"SepLLM needs --init_cache_size + --sep_cache_size + --local_size < --cache_size, got "
+                       f"{init_cache_size} + {sep_cache_size} + {local_size} >= {cache_size}")
 
 
 def make_cache(model, kind: str, init_cache_size=4, sep_cache_size=64, local_size=256, cache_size=512,
                pe_shift=True, separator_token_ids=None):
-    """The KV cache of one streaming run (``None`` sizes are ignored for ``full``)."""
+    """The KV cache of one streaming run (sizes are ignored for ``full``).
+
+    ``streaming`` mirrors StreamingLLM's cache, which evicts after each forward down to ``a + w = c`` entries,
+    so every query sees the ``a`` initial tokens, the ``w`` previous ones and itself: a SepCache without
+    separators whose local window is ``w + 1`` (itself included) selects exactly that set, compressing at
+    the same step; between steps it holds ``c + 1`` KVs, the most StreamingLLM holds during a forward.
+    """
     from transformers.cache_utils import DynamicCache
 
     from megatron.hf.sep_cache import SepCache
@@ -39,22 +108,51 @@ def make_cache(model, kind: str, init_cache_size=4, sep_cache_size=64, local_siz
     if kind == "full":
         return DynamicCache()
     if kind not in CACHES:
-        raise ValueError(f"unknown cache {kind!r}; choose one of {CACHES}")
-    seps = separator_token_ids
-    if seps is None:
-        seps = getattr(model.config, "separator_token_ids", None)
-        if not seps or list(seps) == [-1]:
-            from megatron.hf.sep_cache import MODEL_TYPE_PRESETS
-
-            seps = MODEL_TYPE_PRESETS["pythia"]["separator_token_ids"]
+        raise BadInput(f"unknown cache {kind!r}; choose one of {CACHES}")
     if kind == "streaming":
-        # StreamingLLM: no separators; c = a + w + 1 so a compression keeps exactly a + w tokens.
         return SepCache.from_model_config(model.config, init_cache_size=init_cache_size, sep_cache_size=0,
-                                          local_size=local_size, cache_size=init_cache_size + local_size + 1,
+                                          local_size=local_size + 1, cache_size=init_cache_size + local_size + 2,
                                           separator_token_ids=[], PADDING_ID=None, APPLY_PE_SHIFT=pe_shift)
+    seps = {} if separator_token_ids is None else {"separator_token_ids": list(separator_token_ids)}
     return SepCache.from_model_config(model.config, init_cache_size=init_cache_size, sep_cache_size=sep_cache_size,
                                       local_size=local_size, cache_size=cache_size, USE_MAX_SEP_CACHE=True,
-                                      separator_token_ids=list(seps), PADDING_ID=None, APPLY_PE_SHIFT=pe_shift)
+                                      PADDING_ID=None, APPLY_PE_SHIFT=pe_shift, **seps)
+
+
+def streaming_separators(model, tokenizer, explicit: Optional[List[int]] = None) -> List[int]:
+    """Separator ids: given, else a trained export's own, else the reference's preset for the model family
+    when the vocabulary holds it, else the separator characters of the model's tokenizer."""
+    from megatron.hf.sep_cache import MODEL_TYPE_PRESETS
+
+    if explicit:
+        return [int(t) for t in explicit]
+    trained = getattr(model.config, "separator_token_ids", None)
+    if trained and list(trained) != [-1]:
+        return [int(t) for t in trained]
+    preset = MODEL_TYPE_PRESETS.get(getattr(model.config, "model_type", None))
+    if preset and max(preset["separator_token_ids"]) < model.config.vocab_size:
+        return list(preset["separator_token_ids"])
+    hf = getattr(tokenizer, "hf_tokenizer", None) or getattr(tokenizer, "tokenizer", None)
+    if hf is None:
+        raise BadInput("no separator ids: give --separator_token_ids (the model has no trained ones, no preset "
+                       "fits its vocabulary and no tokenizer is loaded)")
+    from megatron.tokenizer.separators import separator_ids
+
+    return separator_ids(_HFTokenizerView(hf))
+
+
+class _HFTokenizerView:
+    """The two calls ``megatron.tokenizer.separators`` makes, on an HF tokenizer."""
+
+    def __init__(self, hf):
+        self.hf = hf
+
+    def tokenize(self, text: str) -> List[int]:
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        vocab = self.hf.get_vocab()
+        return vocab.get(token)
 
 
 def kv_slots_and_bytes(cache) -> (int, int):
@@ -68,43 +166,129 @@ def kv_slots_and_bytes(cache) -> (int, int):
     return slots, size
 
 
+# ---------------------------------------------------------------------------------------------- the stream
 @torch.no_grad()
-def stream_perplexity(model, tokens: torch.Tensor, cache, chunk: int = 1024, log=None) -> List[Dict]:
-    """Feeds ``tokens`` ([N] int64) one at a time; returns one record per chunk of predicted tokens."""
-    from contextlib import nullcontext
+def stream_perplexity(model, tokens, cache, chunk: int = 1024, log=None, nll_file=None,
+                      num_eval_tokens: Optional[int] = None, progress: bool = False) -> List[Dict]:
+    """Feeds every sequence of ``tokens`` (one ``[N]`` int64 tensor or an iterable of them) one token at a
+    time through ``cache``, which persists across sequences; returns one record per chunk of predicted tokens
+    and a final record ``{"final": True, "tokens", "ppl", ...}``.
 
-    from megatron.hf.sep_cache import use_sep_cache
-
-    if tokens.numel() < 2:
-        raise ValueError("the token stream needs at least 2 tokens")
+    ``nll_file``: a text file receiving one NLL a line (the reference's log.txt). Values stay on the device
+    and are written once per chunk: one host sync per chunk, not per token.
+    """
     device = next(model.parameters()).device
-    stock = getattr(cache, "is_sep_cache", False) and getattr(model.config, "model_type", "") != "sepllm_gpt_neox"
-    # The NLL sum stays on the device: one sync per chunk, not per token, so the GPU is never starved.
-    records, nll_sum, count, t0 = [], torch.zeros((), device=device), 0, time.time()
-    tokens = tokens.to(device)
+    books = [tokens] if isinstance(tokens, torch.Tensor) else tokens
+    stock_shift = getattr(cache, "is_sep_cache", False) and cache.APPLY_PE_SHIFT and \
+        getattr(model.config, "model_type", "") != "sepllm_gpt_neox"
+    bar = _progress(num_eval_tokens) if progress else None
+    records: List[Dict] = []
+    pending: List[torch.Tensor] = []
+    total_nll, total, t0, done = 0.0, 0, time.time(), False
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with (use_sep_cache(model, cache) if stock else nullcontext()):
-        for i in range(tokens.numel() - 1):
-            out = model(input_ids=tokens[i:i + 1].view(1, 1), past_key_values=cache, use_cache=True)
-            logits = out.logits[0, -1].float()
-            nll_sum += F.cross_entropy(logits.unsqueeze(0), tokens[i + 1:i + 2])
-            count += 1
-            if count % chunk == 0 or i == tokens.numel() - 2:
-                slots, kv_bytes = kv_slots_and_bytes(cache)
-                rec = {"tokens": i + 1, "ppl": math.exp(nll_sum.item() / count), "kv_slots": slots,
-                       "kv_bytes": kv_bytes,
-                       "seconds": round(time.time() - t0, 2)}
-                if device.type == "cuda":
-                    rec["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device)
-                records.append(rec)
-                if log:
-                    log(json.dumps(rec))
-                nll_sum, count = torch.zeros((), device=device), 0
+
+    def flush(final: bool = False):
+        nonlocal total_nll, total, pending
+        if not pending:
+            return
+        values = torch.stack(pending).double().cpu()
+        pending = []
+        if nll_file is not None:
+            nll_file.write("".join(f"{v}\n" for v in values.tolist()))
+            nll_file.flush()
+        chunk_ppl = math.exp(values.mean().item())
+        total_nll += values.sum().item()
+        total += values.numel()
+        slots, kv_bytes = kv_slots_and_bytes(cache)
+        seconds = time.time() - t0
+        rec = {"tokens": total, "ppl": chunk_ppl, "running_ppl": math.exp(total_nll / total), "kv_slots": slots,
+               "kv_bytes": kv_bytes, "seconds": round(seconds, 2), "tokens_per_s": round(total / seconds, 2)}
+        if device.type == "cuda":
+            rec["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device)
+        records.append(rec)
+        if log:
+            log(json.dumps(rec))
+        if bar is not None:
+            bar.set_postfix(ppl=f"{rec['running_ppl']:.2f}", kv=slots, refresh=False)
+
+    for book in books:
+        book = book.to(device)
+        if book.numel() < 2:
+            continue
+        for i in range(book.numel() - 1):
+            ids = book[i:i + 1].view(1, 1)
+            kwargs = {}
+            if stock_shift:  # stock models rotate at the positions they are given: the cache's slots
+                cache.prepare_step(ids)
+                kwargs["position_ids"] = cache.step_positions(0)
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True, **kwargs)
+            pending.append(F.cross_entropy(out.logits[0, -1:].float(), book[i + 1:i + 2]))
+            if bar is not None:
+                bar.update(1)
+            if len(pending) == chunk:
+                flush()
+            if num_eval_tokens is not None and total + len(pending) >= num_eval_tokens:
+                done = True
+                break
+        if done:
+            break
+    flush()
+    if bar is not None:
+        bar.close()
+    if total == 0:
+        raise BadInput("the stream has no token to predict (every text is shorter than 2 tokens)")
+    slots, kv_bytes = kv_slots_and_bytes(cache)
+    seconds = time.time() - t0
+    final = {"final": True, "tokens": total, "ppl": math.exp(total_nll / total), "kv_slots": slots,
+             "kv_bytes": kv_bytes, "seconds": round(seconds, 2), "tokens_per_s": round(total / seconds, 2)}
+    if getattr(cache, "is_sep_cache", False):
+        final["compressions"] = cache.layers[0].compressions
+        final["kv_ratio"] = cache.kv_ratio()
+    records.append(final)
     return records
 
 
+def _progress(total: Optional[int]):
+    """A progress bar in tokens with the rate in tokens/s (tqdm's own rate display)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="tok", unit_scale=True, dynamic_ncols=True, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def dataset_files(dataset_name: str, split: str, pg19_dir: Optional[str]) -> List[Path]:
+    """The text files of ``--dataset_name`` (``pg19``, a folder of books or one file), in name order."""
+    if dataset_name == "pg19":
+        root = pg19_dir or os.environ.get(PG19_ENV)
+        if not root:
+            raise BadInput(f"--dataset_name pg19 reads a local PG19 folder: give --pg19_dir DIR or set {PG19_ENV} "
+                           f"(no hub is reachable); or pass a folder or a file as --dataset_name")
+        path = Path(root)
+        if (path / split).is_dir():
+            path = path / split
+    else:
+        path = Path(dataset_name)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise BadInput(f"--dataset_name {dataset_name}: {path} is neither a folder of .txt books nor a file")
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix == ".txt" and p.stat().st_size > 0)
+    if not files:
+        raise BadInput(f"--dataset_name {dataset_name}: the folder {path} holds no non-empty .txt file")
+    return files
+
+
+def text_streams(files: Iterable[Path], tokenizer, num_samples: Optional[int]) -> Iterable[torch.Tensor]:
+    """Token tensors of the first ``num_samples`` books, tokenized one at a time as the stream reaches them."""
+    for n, path in enumerate(files):
+        if num_samples is not None and n >= num_samples:
+            return
+        yield torch.tensor(tokenizer.encode(path.read_text(encoding="utf-8", errors="replace")), dtype=torch.long)
+
+
 def load_tokens(args, tokenizer) -> torch.Tensor:
+    """The project's single-stream inputs: ``--text_file``, ``--data_path`` or ``--synthetic``."""
     if args.text_file:
         with open(args.text_file, encoding="utf-8") as handle:
             ids = tokenizer.encode(handle.read())
@@ -120,45 +304,93 @@ def load_tokens(args, tokenizer) -> torch.Tensor:
         g = torch.Generator().manual_seed(0)
         return torch.randint(0, 1000, (args.synthetic,), generator=g)
     else:
-        raise ValueError("give --text_file, --data_path or --synthetic N")
+        raise BadInput("give --dataset_name, --text_file, --data_path or --synthetic N")
     if args.max_tokens:
         ids = ids[:args.max_tokens]
     return torch.tensor(ids, dtype=torch.long)
 
 
-def main(argv=None) -> int:
+def write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
     from megatron.cli import HelpFormatter
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    parser.add_argument("--model_dir", required=True, help="an HF model directory (this project's export or a stock model)")
-    parser.add_argument("--text_file", help="a text file to stream")
-    parser.add_argument("--data_path", help="mmap dataset prefix (.bin/.idx)")
-    parser.add_argument("--synthetic", type=int, help="N random tokens (memory / speed checks)")
-    parser.add_argument("--max_tokens", type=int, help="stop after this many tokens (default: the whole input)")
-    parser.add_argument("--cache", default="sepcache", choices=CACHES,
-                        help="sepcache: SepCache; streaming: StreamingLLM's sink + window cache; full: no eviction")
-    parser.add_argument("--init_cache_size", type=int, default=4, help="initial (sink) tokens kept")
-    parser.add_argument("--sep_cache_size", type=int, default=64, help="separator slots (sepcache)")
-    parser.add_argument("--local_size", type=int, default=256, help="local window slots")
-    parser.add_argument("--cache_size", type=int, default=512, help="most KV slots a layer holds")
-    parser.add_argument("--pe_shift", action="store_true",
-                        help="positions within the cache instead of the stream (positional-encoding shift)")
-    parser.add_argument("--chunk", type=int, default=1024, help="tokens per reported chunk")
-    parser.add_argument("--dtype", default=None, choices=(None, "fp32", "bf16", "fp16"),
-                        help="model dtype (default: the model's own)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--output", help="JSON lines file of the per-chunk records")
-    parser.add_argument("--allow_cudnn_sdpa", action="store_true",
-                        help="keep PyTorch's cuDNN SDPA backend (it plans per KV length: ~4 ms CPU per call "
-                             "when the cache grows every step)")
-    args = parser.parse_args(argv)
+    ref = parser.add_argument_group("the reference's flags")
+    ref.add_argument("--model_name_or_path", "--model_dir", dest="model_dir", required=True,
+                     help="an HF model directory (a stock Llama/Mistral/Qwen2/GPT-NeoX/Falcon or this project's export)")
+    ref.add_argument("--init_cache_size", type=int, default=4, help="initial (sink) tokens kept")
+    ref.add_argument("--sep_cache_size", type=int, default=64, help="separator slots (SepLLM)")
+    ref.add_argument("--local_size", type=int, default=256, help="local window slots")
+    ref.add_argument("--cache_size", type=int, default=512, help="most KV slots a layer holds")
+    ref.add_argument("--enable_kv_cache_manager", type=str2bool, default=None,
+                     help="True: a bounded cache (SepLLM or StreamingLLM); all three switches False: full attention")
+    ref.add_argument("--enable_SepLLM", type=str2bool, default=None, help="True: SepCache (initial + separators + window)")
+    ref.add_argument("--enable_StreamingLLM", type=str2bool, default=None,
+                     help="True: StreamingLLM (initial + window; needs cache_size == init_cache_size + local_size)")
+    ref.add_argument("--enable_pos_shift", "--pe_shift", dest="pe_shift", type=str2bool, nargs="?", const=True,
+                     default=False, help="positions inside the cache instead of the stream (off unless given, as "
+                                         "StreamingLLM's script)")
+    ref.add_argument("--num_samples", type=int, default=None, help="books to stream at most (default: all)")
+    ref.add_argument("--num_eval_tokens", type=int, default=None, help="stop after this many predicted tokens")
+    ref.add_argument("--dataset_name", default=None, help="pg19 (the local folder --pg19_dir), a folder of .txt books, "
+                                                          "or one text file")
+    ref.add_argument("--task", default="default", help="the dataset configuration; only 'default'")
+    ref.add_argument("--split", default="test", help="pg19 split folder under --pg19_dir when it exists")
+    ref.add_argument("--output_dir", default=None, help="writes log.txt, ppl.txt and summary.jsonl here")
+    own = parser.add_argument_group("this project's flags")
+    own.add_argument("--pg19_dir", default=None, help=f"the local PG19 folder (default: ${PG19_ENV})")
+    own.add_argument("--text_file", help="a text file to stream")
+    own.add_argument("--data_path", help="mmap dataset prefix (.bin/.idx)")
+    own.add_argument("--synthetic", type=int, help="N random tokens (memory / speed checks)")
+    own.add_argument("--max_tokens", type=int, help="stop the single-stream inputs after this many tokens")
+    own.add_argument("--cache", default=None, choices=CACHES,
+                     help="sepcache / streaming / full instead of the reference's switches (default: sepcache)")
+    own.add_argument("--separator_token_ids", type=lambda s: [int(t) for t in s.split(",") if t.strip()],
+                     default=None, help="comma-separated ids (default: trained, preset, or the tokenizer's)")
+    own.add_argument("--chunk", type=int, default=1024, help="tokens per summary record")
+    own.add_argument("--dtype", default=None, choices=(None, "fp32", "bf16", "fp16"),
+                     help="model dtype (default: the model's own)")
+    own.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    own.add_argument("--output", help="JSON lines file of the records (besides --output_dir/summary.jsonl)")
+    own.add_argument("--no_progress", action="store_true", help="no progress bar")
+    own.add_argument("--allow_cudnn_sdpa", action="store_true",
+                     help="keep PyTorch's cuDNN SDPA backend (it plans per KV length: ~4 ms CPU per call "
+                          "when the cache grows every step)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.task != "default":
+            raise BadInput(f"--task {args.task}: only 'default' (the PG19 configuration) exists")
+        if args.chunk < 1:
+            raise BadInput(f"--chunk must be >= 1, got {args.chunk}")
+        kind = resolve_cache_kind(args)
+        check_sizes(kind, args.init_cache_size, args.sep_cache_size, args.local_size, args.cache_size)
+        files = dataset_files(args.dataset_name, args.split, args.pg19_dir) if args.dataset_name else None
+        if args.text_file and not os.path.isfile(args.text_file):
+            raise BadInput(f"--text_file {args.text_file}: no such file")
+        if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
+            raise BadInput(f"--model_name_or_path {args.model_dir}: no config.json there")
+    except BadInput as err:
+        print(f"streaming_eval.py: error: {err}", file=sys.stderr)
+        return 2
     if torch.cuda.is_available() and not args.allow_cudnn_sdpa:
         torch.backends.cuda.enable_cudnn_sdp(False)  # flash / memory-efficient kernels need no per-shape plan
     from megatron.hf.loading import load_export
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.dtype]
-    if args.text_file:
+    needs_tokenizer = files is not None or args.text_file or (kind == "sepcache" and not args.separator_token_ids)
+    if needs_tokenizer:
         model, tokenizer = load_export(args.model_dir, device, dtype)
     else:  # token ids need no tokenizer (synthetic streams and mmap datasets)
         from transformers import AutoModelForCausalLM
@@ -166,18 +398,39 @@ def main(argv=None) -> int:
         kwargs = {"trust_remote_code": True, **({"dtype": dtype} if dtype is not None else {})}
         model, tokenizer = AutoModelForCausalLM.from_pretrained(args.model_dir, **kwargs).to(device).eval(), None
     try:
-        tokens = load_tokens(args, tokenizer)
-        cache = make_cache(model, args.cache, args.init_cache_size, args.sep_cache_size, args.local_size,
-                           args.cache_size, args.pe_shift)
+        tokens = text_streams(files, tokenizer, args.num_samples) if files is not None else load_tokens(args, tokenizer)
+        seps = streaming_separators(model, tokenizer, args.separator_token_ids) if kind == "sepcache" else None
+        cache = make_cache(model, kind, args.init_cache_size, args.sep_cache_size, args.local_size, args.cache_size,
+                           args.pe_shift, seps)
     except (ValueError, FileNotFoundError) as err:
         print(f"streaming_eval.py: error: {err}", file=sys.stderr)
         return 2
-    records = stream_perplexity(model, tokens, cache, args.chunk, log=print)
+    nll_file, log_path = None, None
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+        log_path = os.path.join(args.output_dir, "log.txt")
+        nll_file = open(log_path + ".tmp", "w")
+    try:
+        records = stream_perplexity(model, tokens, cache, args.chunk, log=print, nll_file=nll_file,
+                                    num_eval_tokens=args.num_eval_tokens, progress=not args.no_progress)
+    except BadInput as err:
+        print(f"streaming_eval.py: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if nll_file is not None:
+            nll_file.close()
+    final = records[-1]
+    final.update({"mode": kind, "pos_shift": bool(args.pe_shift), "model": args.model_dir})
+    summary = "".join(json.dumps(r) + "\n" for r in records)
+    if args.output_dir:
+        os.replace(log_path + ".tmp", log_path)
+        write_atomic(os.path.join(args.output_dir, "ppl.txt"), f"{final['ppl']}\n")
+        write_atomic(os.path.join(args.output_dir, "summary.jsonl"), summary)
     if args.output:
-        tmp = args.output + ".tmp"
-        with open(tmp, "w") as handle:
-            handle.writelines(json.dumps(r) + "\n" for r in records)
-        os.replace(tmp, args.output)
+        write_atomic(args.output, summary)
+    print(f"overall perplexity: {final['ppl']:.4f} over {final['tokens']} tokens "
+          f"({final['tokens_per_s']} tokens/s, {final['kv_slots']} KV slots at the end)")
+    print(final["ppl"])
     return 0
 
 

@@ -90,11 +90,5 @@ def generate_text(model, tokenizer: TextTokenizer, prompt: str, max_new_tokens: 
     if cache is not None:
         kwargs["cache"] = cache  # transformers 5: generate(cache=...), past_key_values is deprecated
     with torch.no_grad():
-        if getattr(cache, "is_sep_cache", False) and getattr(model.config, "model_type", "") != "sepllm_gpt_neox":
-            from megatron.hf.sep_cache import use_sep_cache
-
-            with use_sep_cache(model, cache):  # stock models need the step hook (training-free setting)
-                out = model.generate(inp, **kwargs)
-        else:
-            out = model.generate(inp, **kwargs)
+        out = model.generate(inp, **kwargs)
     return tokenizer.decode(out[0, len(ids):].tolist())

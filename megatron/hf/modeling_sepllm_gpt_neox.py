@@ -27,8 +27,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_sepllm_gpt_neox import SepLLMGPTNeoXConfig
-from .rule import adaptive_init_start, bipe_next_offsets, bipe_positions, dense_mask, layer_windows, \
-    num_initial_tokens, separator_flags
+from .rule import adaptive_init_start, bipe_next_offsets, bipe_positions, dense_mask, is_initial, \
+    layer_windows, num_initial_tokens, separator_flags, visible
 from .sep_cache import SepCache, apply_rotary, rope_cos_sin, rope_inv_freq
 
 # transformers renamed the cache field of model outputs (past_key_values -> cache) during 5.x.
@@ -87,10 +87,8 @@ class SepLLMGPTNeoXAttention(nn.Module):
         cfg = self.config
         q_pos = torch.arange(kv_len - meta.q_len, kv_len, device=meta.key_valid.device)
         if meta.sep_cache is not None:
-            # Layers with equal sizes keep the same slots, so they share one mask per forward.
-            key = ("sepcache", kv_len, meta.sep_cache.uniform_sizes or self.layer_idx)
-            window, exclude = kv_len, True  # the cache already dropped what the rule would hide
-        elif cfg.USE_ORIGINAL_FULL_ATTEN:
+            return self._sepcache_mask(meta, masks, kv_len)
+        if cfg.USE_ORIGINAL_FULL_ATTEN:
             key, window, exclude = ("full",), kv_len, True
         elif meta.phase == "prefill":
             key, window, exclude = ("win", self.prefill_window, cfg.EXCLUDE_DIAGONAL), self.prefill_window, \
@@ -98,13 +96,44 @@ class SepLLMGPTNeoXAttention(nn.Module):
         else:
             key, window, exclude = ("win", self.generate_window, True), self.generate_window, True
         if key not in masks:
-            if meta.sep_cache is not None or cfg.USE_ORIGINAL_FULL_ATTEN:
+            if cfg.USE_ORIGINAL_FULL_ATTEN:
                 flags = torch.zeros_like(meta.key_valid)
                 start, num_init, limit = torch.zeros_like(meta.init_start), 0, None
             else:
                 flags, start, num_init, limit = meta.sep_flags, meta.init_start, self.num_init, meta.init_limit
             masks[key] = dense_mask(flags, start, num_init, int(window), bool(exclude), q_pos, meta.key_valid,
                                     limit)
+        return masks[key]
+
+    def _sepcache_mask(self, meta: StepMeta, masks: Dict, kv_len: int) -> torch.Tensor:
+        """The trained rule over the slots a SepCache kept, at their stream positions: inside the cache the
+        model still sees only initial tokens, separators and its own window, so a cache that never compresses
+        equals the model's own cache."""
+        cfg = self.config
+        if cfg.USE_ORIGINAL_FULL_ATTEN:
+            window, exclude = None, True
+        elif meta.phase == "prefill":
+            window, exclude = self.prefill_window, bool(cfg.EXCLUDE_DIAGONAL)
+        else:
+            window, exclude = self.generate_window, True
+        # Layers with equal sizes keep the same slots, so equal windows share one mask per forward.
+        key = ("sepcache", kv_len, meta.sep_cache.uniform_sizes or self.layer_idx, window, exclude)
+        if key not in masks:
+            layer = meta.sep_cache.layers[self.layer_idx]
+            k_pos = layer.stream_pos  # [B, kv]
+            q_pos = k_pos[:, -meta.q_len:]
+            if window is None:
+                init_k = sep_k = torch.zeros_like(layer.valid)
+                window = int(k_pos.max()) + 2
+            else:
+                init_k = is_initial(k_pos, meta.init_start.view(-1, 1), self.num_init,
+                                    None if meta.init_limit is None else meta.init_limit)
+                sepllm = not cfg.streamingLLM
+                sep_k = separator_flags(layer.ids, cfg.separator_token_ids) if sepllm else \
+                    torch.zeros_like(layer.valid)
+            q_col, k_row = q_pos.unsqueeze(-1), k_pos.unsqueeze(1)
+            allowed = visible(q_col, k_row, init_k.unsqueeze(1), sep_k.unsqueeze(1), int(window), exclude)
+            masks[key] = allowed & (meta.key_valid.unsqueeze(1) | (q_col == k_row))
         return masks[key]
 
     def forward(self, hidden_states: torch.Tensor, meta: StepMeta, cache: Optional[Cache], masks: Dict,
@@ -125,7 +154,7 @@ class SepLLMGPTNeoXAttention(nn.Module):
         kv_len = key.shape[-2]
         if meta.sep_cache is not None:
             meta_layer = StepMeta(q_len, kv_len - q_len, rope_pos, None, meta.sep_flags, key_valid,
-                                  meta.init_start, None, meta.phase, meta.sep_cache)
+                                  meta.init_start, meta.init_limit, meta.phase, meta.sep_cache)
             allowed = self._mask(meta_layer, masks, kv_len)
             key_pos = self._sepcache_key_pos(meta.sep_cache)
         else:
@@ -166,7 +195,8 @@ def _mask_belongs(key, attention: "SepLLMGPTNeoXAttention") -> bool:
     """Whether the shared mask cached under ``key`` is the one ``attention`` used in this forward."""
     cfg = attention.config
     if key[0] == "sepcache":
-        return key[2] is True or key[2] == attention.layer_idx
+        windows = (None,) if cfg.USE_ORIGINAL_FULL_ATTEN else (attention.prefill_window, attention.generate_window)
+        return (key[2] is True or key[2] == attention.layer_idx) and key[3] in windows
     if key[0] == "full":
         return bool(cfg.USE_ORIGINAL_FULL_ATTEN)
     return not cfg.USE_ORIGINAL_FULL_ATTEN and key[1] in (attention.prefill_window, attention.generate_window)

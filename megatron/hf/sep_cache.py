@@ -7,28 +7,43 @@ Per layer the cache holds four regions, left to right (SEPLLM_REFERENCE.md §12.
 3. the past window: tokens that left the local window and are not compressed yet;
 4. the local window: the newest ``w`` tokens.
 
-When a step would make the layer longer than ``cache_size`` (``c``), the past window is compressed to its
-separators *before* the new tokens are appended (so the new query is rotated at, and sees, the final layout).
-Prefill never compresses. A token-id tensor (and a padding-valid tensor) runs alongside the KVs so separators
-can be recognised later; the ids of each step come from :meth:`SepCache.prepare_step`, which the
-``sepllm_gpt_neox`` model calls itself and :func:`use_sep_cache` calls for stock ``GPTNeoXForCausalLM``.
+Compression follows the reference's step (§12.3): a step of ``q`` new tokens that finds ``cached + q >= c``
+compresses, and its own queries already attend to the compressed layout. The cache does it before appending,
+keeping the newest ``w - q`` past slots, which selects exactly the reference's "append, then keep the newest
+``w``"; so the mask the model built for this step fits, and a layer never holds more than ``c - 1`` KVs after a
+decode step. Prefill never compresses. Which slots a compression keeps comes from the SepLLM rule module
+(``rule.visible`` with the slots as positions: initial, separator, or inside the local window).
+
+A token-id tensor (and a padding-valid tensor) runs alongside the KVs so separators can be recognised later.
+The ids of a step come from ``update(..., input_ids=...)`` (the reference's form), from :meth:`SepCache.
+prepare_step` (the ``sepllm_gpt_neox`` model and this project's tools call it), or, for a stock model that
+passes none, from the ``input_ids`` argument of the model forward that is using this cache: the first cache
+call of a forward (the mask builder's ``get_query_offset``, or ``update``) reads them from that frame. That is
+what lets ``model(**inputs, past_key_values=SepCache(...))`` and ``generate(...)`` work on stock models.
 
 Rotary / ALiBi positions default to text positions; a model whose positions are not the token index (BiPE's
-inter-segment positions) passes them per step to :meth:`SepCache.prepare_step`, computed incrementally from state
-it keeps itself (the evicted history is not needed). Keys keep the positions they were rotated with.
+inter-segment positions) passes them per step to :meth:`SepCache.prepare_step`. Keys keep the positions they
+were rotated with.
 
-PE shifting (``APPLY_PE_SHIFT``): positions are slots inside the cache, not text positions. Keys arrive already
-rotated at their slot; after a compression every kept key is rotated by ``new_slot - old_slot`` (rotations
-compose), so keys always sit at ``0 .. len - 1``. The rotation tables come from ``base``/``pe_dim`` inside the
-cache (``APPLY_PES_INSIDE``) or from ``cache_kwargs['cos'/'sin']`` tables indexed by position.
+PE shifting (``APPLY_PE_SHIFT``): positions are slots inside the cache, not text positions. Keys sit rotated at
+``slot + offset``; after a compression every kept key is rotated by the change of its target (rotations
+compose). The offset is 0 when the caller rotates at :meth:`SepCache.step_positions` (the ``sepllm_gpt_neox``
+model, ``tools/streaming_eval.py``) or passes un-rotated ``query_states`` (the reference's form, the query comes
+back rotated). A stock model inside ``generate`` rotates at its own text positions; the offset then is the
+query's text position minus its slot, so query-key distances still equal slot distances. The rotation tables
+come from ``base``/``pe_dim`` inside the cache (``APPLY_PES_INSIDE``) or from ``cache_kwargs['cos'/'sin']``
+tables indexed by position.
 
-This file depends only on torch and transformers: the HF export copies it next to the modeling code.
+This file depends only on torch, transformers and the rule module beside it: the HF export copies both next
+to the modeling code.
 """
-from contextlib import contextmanager
+import sys
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+
+from .rule import is_initial, separator_flags, visible
 
 IntOrList = Union[int, Sequence[int]]
 
@@ -93,7 +108,9 @@ class SepCacheLayer(DynamicLayer):
 
     Storage is preallocated (capacity ``cache_size`` plus slack, grown when a long prefill needs more), so a
     decode step writes one slot instead of re-concatenating every tensor; ``keys``/``values`` are views of the
-    filled part. Per-slot metadata lives in one int64 tensor ``[B, 4, capacity]``: ids, valid, rot_pos, text_pos.
+    filled part. Per-slot metadata lives in one int64 tensor ``[B, 5, capacity]``: ids, valid, rot_pos (the
+    position the key is rotated at), text_pos (index among the row's real tokens) and stream_pos (index in the
+    stream as fed, padding included: the position the SepLLM rule of a trained model uses).
     """
 
     SLACK = 16
@@ -127,6 +144,10 @@ class SepCacheLayer(DynamicLayer):
     def text_pos(self) -> Optional[torch.Tensor]:
         return None if self._meta is None else self._meta[:, 3, :self._len]
 
+    @property
+    def stream_pos(self) -> Optional[torch.Tensor]:
+        return None if self._meta is None else self._meta[:, 4, :self._len]
+
     def length(self) -> int:
         return self._len
 
@@ -144,14 +165,14 @@ class SepCacheLayer(DynamicLayer):
         b, h, _, d = like_k.shape
         kbuf = like_k.new_empty(b, h, capacity, d)
         vbuf = like_v.new_empty(b, like_v.shape[1], capacity, like_v.shape[-1])
-        meta = torch.empty(b, 4, capacity, dtype=torch.long, device=like_k.device)
+        meta = torch.empty(b, 5, capacity, dtype=torch.long, device=like_k.device)
         return kbuf, vbuf, meta
 
     def _refresh_views(self) -> None:
         self.keys = self._kbuf[:, :, :self._len]
         self.values = self._vbuf[:, :, :self._len]
 
-    def append(self, keys, values, ids, valid, rot_pos, text_pos):
+    def append(self, keys, values, ids, valid, rot_pos, text_pos, stream_pos):
         q = keys.shape[-2]
         need = self._len + q
         if self._kbuf is None:
@@ -166,7 +187,8 @@ class SepCacheLayer(DynamicLayer):
             self._kbuf, self._vbuf, self._meta = kbuf, vbuf, meta
         self._kbuf[:, :, self._len:need] = keys
         self._vbuf[:, :, self._len:need] = values
-        self._meta[:, :, self._len:need] = torch.stack([ids.long(), valid.long(), rot_pos.long(), text_pos.long()], 1)
+        self._meta[:, :, self._len:need] = torch.stack([ids.long(), valid.long(), rot_pos.long(), text_pos.long(),
+                                                          stream_pos.long()], 1)
         self._len = need
         self._refresh_views()
 
@@ -177,7 +199,7 @@ class SepCacheLayer(DynamicLayer):
         keys = torch.gather(self.keys, 2, index.view(b, 1, n, 1).expand(b, h, n, d))
         values = torch.gather(self.values, 2, index.view(b, 1, n, 1).expand(b, self.values.shape[1], n,
                                                                            self.values.shape[-1]))
-        meta = torch.gather(self._meta[:, :, :self._len], 2, index.unsqueeze(1).expand(b, 4, n))
+        meta = torch.gather(self._meta[:, :, :self._len], 2, index.unsqueeze(1).expand(b, 5, n))
         # Fresh buffers also release a long prefill's memory.
         self._kbuf, self._vbuf, self._meta = self._allocate(keys, values, max(n, self.cache_size) + self.SLACK)
         self._kbuf[:, :, :n], self._vbuf[:, :, :n], self._meta[:, :, :n] = keys, values, meta
@@ -211,6 +233,27 @@ class SepCacheLayer(DynamicLayer):
         raise ValueError("SepCache layers cannot be reset; create a new SepCache")
 
 
+def _forward_inputs_of(cache) -> Optional[dict]:
+    """``input_ids`` / ``attention_mask`` / ``position_ids`` (and the module) of the innermost running
+    ``forward`` that holds ``cache`` as its ``cache`` or ``past_key_values`` argument, or None.
+
+    Stock ``transformers`` models never pass token ids to the cache; their model forward has them. Only a few
+    frames are walked, once per step.
+    """
+    frame = sys._getframe(2)
+    for _ in range(64):
+        if frame is None:
+            return None
+        code = frame.f_code
+        if code.co_name == "forward" and "input_ids" in code.co_varnames:
+            local = frame.f_locals
+            if local.get("cache") is cache or local.get("past_key_values") is cache:
+                return {"module": local.get("self"), "input_ids": local.get("input_ids"),
+                        "attention_mask": local.get("attention_mask"), "position_ids": local.get("position_ids")}
+        frame = frame.f_back
+    return None
+
+
 class SepCache(Cache):
     """KV cache of SepLLM (training-free or trained): initial + separator + past window + local window.
 
@@ -223,6 +266,8 @@ class SepCache(Cache):
         separator_token_ids, PADDING_ID: or a ``model_type`` preset (llama, pythia/gpt_neox, falcon).
         APPLY_PE_SHIFT, APPLY_PES_INSIDE, pe_dim (rotary dims), partial_rotation_size (alias), base,
         max_position_embeddings: position shifting (see the module docstring).
+        k_seq_dim, v_seq_dim: the sequence dimension of the key / value tensors given to :meth:`update`
+            (2 for ``[batch, heads, seq, head_dim]``); what ``update`` returns uses the same layout.
         layer_num: number of attention layers (required).
     """
 
@@ -236,14 +281,18 @@ class SepCache(Cache):
                  model_type: Optional[str] = None, APPLY_PE_SHIFT: bool = False, APPLY_PES_INSIDE: bool = True,
                  pe_dim: Optional[int] = None, partial_rotation_size: Optional[int] = None,
                  base: float = 10000.0, max_position_embeddings: Optional[int] = None,
-                 layer_num: Optional[int] = None):
+                 k_seq_dim: int = 2, v_seq_dim: int = 2, layer_num: Optional[int] = None):
         if layer_num is None or int(layer_num) < 1:
             raise ValueError(f"SepCache: layer_num must be the number of layers (>= 1), got {layer_num!r}")
         layer_num = int(layer_num)
+        for name, dim in (("k_seq_dim", k_seq_dim), ("v_seq_dim", v_seq_dim)):
+            if int(dim) not in (1, 2, -2):
+                raise ValueError(f"SepCache: {name}={dim} is not a sequence dimension of a 4D key/value tensor "
+                                 f"(2 for [batch, heads, seq, head_dim], 1 for [batch, seq, heads, head_dim])")
         if model_type is not None:
             if model_type not in MODEL_TYPE_PRESETS:
                 raise ValueError(f"SepCache: unknown model_type {model_type!r}; presets: "
-                                 f"{sorted(MODEL_TYPE_PRESETS)}")
+                                 f"{sorted(MODEL_TYPE_PRESETS)} (or pass separator_token_ids and PADDING_ID)")
             preset = MODEL_TYPE_PRESETS[model_type]
             separator_token_ids = separator_token_ids if separator_token_ids is not None \
                 else preset["separator_token_ids"]
@@ -274,33 +323,61 @@ class SepCache(Cache):
         self.pe_dim = partial_rotation_size if partial_rotation_size is not None else pe_dim
         self.base = float(base)
         self.max_position_embeddings = max_position_embeddings
+        self.k_seq_dim, self.v_seq_dim = int(k_seq_dim) % 4, int(v_seq_dim) % 4
         if self.APPLY_PE_SHIFT and self.APPLY_PES_INSIDE and not self.pe_dim:
             raise ValueError("SepCache: APPLY_PE_SHIFT with APPLY_PES_INSIDE needs pe_dim / partial_rotation_size "
                              "(the number of rotary dims)")
         self._ext_cos: Optional[torch.Tensor] = None  # external tables [P, r] (APPLY_PES_INSIDE=False)
         self._ext_sin: Optional[torch.Tensor] = None
         self._pad_offset = 0
-        # Padding is read from the prefill's mask (generate never pads later steps); without any, decode
-        # steps of stock models need no attention mask at all (the fast path of use_sep_cache).
-        self.has_padding = False
+        self.has_padding = False  # read from the prefill's mask (generate never pads later steps)
         self._seen = 0
         self._next_text_pos: Optional[torch.Tensor] = None  # [B] position of the next real token per row
         self._pending: Optional[dict] = None
 
+    @classmethod
+    def from_legacy_cache(cls, past_key_values=None, **kwargs) -> "SepCache":
+        """The reference's deprecated spelling of the constructor; only an empty ``past_key_values``."""
+        if past_key_values is not None:
+            raise ValueError("SepCache.from_legacy_cache: past_key_values must be None (a SepCache cannot be "
+                             "rebuilt from legacy tuples: their token ids are unknown)")
+        return cls(**kwargs)
+
     # ------------------------------------------------------------------ configuration from a model
     @classmethod
     def from_model_config(cls, config, **kwargs) -> "SepCache":
-        """Fills ``layer_num`` and the rotary settings (pe_dim, base) from a GPT-NeoX-style HF config."""
-        layers = getattr(config, "num_hidden_layers")
-        head_dim = config.hidden_size // config.num_attention_heads
+        """Fills ``layer_num``, the rotary settings (pe_dim, base) and, where the config has them, the
+        separators and padding id from an HF config (Llama, Mistral, Qwen2, GPT-NeoX, Falcon, sepllm_gpt_neox).
+
+        A trained SepLLM export's own ``separator_token_ids`` / ``PADDING_ID`` come first, then the
+        ``model_type`` preset; families without a preset (Mistral, Qwen2) need ``separator_token_ids``.
+        """
+        layers = config.num_hidden_layers
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         rope = getattr(config, "rope_parameters", None) or {}
         pct = getattr(config, "rotary_pct", None) or rope.get("partial_rotary_factor", 1.0)
         base = getattr(config, "rotary_emb_base", None) or rope.get("rope_theta", 10000.0)
+        if kwargs.get("APPLY_PE_SHIFT"):
+            rope_type = rope.get("rope_type", "default")
+            if rope_type != "default":
+                raise ValueError(f"SepCache: APPLY_PE_SHIFT rotates keys with plain RoPE (base^(-2i/d)); the "
+                                 f"model's rope_type {rope_type!r} scales its frequencies")
+            if getattr(config, "alibi", False) or getattr(config, "pos_emb", "rotary") == "alibi":
+                raise ValueError("SepCache: APPLY_PE_SHIFT needs rotary positions; this model uses ALiBi")
         kwargs.setdefault("layer_num", layers)
         kwargs.setdefault("pe_dim", int(head_dim * pct))
         kwargs.setdefault("base", base)
         if "separator_token_ids" not in kwargs and "model_type" not in kwargs:
-            kwargs["model_type"] = getattr(config, "model_type", None)
+            trained = getattr(config, "separator_token_ids", None)
+            if trained and list(trained) != [-1]:
+                kwargs["separator_token_ids"] = list(trained)
+                kwargs.setdefault("PADDING_ID", getattr(config, "PADDING_ID", None))
+            elif getattr(config, "model_type", None) in MODEL_TYPE_PRESETS:
+                kwargs["model_type"] = config.model_type
+            else:
+                raise ValueError(f"SepCache.from_model_config: no separator preset for model_type "
+                                 f"{getattr(config, 'model_type', None)!r}; pass separator_token_ids= (and "
+                                 f"PADDING_ID=) for its tokenizer, e.g. tools/sepllm/get_separator_ids.py")
         return cls(**kwargs)
 
     # ------------------------------------------------------------------ statistics
@@ -312,9 +389,13 @@ class SepCache(Cache):
         return self.layers[layer_idx].length()
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
+        """Slot of this step's first query. The mask builder asks first in a forward, so a stock model's step
+        begins here: compression must precede the mask."""
+        self._begin_step_from_forward()
         return self.physical_length(layer_idx)
 
     def get_mask_sizes(self, query_length, layer_idx: int = 0):
+        self._begin_step_from_forward()
         return self.layers[layer_idx].get_mask_sizes(query_length)
 
     def kept_and_seen(self) -> List[tuple]:
@@ -327,13 +408,37 @@ class SepCache(Cache):
         return (kept + 1e-6) / (seen + 1e-6)
 
     # ------------------------------------------------------------------ the step protocol
+    def _begin_step_from_forward(self) -> bool:
+        if self._pending is not None:
+            return True
+        found = _forward_inputs_of(self)
+        if found is None:
+            return False
+        module, input_ids = found["module"], found["input_ids"]
+        config = getattr(module, "config", None)
+        if getattr(config, "alibi", False):
+            raise ValueError("SepCache: Falcon with alibi=True builds its ALiBi bias over every seen token, which "
+                             "a compressed cache no longer holds; use a rotary Falcon (alibi=False)")
+        if input_ids is None:
+            raise ValueError("SepCache needs the token ids of every step (separators are recognised by id); the "
+                             "model was called with inputs_embeds only")
+        mask = found["attention_mask"]
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
+            raise ValueError("SepCache: a stock model needs a 2D padding attention_mask [batch, seen + new] (or "
+                             f"none), got {type(mask).__name__} of shape {getattr(mask, 'shape', None)}")
+        self.prepare_step(input_ids, mask, model_positions=found["position_ids"])
+        return True
+
     def prepare_step(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                     positions: Optional[torch.Tensor] = None) -> None:
-        """Registers the ids of the coming forward and compresses layers that would overflow.
+                     positions: Optional[torch.Tensor] = None, prefill: Optional[bool] = None,
+                     model_positions: Optional[torch.Tensor] = None) -> None:
+        """Registers the ids of the coming forward and compresses layers that reach ``cache_size``.
 
         attention_mask: ``[B, q]`` for the new tokens, or the full ``[B, seen + q]`` mask (its tail is used).
         positions: ``[B, q]`` rotary / ALiBi positions of the new tokens when they are not text positions (e.g.
             BiPE inter-segment positions); stored as the keys' positions. Not with ``APPLY_PE_SHIFT``.
+        prefill: the reference's ``PREFILLING_FLAG`` (a prefilling step never compresses); default: first step.
+        model_positions: ``[B or 1, q]`` positions a stock model rotates the new tokens at (its own choice).
         """
         if input_ids is None:
             raise ValueError("SepCache needs input_ids for every step (separators are recognised by id)")
@@ -352,24 +457,41 @@ class SepCache(Cache):
             valid = attention_mask[:, -q:].to(device=device).bool()
         else:
             valid = torch.ones_like(input_ids, dtype=torch.bool)
-        prefill = self._seen == 0
-        if prefill:
+        first = self._seen == 0
+        prefill = first if prefill is None else bool(prefill)
+        if first:
             if attention_mask is not None:
                 self._pad_offset = int((~valid).sum(dim=-1).max().item())
                 self.has_padding = self._pad_offset > 0
             elif self.PADDING_ID is not None:
                 self._pad_offset = int((input_ids == int(self.PADDING_ID)).sum(dim=-1).max().item())
             self._next_text_pos = torch.zeros(bsz, dtype=torch.long, device=device)
-        else:
-            for layer in self.layers:
-                if layer.length() + q > layer.cache_size:
-                    self._compress(layer)
+        if model_positions is not None:
+            model_positions = model_positions.to(device=device, dtype=torch.long).expand(bsz, q)
+        compressed = []
+        if not prefill:
+            for i, layer in enumerate(self.layers):
+                if layer.length() + q >= layer.cache_size:
+                    self._compress(layer, q)
+                    compressed.append(i)
         text_pos = (self._next_text_pos.unsqueeze(-1) + torch.cumsum(valid.long(), -1) - 1).clamp(min=0)
         text_pos = torch.where(valid, text_pos, torch.ones_like(text_pos))
         self._next_text_pos = self._next_text_pos + valid.long().sum(-1)
+        stream_pos = torch.arange(self._seen, self._seen + q, device=device).unsqueeze(0).expand(bsz, q)
         rot_pos = text_pos if positions is None else positions.to(device=device, dtype=torch.long)
         self._pending = {"ids": input_ids.long(), "valid": valid, "text_pos": text_pos, "rot_pos": rot_pos,
-                         "done": set()}
+                         "stream_pos": stream_pos, "model_pos": model_positions, "done": set()}
+        if self.APPLY_PE_SHIFT:
+            for i in compressed:
+                self._shift_keys(self.layers[i], self._pe_offset(i))
+
+    def _pe_offset(self, layer_idx: int) -> torch.Tensor:
+        """``[B, 1]``: text position minus slot of this step's first new token, where a stock model rotates
+        at its own positions; 0 when the caller rotates at :meth:`step_positions`."""
+        model_pos = self._pending["model_pos"]
+        if model_pos is None:
+            return torch.zeros(1, 1, dtype=torch.long, device=self._pending["ids"].device)
+        return model_pos[:, :1] - self.layers[layer_idx].length()
 
     def step_positions(self, layer_idx: int = 0) -> torch.Tensor:
         """Rotary positions ``[B, q]`` of the pending tokens in this layer (cache slots when PE shifting, else
@@ -390,56 +512,94 @@ class SepCache(Cache):
             return pending["valid"]
         return torch.cat([layer.valid, pending["valid"]], dim=-1)
 
-    def step_attention_mask(self, layer_idx: int, dtype: torch.dtype) -> torch.Tensor:
-        """Additive 4D mask ``[B, 1, q, L + q]``: causal among the new tokens, padding keys hidden."""
-        pending = self._require_pending()
-        q = pending["ids"].shape[1]
-        past = self.layers[layer_idx].length()
-        device = pending["ids"].device
-        k_idx = torch.arange(past + q, device=device)
-        q_idx = torch.arange(past, past + q, device=device)
-        allowed = (k_idx.view(1, 1, -1) <= q_idx.view(1, -1, 1)) & self.step_key_valid(layer_idx).unsqueeze(1)
-        allowed = allowed | (k_idx.view(1, 1, -1) == q_idx.view(1, -1, 1))  # keep padding rows non-empty
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-        mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
-        return mask.unsqueeze(1)
-
     def _require_pending(self) -> dict:
         if self._pending is None:
-            raise ValueError("SepCache: call prepare_step(input_ids, attention_mask) before the forward "
-                             "(use_sep_cache(model, cache) does it for stock models)")
+            raise ValueError("SepCache: no token ids for this step; pass update(..., input_ids=...) or call "
+                             "prepare_step(input_ids, attention_mask) before the forward")
         return self._pending
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               cache_kwargs: Optional[dict] = None, *args, **kwargs):
-        """Appends this step's (already rotated) KVs of ``layer_idx``; returns the layer's full KVs."""
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: Optional[int] = None,
+               cache_kwargs: Optional[dict] = None, input_ids: Optional[torch.Tensor] = None,
+               PREFILLING_FLAG: Optional[bool] = None, query_states: Optional[torch.Tensor] = None,
+               position_ids: Optional[torch.Tensor] = None, kwargs: Optional[dict] = None):
+        """Appends this step's KVs of ``layer_idx``; returns the layer's kept KVs.
+
+        The reference's form: ``update(key_states=, value_states=, input_ids=, layer_idx=, PREFILLING_FLAG=)``;
+        with ``APPLY_PE_SHIFT`` also ``query_states=`` (un-rotated, like ``key_states``) and ``position_ids=``,
+        returning ``(keys, values, rotated query)``. Stock models call ``update(k, v, layer_idx)`` (``kwargs`` is
+        the model's pass-through dict, unused); their step's ids come from their forward.
+        """
+        if layer_idx is None:
+            raise ValueError("SepCache.update: layer_idx is required")
+        if not 0 <= int(layer_idx) < self.layer_num:
+            raise ValueError(f"SepCache.update: layer_idx {layer_idx} outside 0..{self.layer_num - 1}")
+        layer_idx = int(layer_idx)
         cache_kwargs = cache_kwargs or {}
-        if self._pending is None and cache_kwargs.get("input_ids") is not None:
-            self.prepare_step(cache_kwargs["input_ids"], cache_kwargs.get("attention_mask"))
+        key_states = key_states.movedim(self.k_seq_dim, 2) if self.k_seq_dim != 2 else key_states
+        value_states = value_states.movedim(self.v_seq_dim, 2) if self.v_seq_dim != 2 else value_states
+        if input_ids is None:
+            input_ids = cache_kwargs.get("input_ids")
+        if input_ids is not None:
+            if input_ids.dim() != 2 or tuple(input_ids.shape) != (key_states.shape[0], key_states.shape[2]):
+                raise ValueError(f"SepCache.update: input_ids must be [batch, new tokens] = "
+                                 f"{[key_states.shape[0], key_states.shape[2]]}, got {list(input_ids.shape)}")
+            if self._pending is None:
+                self.prepare_step(input_ids, cache_kwargs.get("attention_mask"), prefill=PREFILLING_FLAG)
+            elif not torch.equal(self._pending["ids"], input_ids.to(self._pending["ids"].device).long()):
+                raise ValueError(f"SepCache.update: layer {layer_idx} got other input_ids than this step's "
+                                 f"first layer")
+        else:
+            self._begin_step_from_forward()
         pending = self._require_pending()
+        if key_states.shape[2] != pending["ids"].shape[1]:
+            raise ValueError(f"SepCache.update: {key_states.shape[2]} new keys but this step has "
+                             f"{pending['ids'].shape[1]} token ids")
         if cache_kwargs.get("cos") is not None and not self.APPLY_PES_INSIDE:
             self._ext_cos, self._ext_sin = cache_kwargs["cos"], cache_kwargs["sin"]
         if layer_idx in pending["done"]:
             raise ValueError(f"SepCache: layer {layer_idx} updated twice in one step; call prepare_step first")
         layer = self.layers[layer_idx]
         rot = self.step_positions(layer_idx)
-        layer.append(key_states, value_states, pending["ids"], pending["valid"], rot, pending["text_pos"])
+        if pending["model_pos"] is not None and not self.APPLY_PE_SHIFT:
+            rot = pending["model_pos"]
+        elif pending["model_pos"] is not None:
+            rot = rot + self._pe_offset(layer_idx)
+        query_out = None
+        if query_states is not None:
+            if not self.APPLY_PE_SHIFT:
+                raise ValueError("SepCache.update: query_states is only taken with APPLY_PE_SHIFT=True (the cache "
+                                 "then rotates the query and the new keys at their cache slots)")
+            if position_ids is not None and tuple(position_ids.shape)[-1] != key_states.shape[2]:
+                raise ValueError(f"SepCache.update: position_ids must be [batch, {key_states.shape[2]}], got "
+                                 f"{list(position_ids.shape)}")
+            rot_dim = cache_kwargs.get("partial_rotation_size") or self.pe_dim
+            q_in = query_states.movedim(self.k_seq_dim, 2) if self.k_seq_dim != 2 else query_states
+            cos, sin = self._cos_sin(rot, rot_dim)
+            key_states = apply_rotary(key_states, cos, sin)
+            if cache_kwargs.get("cos_q") is not None:  # the caller's own query tables [B or 1, q, r]
+                cos, sin = cache_kwargs["cos_q"], cache_kwargs["sin_q"]
+                cos, sin = (t if t.dim() == 3 else t.unsqueeze(0) for t in (cos, sin))
+            query_out = apply_rotary(q_in, cos, sin)
+            if self.k_seq_dim != 2:
+                query_out = query_out.movedim(2, self.k_seq_dim)
+        elif self.APPLY_PE_SHIFT and cache_kwargs.get("partial_rotation_size"):
+            self.pe_dim = int(cache_kwargs["partial_rotation_size"])
+        layer.append(key_states, value_states, pending["ids"], pending["valid"], rot, pending["text_pos"],
+                     pending["stream_pos"])
         pending["done"].add(layer_idx)
         if len(pending["done"]) == self.layer_num:
             self._seen += pending["ids"].shape[1]
             self._pending = None
-        return layer.keys, layer.values
+        keys = layer.keys if self.k_seq_dim == 2 else layer.keys.movedim(2, self.k_seq_dim)
+        values = layer.values if self.v_seq_dim == 2 else layer.values.movedim(2, self.v_seq_dim)
+        if query_out is not None:
+            return keys, values, query_out
+        return keys, values
 
     # ------------------------------------------------------------------ compression
-    def _is_sep(self, ids: torch.Tensor) -> torch.Tensor:
-        if not self.separator_token_ids:
-            return torch.zeros_like(ids, dtype=torch.bool)
-        table = torch.tensor(self.separator_token_ids, dtype=ids.dtype, device=ids.device)
-        return torch.isin(ids, table)
-
-    def keep_index(self, layer: SepCacheLayer):
-        """``(slots [B, L'], separator count)`` a compression of ``layer`` keeps: initial, separators, local
-        window, in slot order."""
+    def keep_index(self, layer: SepCacheLayer, incoming: int = 0):
+        """``(slots [B, L'], separator count)`` a compression of ``layer`` keeps before ``incoming`` new tokens
+        arrive: initial, separators, the newest ``local_size - incoming`` slots, in slot order."""
         bsz, length = layer.ids.shape
         device = layer.ids.device
         init_end = min(layer.init_size + self._pad_offset, length)
@@ -448,11 +608,19 @@ class SepCache(Cache):
                              f"{layer.init_size}+{layer.sep_size}+{layer.local_size}+{self._pad_offset} must be "
                              f"< cache_size = {layer.base_cache_size}")
         sep_end = min(init_end + layer.sep_len, length)
-        local_start = max(length - layer.local_size, sep_end)
+        local = max(layer.local_size - incoming, 0)
+        local_start = max(length - local, sep_end)
         arange = torch.arange(length, device=device)
-        # New separators from the past window, aligned across rows.
+        # The rule's predicate with slots as positions, seen from the newest slot of the step: initial slots,
+        # separators, and the local window (the rule's window W - E covers slots past ``local_start``).
+        last = torch.full((1, 1), length - 1 + incoming, device=device)
+        init_k = is_initial(arange.view(1, -1), 0, init_end)
+        sep_k = separator_flags(layer.ids, self.separator_token_ids) & layer.valid
+        window = length + incoming - local_start
+        kept = visible(last, arange.view(1, -1), init_k, sep_k, window, exclude_diagonal=True)
+        # Separators the rule keeps in the past window are the new harvest, aligned across rows.
         past = (arange >= sep_end) & (arange < local_start)
-        is_new_sep = self._is_sep(layer.ids) & layer.valid & past.unsqueeze(0)
+        is_new_sep = kept & past.unsqueeze(0)
         counts = is_new_sep.sum(-1)
         if self.SEP_PADDING_IN_BATCH:
             n_new = int(counts.max().item()) if bsz else 0
@@ -475,75 +643,36 @@ class SepCache(Cache):
         local_idx = arange[local_start:].unsqueeze(0).expand(bsz, -1)
         return torch.cat([init_idx, sep_idx, local_idx], -1), sep_idx.shape[1]
 
-    def _compress(self, layer: SepCacheLayer) -> None:
-        index, sep_len = self.keep_index(layer)
+    def _compress(self, layer: SepCacheLayer, incoming: int = 0) -> None:
+        index, sep_len = self.keep_index(layer, incoming)
         layer.gather(index)
         layer.sep_len = sep_len
         layer.compressions += 1
         if not self.USE_MAX_SEP_CACHE and sep_len > layer.sep_size:
             # The separator region outgrew s: the budget grows with it (reference behaviour).
             layer.cache_size = layer.base_cache_size + sep_len - layer.sep_size
-        if self.APPLY_PE_SHIFT:
-            self._shift_keys(layer)
 
-    def _shift_keys(self, layer: SepCacheLayer) -> None:
-        """Re-rotates every kept key from the slot it was rotated at to its new slot."""
-        bsz, length = layer.ids.shape
-        target = torch.arange(length, device=layer.ids.device).unsqueeze(0).expand(bsz, -1)
-        delta = target - layer.rot_pos
-        if bool((delta == 0).all()):
-            return
+    def _cos_sin(self, positions: torch.Tensor, rot_dim: Optional[int] = None):
+        """cos/sin ``[B, L, r]`` for integer (possibly negative) positions, from the cache's own frequencies or
+        the caller's tables."""
         if self.APPLY_PES_INSIDE:
-            inv_freq = rope_inv_freq(int(self.pe_dim), self.base, layer.keys.device)
-            cos, sin = rope_cos_sin(delta, inv_freq)
-        else:
-            if self._ext_cos is None:
-                raise ValueError("SepCache: APPLY_PES_INSIDE=False needs cache_kwargs['cos'] and ['sin'] tables "
-                                 "[positions, rot_dim] passed to update()")
-            table_cos = self._ext_cos.reshape(-1, self._ext_cos.shape[-1])
-            table_sin = self._ext_sin.reshape(-1, self._ext_sin.shape[-1])
-            cos = table_cos[delta.abs()].float()
-            sin = table_sin[delta.abs()].float() * torch.sign(delta).unsqueeze(-1).float()
+            inv_freq = rope_inv_freq(int(rot_dim or self.pe_dim), self.base, positions.device)
+            return rope_cos_sin(positions, inv_freq)
+        if self._ext_cos is None:
+            raise ValueError("SepCache: APPLY_PES_INSIDE=False needs cache_kwargs['cos'] and ['sin'] tables "
+                             "[positions, rot_dim] passed to update()")
+        table_cos = self._ext_cos.reshape(-1, self._ext_cos.shape[-1])
+        table_sin = self._ext_sin.reshape(-1, self._ext_sin.shape[-1])
+        cos = table_cos[positions.abs()].float()
+        sin = table_sin[positions.abs()].float() * torch.sign(positions).unsqueeze(-1).float()
+        return cos, sin
+
+    def _shift_keys(self, layer: SepCacheLayer, offset: torch.Tensor) -> None:
+        """Re-rotates every kept key from the position it was rotated at to ``slot + offset``."""
+        bsz, length = layer.ids.shape
+        target = torch.arange(length, device=layer.ids.device).unsqueeze(0) + offset.to(layer.ids.device)
+        target = target.expand(bsz, -1)
+        delta = target - layer.rot_pos
+        cos, sin = self._cos_sin(delta)
         layer.set_keys(apply_rotary(layer.keys, cos, sin))
         layer.set_rot_pos(target)
-
-
-@contextmanager
-def use_sep_cache(model, cache: SepCache):
-    """Lets a stock ``transformers`` model (e.g. ``GPTNeoXForCausalLM``) decode with ``cache``.
-
-    A forward pre-hook hands each step's ids to the cache and replaces the model's attention mask and
-    positions by ones that match the cache's physical layout. Stock models build one mask for all layers,
-    so every layer must have the same sizes.
-    """
-    sizes = {(l.init_size, l.sep_size, l.local_size, l.cache_size) for l in cache.layers}
-    if len(sizes) > 1:
-        raise ValueError("use_sep_cache: a stock model needs the same SepCache sizes in every layer; "
-                         "per-layer sizes are supported by the sepllm_gpt_neox model")
-
-    dtype = next(model.parameters()).dtype
-
-    def hook(module, args, kwargs):
-        step_cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if step_cache is not cache:
-            return None
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache.prepare_step(input_ids, kwargs.get("attention_mask"))
-        if input_ids.shape[1] == 1 and not cache.has_padding:
-            kwargs["attention_mask"] = None  # one query, every kept key visible: no mask needed
-        else:
-            kwargs["attention_mask"] = cache.step_attention_mask(0, dtype)
-        kwargs["position_ids"] = cache.step_positions(0)
-        if "cache_position" in kwargs and kwargs["cache_position"] is not None:
-            start = cache.physical_length(0)
-            kwargs["cache_position"] = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
-        if args:
-            kwargs["input_ids"] = input_ids
-            args = ()
-        return args, kwargs
-
-    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield cache
-    finally:
-        handle.remove()

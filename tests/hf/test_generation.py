@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPTNeoXForCausalLM
 
-from megatron.hf.sep_cache import SepCache, use_sep_cache
+from megatron.hf.sep_cache import SepCache
 from tests.hf.helpers import SEPS, base_config, make_export, random_ids
 
 
@@ -42,8 +42,7 @@ def test_stock_gpt_neox_sep_cache_never_compressing_equals_full(exports):
     ids, mask = _left_padded()
     ref = _greedy(model, ids, mask)
     cache = SepCache.from_model_config(model.config, cache_size=10_000, separator_token_ids=SEPS, PADDING_ID=0)
-    with use_sep_cache(model, cache):
-        got = _greedy(model, ids, mask, cache)
+    got = _greedy(model, ids, mask, cache)
     assert torch.equal(got, ref)
     assert cache.layers[0].compressions == 0 and cache.get_seq_length() == ref.shape[1] - 1
 
@@ -54,8 +53,7 @@ def test_stock_gpt_neox_sep_cache_compresses_and_stays_bounded(exports):
     cache = SepCache.from_model_config(model.config, init_cache_size=2, sep_cache_size=3, local_size=4,
                                        cache_size=12, USE_MAX_SEP_CACHE=True, APPLY_PE_SHIFT=True,
                                        separator_token_ids=SEPS, PADDING_ID=0)
-    with use_sep_cache(model, cache):
-        out = _greedy(model, ids, cache=cache, n=30)
+    out = _greedy(model, ids, cache=cache, n=30)
     assert out.shape[1] == 42
     assert cache.layers[0].compressions >= 3
     assert all(layer.length() <= 12 for layer in cache.layers)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from megatron.hf.sep_cache import SepCache, apply_rotary, rope_cos_sin, rope_inv_freq, use_sep_cache
+from megatron.hf.sep_cache import SepCache, apply_rotary, rope_cos_sin, rope_inv_freq
 
 SEP = [7, 8]
 
@@ -17,7 +17,10 @@ def brute_force(rows, a, s, w, c, accumulate, use_max, prefill, pad=0):
     steps = [(0, prefill)] + [(t, t + 1) for t in range(prefill, total)]
     for start, end in steps:
         q = end - start
-        if start > 0 and len(kept[0]) + q > cap:
+        full = start > 0 and len(kept[0]) + q >= cap  # SEPLLM_REFERENCE.md §12.3: append, then compress
+        for r in range(len(rows)):
+            kept[r].extend(range(start, end))
+        if full:
             init_end = a + pad
             new = []
             for r, row in enumerate(rows):
@@ -33,8 +36,6 @@ def brute_force(rows, a, s, w, c, accumulate, use_max, prefill, pad=0):
             sep_len = len(seps)
             if not use_max and sep_len > s:
                 cap = c + sep_len - s
-        for r in range(len(rows)):
-            kept[r].extend(range(start, end))
     return kept
 
 
@@ -75,11 +76,11 @@ def test_per_layer_sizes_and_sep_padding_in_batch():
     cache = SepCache(init_cache_size=[1, 2], sep_cache_size=4, local_size=2, cache_size=[8, 9],
                      SEP_PADDING_IN_BATCH=True, separator_token_ids=SEP, layer_num=2)
     drive(cache, ids, prefill=8, layers=2)
-    # layer 0 first compresses at the step with 8 cached: past window = slots 1..5 (row 0 has one separator,
-    # row 1 three); row 0 is padded with the newest non-separators of its past window.
+    # layer 0 first compresses at token 8 (8 cached + 1 >= c): after appending it, the past window is slots
+    # 1..6 (row 0 has one separator, row 1 three); row 0 is padded with the newest non-separators there.
     first = cache.layers[0].text_pos.tolist()
     assert [t for t in first[1] if ids[1, t] in SEP][:3] == [3, 4, 5]
-    assert 3 in first[0] and 5 in first[0] and 4 in first[0]  # sep 3 plus fillers 4, 5 (newest in window)
+    assert first[0][:4] == [0, 3, 5, 6]  # sep 3 plus fillers 5, 6 (newest in the past window)
     assert cache.physical_length(0) != cache.physical_length(1) or cache.layers[1].init_size == 2
 
 
@@ -104,16 +105,17 @@ def test_pe_shift_positions_by_hand():
         pos = cache.step_positions(0)
         cos, sin = rope_cos_sin(pos, inv)
         cache.update(apply_rotary(raw[:, :, t:t + 1], cos, sin), raw[:, :, t:t + 1], 0)
-    # by hand: a=1, s=1, w=2, c=5. Steps: [0,1,2] +3 +4 (len 5) ; token 5: 5+1>5 -> compress
-    # keep init [0], separators from past window [1,2] -> [2] (id 7), local [3,4] => [0,2,3,4] then +5
-    # token 6: len 5 -> compress: init [0], old sep [2], new past window [3] has none, local [4,5] => [0,2,4,5]+6
+    # by hand (§12.3: a step that finds cached + 1 >= c appends, then compresses): a=1, s=1, w=2, c=5.
+    # [0,1,2] +3; token 4 (4 cached): [0..4] -> init [0], separator 2 (id 7) of the past window [1,2],
+    # local [3,4] => [0,2,3,4]; token 5: [0,2,3,4,5] -> past [3] has none => [0,2,4,5]; token 6 => [0,2,5,6]
     layer = cache.layers[0]
-    assert layer.text_pos.tolist() == [[0, 2, 4, 5, 6]]
-    assert layer.rot_pos.tolist() == [[0, 1, 2, 3, 4]]
-    cos, sin = rope_cos_sin(torch.arange(5).unsqueeze(0), inv)
-    expected = apply_rotary(raw[:, :, [0, 2, 4, 5, 6]], cos, sin)
+    assert layer.text_pos.tolist() == [[0, 2, 5, 6]]
+    assert layer.rot_pos.tolist() == [[0, 1, 2, 3]]
+    assert layer.compressions == 3
+    cos, sin = rope_cos_sin(torch.arange(4).unsqueeze(0), inv)
+    expected = apply_rotary(raw[:, :, [0, 2, 5, 6]], cos, sin)
     assert torch.allclose(layer.keys, expected, atol=1e-5)
-    assert torch.equal(layer.values, raw[:, :, [0, 2, 4, 5, 6]])
+    assert torch.equal(layer.values, raw[:, :, [0, 2, 5, 6]])
 
 
 def test_external_cos_sin_tables_match_inside():
@@ -143,7 +145,7 @@ def test_bad_sizes_and_missing_ids():
         SepCache(model_type="bert", layer_num=1)
     cache = SepCache(model_type="pythia", layer_num=1)
     assert cache.PADDING_ID == 0 and 187 in cache.separator_token_ids
-    with pytest.raises(ValueError, match="prepare_step"):
+    with pytest.raises(ValueError, match="input_ids"):
         cache.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), 0)
     padded = SepCache(init_cache_size=2, sep_cache_size=2, local_size=2, cache_size=8, separator_token_ids=SEP,
                       layer_num=1)
