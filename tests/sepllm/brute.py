@@ -28,17 +28,30 @@ def init_positions(ids_row_list, num_init, adaptive, all_rows, seq):
     return set(positions)
 
 
-def prefill_mask(ids, num_init, window, exclude_diagonal=True, seps=SEPS, adaptive=False):
-    """``[B, S, S]`` allowed-mask by loops over the predicate of section 3.3."""
+def fixed_kept(k, start, interval):
+    """FixLLM's kept key (SEPLLM_REFERENCE.md section 12.6): every interval-th token from the row's start."""
+    return k >= start and (k - start + 1) % interval == 0
+
+
+def row_start(row, adaptive, seq):
+    """The row's first initial-token position: its padding count (clamped into the row) when adaptive."""
+    return min(sum(1 for t in row if t == PAD), seq - 1) if adaptive else 0
+
+
+def prefill_mask(ids, num_init, window, exclude_diagonal=True, seps=SEPS, adaptive=False, interval=None):
+    """``[B, S, S]`` allowed-mask by loops over the predicate of section 3.3; ``interval`` replaces the
+    separators by FixLLM's fixed-interval tokens."""
     bsz, seq = ids.shape
     rows = ids.tolist()
     e = int(exclude_diagonal)
     out = torch.zeros(bsz, seq, seq, dtype=torch.bool)
     for b in range(bsz):
         inits = init_positions(rows[b], num_init, adaptive, rows, seq)
+        start = row_start(rows[b], adaptive, seq)
         for q in range(seq):
             for k in range(q + 1):
-                out[b, q, k] = (k in inits) or (rows[b][k] in seps) or (q - k <= window - e)
+                middle = fixed_kept(k, start, interval) if interval else rows[b][k] in seps
+                out[b, q, k] = (k in inits) or middle or (q - k <= window - e)
     return out
 
 

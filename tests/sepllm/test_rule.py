@@ -136,3 +136,23 @@ def test_kernel_package_mask_is_the_brute_force_predicate():
     for window, excl in [(1, True), (7, False), (200, True)]:
         assert torch.equal(kernel.dense_sep_mask(flags, start, 3, window, excl),
                            brute.prefill_mask(ids, 3, window, excl, adaptive=True))
+
+
+@pytest.mark.parametrize("interval,adaptive,pads", [(1, False, [0, 0]), (5, False, [0, 0]), (3, True, [0, 7]),
+                                                    (4, True, [SEQ, 2])])
+def test_fixed_interval_mask_matches_brute_force(interval, adaptive, pads):
+    """FixLLM: the interval flags in place of the separator flags give the loop twin's mask."""
+    gen = torch.Generator().manual_seed(interval * 10 + sum(pads))
+    ids = brute.random_ids(2, SEQ, gen, pad_left=pads)
+    start = rule.adaptive_init_start(ids, brute.PAD) if adaptive else torch.zeros(2, dtype=torch.long)
+    flags = rule.fixed_interval_flags(torch.arange(SEQ), start, interval)
+    got = rule.dense_mask(flags, start, 3, 6)
+    assert torch.equal(got, brute.prefill_mask(ids, 3, 6, adaptive=adaptive, interval=interval))
+
+
+def test_fixed_interval_flags_known_values():
+    flags = rule.fixed_interval_flags(torch.arange(12), torch.tensor([0, 2]), 5)
+    assert flags[0].nonzero().flatten().tolist() == [4, 9]
+    assert flags[1].nonzero().flatten().tolist() == [6, 11]
+    with pytest.raises(ValueError, match="fixed_sep_intervals_list"):
+        rule.fixed_interval_flags(torch.arange(4), torch.tensor([0]), 0)

@@ -144,6 +144,23 @@ def separator_flags(input_ids: torch.Tensor, separator_ids: Optional[Sequence[in
     return flags
 
 
+def fixed_interval_flags(positions: torch.Tensor, init_start: torch.Tensor, interval: int) -> torch.Tensor:
+    """FixLLM (``USE_FIXED_SEP_INTERVALs``): the keys kept in place of the separators, ``[B, S]`` bool.
+
+    Key ``k`` is kept iff ``k >= init_start`` and ``(k - init_start + 1) % interval == 0``: every
+    ``interval``-th token counted from the row's first initial token (the reference's code for FixLLM is not
+    public; this is the project's definition). ``positions``: the keys' positions, ``[S]`` or ``[B, S]``;
+    ``init_start``: ``[B]``. The result takes the place of :func:`separator_flags` in :func:`visible`.
+    """
+    interval = int(interval)
+    if interval < 1:
+        raise ValueError(f"a FixLLM interval must be >= 1, got {interval} (fixed_sep_intervals_list)")
+    start = init_start.view(-1, 1).to(device=positions.device, dtype=torch.long)
+    offset = positions.to(torch.long).view(1, -1) if positions.dim() == 1 else positions.to(torch.long)
+    offset = offset - start + 1
+    return (offset >= 1) & (offset % interval == 0)
+
+
 def num_initial_tokens(init_tok_max_idx: int) -> int:
     """``a = init_tok_max_idx + 1`` (``-1`` keeps no initial token)."""
     return max(int(init_tok_max_idx) + 1, 0)
