@@ -324,14 +324,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     ref = parser.add_argument_group("the reference's flags")
     ref.add_argument("--model_name_or_path", "--model_dir", dest="model_dir", required=True,
-                     help="an HF model directory (a stock Llama/Mistral/Qwen2/GPT-NeoX/Falcon or this project's export)")
+                     help="an HF model directory (stock Llama/Mistral/Qwen2/GPT-NeoX/Falcon, or this project's "
+                          "export)")
     ref.add_argument("--init_cache_size", type=int, default=4, help="initial (sink) tokens kept")
     ref.add_argument("--sep_cache_size", type=int, default=64, help="separator slots (SepLLM)")
     ref.add_argument("--local_size", type=int, default=256, help="local window slots")
     ref.add_argument("--cache_size", type=int, default=512, help="most KV slots a layer holds")
     ref.add_argument("--enable_kv_cache_manager", type=str2bool, default=None,
                      help="True: a bounded cache (SepLLM or StreamingLLM); all three switches False: full attention")
-    ref.add_argument("--enable_SepLLM", type=str2bool, default=None, help="True: SepCache (initial + separators + window)")
+    ref.add_argument("--enable_SepLLM", type=str2bool, default=None,
+                     help="True: SepCache (initial + separators + window)")
     ref.add_argument("--enable_StreamingLLM", type=str2bool, default=None,
                      help="True: StreamingLLM (initial + window; needs cache_size == init_cache_size + local_size)")
     ref.add_argument("--enable_pos_shift", "--pe_shift", dest="pe_shift", type=str2bool, nargs="?", const=True,

@@ -264,8 +264,10 @@ class SepCache(Cache):
         SEP_PADDING_IN_BATCH: rows with fewer new separators are padded with the newest tokens of their past
             window (else every row keeps its oldest ``min`` count).
         separator_token_ids, PADDING_ID: or a ``model_type`` preset (llama, pythia/gpt_neox, falcon).
-        APPLY_PE_SHIFT, APPLY_PES_INSIDE, pe_dim (rotary dims), partial_rotation_size (alias), base,
-        max_position_embeddings: position shifting (see the module docstring).
+        APPLY_PE_SHIFT, APPLY_PES_INSIDE, pe_dim (rotary dims; default: the keys' head dim),
+        partial_rotation_size (alias; also taken from ``cache_kwargs`` per call), base,
+        max_position_embeddings: position shifting (see the module docstring); with PE shifting a cache_size
+            above max_position_embeddings is refused (rotations are computed per position, no table is kept).
         k_seq_dim, v_seq_dim: the sequence dimension of the key / value tensors given to :meth:`update`
             (2 for ``[batch, heads, seq, head_dim]``); what ``update`` returns uses the same layout.
         layer_num: number of attention layers (required).
@@ -323,10 +325,12 @@ class SepCache(Cache):
         self.pe_dim = partial_rotation_size if partial_rotation_size is not None else pe_dim
         self.base = float(base)
         self.max_position_embeddings = max_position_embeddings
+        # Rotations are computed per position on the fly (no table to size); the limit only bounds the slots.
+        limit = max_position_embeddings
+        if self.APPLY_PE_SHIFT and limit is not None and max(sizes[3]) > int(limit):
+            raise ValueError(f"SepCache: cache_size {max(sizes[3])} exceeds max_position_embeddings "
+                             f"{max_position_embeddings}: with APPLY_PE_SHIFT the slots are the positions")
         self.k_seq_dim, self.v_seq_dim = int(k_seq_dim) % 4, int(v_seq_dim) % 4
-        if self.APPLY_PE_SHIFT and self.APPLY_PES_INSIDE and not self.pe_dim:
-            raise ValueError("SepCache: APPLY_PE_SHIFT with APPLY_PES_INSIDE needs pe_dim / partial_rotation_size "
-                             "(the number of rotary dims)")
         self._ext_cos: Optional[torch.Tensor] = None  # external tables [P, r] (APPLY_PES_INSIDE=False)
         self._ext_sin: Optional[torch.Tensor] = None
         self._pad_offset = 0
@@ -564,6 +568,10 @@ class SepCache(Cache):
             rot = pending["model_pos"]
         elif pending["model_pos"] is not None:
             rot = rot + self._pe_offset(layer_idx)
+        if cache_kwargs.get("partial_rotation_size"):
+            self.pe_dim = int(cache_kwargs["partial_rotation_size"])
+        elif self.pe_dim is None:
+            self.pe_dim = key_states.shape[-1]  # no pe_dim given: the whole head is rotary
         query_out = None
         if query_states is not None:
             if not self.APPLY_PE_SHIFT:
@@ -572,7 +580,7 @@ class SepCache(Cache):
             if position_ids is not None and tuple(position_ids.shape)[-1] != key_states.shape[2]:
                 raise ValueError(f"SepCache.update: position_ids must be [batch, {key_states.shape[2]}], got "
                                  f"{list(position_ids.shape)}")
-            rot_dim = cache_kwargs.get("partial_rotation_size") or self.pe_dim
+            rot_dim = self.pe_dim
             q_in = query_states.movedim(self.k_seq_dim, 2) if self.k_seq_dim != 2 else query_states
             cos, sin = self._cos_sin(rot, rot_dim)
             key_states = apply_rotary(key_states, cos, sin)
@@ -582,8 +590,6 @@ class SepCache(Cache):
             query_out = apply_rotary(q_in, cos, sin)
             if self.k_seq_dim != 2:
                 query_out = query_out.movedim(2, self.k_seq_dim)
-        elif self.APPLY_PE_SHIFT and cache_kwargs.get("partial_rotation_size"):
-            self.pe_dim = int(cache_kwargs["partial_rotation_size"])
         layer.append(key_states, value_states, pending["ids"], pending["valid"], rot, pending["text_pos"],
                      pending["stream_pos"])
         pending["done"].add(layer_idx)

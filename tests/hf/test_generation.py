@@ -103,3 +103,26 @@ def test_print_kv_ratio(exports, capsys):
     flags = separator_flags(ids, SEPS)[0]
     expected = int((flags[:36] | (torch.arange(36) < 3)).sum()) + 4
     assert f"({2 * expected}, 80)" in line
+
+
+def test_sep_cache_on_a_trained_sepllm_export_keeps_the_trained_pattern(exports):
+    """Window-4 SepLLM export: inside a SepCache that never compresses the trained rule (initial tokens,
+    separators, window 4, left padding) still applies, so scores equal the model's own cache's; a compressing
+    cache keeps at most cache_size slots."""
+    model = AutoModelForCausalLM.from_pretrained(exports["sepllm"], trust_remote_code=True).eval()
+    ids, mask = _left_padded()
+    kwargs = dict(attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0, output_scores=True,
+                  return_dict_in_generate=True)
+    with torch.no_grad():
+        own = model.generate(ids, **kwargs)
+        cache = SepCache.from_model_config(model.config, cache_size=10_000)
+        assert cache.separator_token_ids == SEPS  # the export's trained separators, not the preset's 20
+        got = model.generate(ids, cache=cache, **kwargs)
+    assert torch.equal(got.sequences, own.sequences)
+    for a, b in zip(got.scores, own.scores):
+        assert torch.allclose(a, b, atol=1e-5)
+    small = SepCache.from_model_config(model.config, init_cache_size=3, sep_cache_size=8, local_size=6,
+                                       cache_size=24, USE_MAX_SEP_CACHE=True)
+    with torch.no_grad():
+        model.generate(ids, cache=small, **kwargs)
+    assert small.layers[0].compressions >= 2 and all(layer.length() < 24 for layer in small.layers)

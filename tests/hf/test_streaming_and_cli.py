@@ -131,3 +131,103 @@ def test_bf16_precision_export(tmp_path, pythia_tokenizer_path):
     from megatron.model.sepllm import rule
 
     assert open(os.path.join(out, "rule.py")).read() == open(rule.__file__).read()
+
+
+def _book(path, sentences=40):
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "it", "slept"]
+    text = " ".join(f"{' '.join(words[(i + j) % 10] for j in range(5))}{',' if i % 3 else '.'}"
+                    for i in range(sentences))
+    path.write_text(text + "\n")
+    return path
+
+
+def test_streaming_cli_reference_flags_write_log_and_ppl(neox_export, tmp_path, capsys):
+    from tools.streaming_eval import main
+
+    book = _book(tmp_path / "book.txt")
+    ref = ["--model_name_or_path", neox_export, "--init_cache_size", "2", "--sep_cache_size", "4",
+           "--local_size", "8", "--num_samples", "5000000", "--num_eval_tokens", "50", "--task", "default",
+           "--split", "test"]
+    runs = {"sep": ["--cache_size", "20", "--enable_kv_cache_manager", "True", "--enable_SepLLM", "True",
+                    "--enable_StreamingLLM", "False", "--enable_pos_shift", "True"],
+            "stream": ["--cache_size", "10", "--enable_kv_cache_manager", "True", "--enable_SepLLM", "False",
+                       "--enable_StreamingLLM", "True", "--enable_pos_shift", "True"],
+            "full": ["--cache_size", "20", "--enable_kv_cache_manager", "False", "--enable_SepLLM", "False",
+                     "--enable_StreamingLLM", "False"]}
+    ppl = {}
+    for name, flags in runs.items():
+        out = tmp_path / name
+        assert main(ref + flags + ["--dataset_name", str(book), "--output_dir", str(out)]) == 0
+        nlls = [float(line) for line in (out / "log.txt").read_text().splitlines()]
+        assert len(nlls) == 50
+        ppl[name] = float((out / "ppl.txt").read_text())
+        assert math.isclose(ppl[name], math.exp(sum(nlls) / 50), rel_tol=1e-9)
+        summary = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
+        assert summary[-1]["final"] and summary[-1]["tokens"] == 50 and summary[-1]["mode"] in (
+            "sepcache", "streaming", "full")
+        printed = capsys.readouterr()
+        assert f"overall perplexity: {ppl[name]:.4f} over 50 tokens" in printed.out
+        assert "tok/s" in printed.err  # the progress bar's rate
+    assert json.loads((tmp_path / "full" / "summary.jsonl").read_text().splitlines()[-1])["kv_slots"] == 50
+    assert json.loads((tmp_path / "stream" / "summary.jsonl").read_text().splitlines()[-1])["kv_slots"] <= 11
+    assert len(set(ppl.values())) == 3
+    # pg19: the local folder's split, one book of two
+    (tmp_path / "pg19" / "test").mkdir(parents=True)
+    _book(tmp_path / "pg19" / "test" / "1.txt", 10)
+    _book(tmp_path / "pg19" / "test" / "2.txt", 10)
+    assert main(ref[:-6] + runs["sep"] + ["--dataset_name", "pg19", "--pg19_dir", str(tmp_path / "pg19"),
+                                          "--num_samples", "1", "--output_dir", str(tmp_path / "pg"),
+                                          "--no_progress"]) == 0
+    one_book = len((tmp_path / "pg" / "log.txt").read_text().splitlines())
+    assert 0 < one_book < 100
+
+
+def test_streaming_cli_bad_input_is_one_line(neox_export, tmp_path, capsys):
+    from tools.streaming_eval import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.md").write_text("not a book")
+    base = ["--model_name_or_path", neox_export, "--dataset_name", str(_book(tmp_path / "b.txt"))]
+    cases = [
+        (["--enable_kv_cache_manager", "True", "--enable_StreamingLLM", "True", "--init_cache_size", "4",
+          "--local_size", "8", "--cache_size", "20"], "StreamingLLM needs --cache_size == --init_cache_size + "
+                                                    "--local_size, got 20 != 4 + 8"),
+        (["--enable_kv_cache_manager", "True", "--enable_SepLLM", "True", "--init_cache_size", "4",
+          "--sep_cache_size", "8", "--local_size", "8", "--cache_size", "20"], "4 + 8 + 8 >= 20"),
+        (["--enable_kv_cache_manager", "True", "--enable_SepLLM", "True", "--enable_StreamingLLM", "True"],
+         "choose one mode"),
+        (["--enable_SepLLM", "True", "--enable_kv_cache_manager", "False"], "needs --enable_kv_cache_manager True"),
+        (["--dataset_name", str(empty)], "holds no non-empty .txt file"),
+        (["--dataset_name", "pg19"], "--pg19_dir"),
+        (["--task", "pg19_long"], "--task pg19_long"),
+    ]
+    for flags, message in cases:
+        assert main(base + flags) == 2, flags
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (flags, err)
+    with pytest.raises(SystemExit):
+        main(base + ["--enable_SepLLM", "maybe"])
+
+
+def test_streaming_compression_steps_match_the_reference(neox_export):
+    """SepLLM (§12.3): the token that finds c - 1 cached compresses. StreamingLLM (evict after the forward down to
+    a + w = c): every query sees the a initial tokens, the w before it and itself."""
+    from transformers import GPTNeoXForCausalLM
+
+    model = GPTNeoXForCausalLM.from_pretrained(neox_export, attn_implementation="eager").eval()
+    tokens = random_ids(1, 40, seed=2)
+    a, s, w, c = 2, 3, 6, 14
+    sep = make_cache(model, "sepcache", a, s, w, c, pe_shift=False, separator_token_ids=SEPS)
+    stream = make_cache(model, "streaming", a, 0, w, a + w, pe_shift=True)
+    with torch.no_grad():
+        for t in range(tokens.shape[1]):
+            for cache in (sep, stream):
+                model(input_ids=tokens[:, t:t + 1], past_key_values=cache, use_cache=True)
+            if t == c - 2:
+                assert sep.layers[0].compressions == 0
+            if t == c - 1:
+                assert sep.layers[0].compressions == 1
+            seen = list(range(t + 1)) if t <= a + w else list(range(a)) + list(range(t - w, t + 1))
+            assert stream.layers[0].text_pos[0].tolist() == seen, t
+    assert max(layer.length() for layer in sep.layers) < c
