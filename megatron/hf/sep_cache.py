@@ -419,6 +419,10 @@ class SepCache(Cache):
         if found is None:
             return False
         module, input_ids = found["module"], found["input_ids"]
+        if not self.uniform_sizes:
+            raise ValueError("SepCache: a stock model builds one attention mask for every layer, so its SepCache "
+                             "needs the same init_cache_size/sep_cache_size/local_size/cache_size in every layer "
+                             "(per-layer lists are for the sepllm_gpt_neox export)")
         config = getattr(module, "config", None)
         if getattr(config, "alibi", False):
             raise ValueError("SepCache: Falcon with alibi=True builds its ALiBi bias over every seen token, which "
