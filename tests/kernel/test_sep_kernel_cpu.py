@@ -348,7 +348,7 @@ def test_metadata_cache_follows_tensor_identity_and_versions():
     flags[0, 5] = not bool(flags[0, 5])  # in place: the version counter moves, the entry no longer matches
     fresh = cache.get(flags, start, 3)
     assert fresh is not first and torch.equal(fresh.listed[0], flags[0] | (torch.arange(40) < 3))
-    assert len(cache.entries) == 2
+    assert len(cache.cache.entries) == 2
 
 
 def test_new_separator_flags_need_no_recompile():

@@ -79,3 +79,27 @@ def test_trainer_batch_function_feeds_training_batches_only():
     assert out["kv_ratio"] == pytest.approx(4 / 8)
     assert out["attn_density"] == pytest.approx(23 / 36)
     assert tracker.report_if_due() == {}
+
+
+def test_tensor_identity_cache_keys_on_identity_versions_and_keeps_recent_anchors():
+    from megatron.model.sepllm.mask_cache import TensorIdentityCache
+
+    built = []
+
+    def build(tag):
+        return lambda: built.append(tag) or tag
+
+    one = TensorIdentityCache(max_anchors=1)
+    a = torch.zeros(3)
+    assert one.get((a,), 8, build("a8")) == "a8" and one.get((a,), 8, build("again")) == "a8"
+    assert one.get((a,), 4, build("a4")) == "a4"  # another key of the same micro-batch
+    assert one.get((a.clone(),), 8, build("copy")) == "copy"  # equal values, other tensor: rebuilt
+    assert one.get((a,), 8, build("a8 again")) == "a8 again"  # one anchor only: a was evicted
+    a.add_(1)  # in place: the version moves, the entry no longer matches
+    assert one.get((a,), 8, build("changed")) == "changed"
+    two = TensorIdentityCache(max_anchors=2)
+    b, c = torch.zeros(2), torch.zeros(2)
+    two.get((b,), 0, build("b"))
+    two.get((c,), 0, build("c"))
+    assert two.get((b,), 0, build("b rebuilt")) == "b"  # a backward after the next forward still finds it
+    assert built == ["a8", "a4", "copy", "a8 again", "changed", "b", "c"]

@@ -20,9 +20,9 @@ import torch
 
 from megatron.model.attention.sepllm_mask import SepLLMMaskAttention
 from megatron.model.sepllm import rule
-from megatron.model.sepllm.mask_cache import PerBatchCache
+from megatron.model.sepllm.mask_cache import TensorIdentityCache
 
-_BLOCK_MASKS = PerBatchCache()
+_BLOCK_MASKS = TensorIdentityCache(max_anchors=1)
 _COMPILED_FLEX = None
 _CPU_BACKWARD_NOTICE_SHOWN = False
 

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.model.sepllm import rule
-from megatron.model.sepllm.mask_cache import PerBatchCache
+from megatron.model.sepllm.mask_cache import TensorIdentityCache
 from megatron.model.positional_embeddings import alibi_bias
 from megatron.model.sepllm.settings import LayerSettings, local_alibi_slopes
 
 # One cache for all mask-based layers of the process: layers of a forward share their masks.
-_MASKS = PerBatchCache()
+_MASKS = TensorIdentityCache(max_anchors=1)
 
 
 class SepLLMMaskAttention(nn.Module):

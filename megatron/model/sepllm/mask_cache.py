@@ -1,36 +1,50 @@
-"""Share per-micro-batch masks between the layers of one forward.
+"""One cache for values derived from a micro-batch's metadata tensors (masks, BlockMasks, kernel metadata).
 
-Layers with the same window see the same mask, so it is built once per micro-batch and window, not once
-per layer. The cache is keyed on the *identity* of the metadata tensors (the pipeline passes the same
-``AttnMeta`` tensor objects to every layer of a stage, including activation-checkpoint recomputation);
-it holds strong references, so a freed tensor's id can never be mistaken for a new one.
+Layers with the same window see the same mask, and every layer of a micro-batch passes the same flag tensors
+to the kernel, so these are built once per micro-batch instead of once per layer. The cache is keyed on the
+*identity* of the metadata tensors (the pipeline passes the same tensor objects to every layer of a stage,
+activation-checkpoint recomputation included) and on their in-place version counters (a tensor changed in place
+is a miss). Entries hold strong references, so a freed tensor's id can never be mistaken for a new one.
+
+Two situations bypass the cache: while torch.compile traces (the identity test would be frozen into the graph
+and the first micro-batch's value replayed for every later one, so the value is built inside the graph), and
+during CUDA-graph capture (nothing is stored, so a captured graph always contains the build).
 """
-from typing import Callable, Dict, Hashable, Tuple
+from typing import Callable, Hashable, List, Tuple
 
 import torch
 
 
-class PerBatchCache:
-    """Values derived from one micro-batch's metadata, keyed by a small hashable (e.g. the window)."""
+class TensorIdentityCache:
+    """Values keyed by ``(anchor tensors, key)``, for the last ``max_anchors`` anchors seen.
 
-    def __init__(self):
-        self._anchor: Tuple[torch.Tensor, ...] = ()
-        self._values: Dict[Hashable, object] = {}
+    ``max_anchors=1`` keeps only the current micro-batch (every key of it: e.g. one mask per window);
+    more anchors serve a backward that runs after the next micro-batch's forward (pipeline schedules).
+    """
+
+    def __init__(self, max_anchors: int = 1):
+        if max_anchors < 1:
+            raise ValueError(f"max_anchors must be >= 1, got {max_anchors}")
+        self.max_anchors = max_anchors
+        self.entries: List[Tuple[Tuple[torch.Tensor, ...], Tuple[int, ...], dict]] = []
 
     def get(self, anchor: Tuple[torch.Tensor, ...], key: Hashable, build: Callable[[], object]):
         """The value for ``key`` under ``anchor`` (tensors of the current micro-batch), built on a miss."""
         if torch.compiler.is_compiling():
-            # Inside a traced graph the identity test would be frozen at trace time and the first
-            # micro-batch's value replayed for every later one: build inside the graph instead.
             return build()
-        same = len(anchor) == len(self._anchor) and all(a is b for a, b in zip(anchor, self._anchor))
-        if not same:
-            self._anchor = tuple(anchor)
-            self._values = {}
-        if key not in self._values:
-            self._values[key] = build()
-        return self._values[key]
+        anchor = tuple(anchor)
+        versions = tuple(t._version for t in anchor)
+        for i, (tensors, vers, values) in enumerate(self.entries):
+            if len(tensors) == len(anchor) and all(a is b for a, b in zip(tensors, anchor)) and vers == versions:
+                if key not in values:
+                    values[key] = build()
+                if i:
+                    self.entries.insert(0, self.entries.pop(i))
+                return values[key]
+        value = build()
+        if not any(t.is_cuda for t in anchor) or not torch.cuda.is_current_stream_capturing():
+            self.entries = [(anchor, versions, {key: value})] + self.entries[: self.max_anchors - 1]
+        return value
 
-    def clear(self):
-        self._anchor = ()
-        self._values = {}
+    def clear(self) -> None:
+        self.entries = []

@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from megatron.model.sepllm.mask_cache import TensorIdentityCache
+
 from . import settings as kernel_settings
 from .metadata import SepMetadata, build_sep_metadata
 from .reference import expand_kv_heads, sep_attention_reference
@@ -361,31 +363,23 @@ sep_attn_fwd_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 class MetadataCache:
-    """:class:`SepMetadata` of the last few ``(sep_flags, init_start, n_init)`` the op saw, keyed on tensor identity.
+    """:class:`SepMetadata` of the last few ``(sep_flags, init_start, n_init)`` the op saw (the project's one
+    identity-keyed cache, :class:`~megatron.model.sepllm.mask_cache.TensorIdentityCache`, over the flag tensors).
 
     Looked up when the op runs (inside the opaque custom op under torch.compile, so no trace ever bakes in a
     previous micro-batch's metadata): every layer of a micro-batch passes the same flag tensors, so the metadata
-    is built once per micro-batch. Entries hold strong references (a freed tensor's id cannot come back as a
-    different tensor) and the tensors' in-place version counters (a tensor modified in place is a miss). Nothing
-    is cached during CUDA-graph capture, so a captured graph always contains the metadata build.
+    is built once per micro-batch; several micro-batches are kept for backwards that run after the next forward.
     """
 
     def __init__(self, size: int = 4):
-        self.size = size
-        self.entries: list = []
+        self.cache = TensorIdentityCache(max_anchors=size)
 
     def get(self, sep_flags: torch.Tensor, init_start: torch.Tensor, n_init: int) -> SepMetadata:
-        versions = (sep_flags._version, init_start._version)
-        for flags, start, n, vers, meta in self.entries:
-            if flags is sep_flags and start is init_start and n == n_init and vers == versions:
-                return meta
-        meta = build_sep_metadata(sep_flags, init_start, n_init)
-        if not (sep_flags.is_cuda and torch.cuda.is_current_stream_capturing()):
-            self.entries = [(sep_flags, init_start, n_init, versions, meta)] + self.entries[: self.size - 1]
-        return meta
+        return self.cache.get((sep_flags, init_start), n_init,
+                              lambda: build_sep_metadata(sep_flags, init_start, n_init))
 
     def clear(self) -> None:
-        self.entries = []
+        self.cache.clear()
 
 
 _META_CACHE = MetadataCache()
