@@ -80,20 +80,25 @@ def sliding_window_mask(seq_q: int, seq_k: int, width: int, device=None) -> torc
 def dense_mask(sep_flags: torch.Tensor, init_start: torch.Tensor, num_init: int, window: int,
                exclude_diagonal: bool = True, q_positions: Optional[torch.Tensor] = None,
                key_valid: Optional[torch.Tensor] = None,
-               init_limit: Optional[IntOrTensor] = None) -> torch.Tensor:
+               init_limit: Optional[IntOrTensor] = None,
+               k_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Boolean allowed-mask ``[B, Sq, Sk]`` (True = query may attend to key).
 
-    sep_flags: ``[B, Sk]`` bool, the key token is a separator.
+    sep_flags: ``[B, Sk]`` bool, the key token is a separator (or FixLLM's :func:`fixed_interval_flags`).
     init_start: ``[B]`` int64, first initial-token position per row.
     q_positions: absolute positions of the query rows, ``[Sq]`` or ``[B, Sq]``; default ``0..Sk-1`` (prefill).
         For a decode step pass ``[T-1]`` with ``exclude_diagonal=True`` (the newest ``W`` keys, self included).
     key_valid: ``[B, Sk]`` bool, False at padding keys; padding keys are never visible (except to the
         padding query itself on the diagonal, which keeps every row non-empty; those rows are ignored).
     init_limit: keys at or beyond it are never initial (the prefill length during decode).
+    k_positions: absolute positions of the key columns, ``[Sk]``; default ``0..Sk-1``. A cache that holds a
+        window of the history (a sliding-window layer) or more slots than tokens (a static cache) passes its
+        own; keys beyond the newest query are hidden by causality.
     """
     bsz, sk = sep_flags.shape
     device = sep_flags.device
-    k_idx = torch.arange(sk, device=device)
+    k_idx = torch.arange(sk, device=device) if k_positions is None else k_positions.to(device=device,
+                                                                                        dtype=torch.long)
     if q_positions is None:
         q_positions = k_idx
     q_idx = q_positions.to(device=device, dtype=torch.long)
