@@ -33,7 +33,8 @@ from megatron.hf.export_config import (ARCHITECTURES, DTYPE_NAMES, ConversionErr
 
 HF_SOURCE_DIR = Path(__file__).resolve().parent
 RULE_SOURCE = HF_SOURCE_DIR.parent / "model" / "sepllm" / "rule.py"
-EXPORT_CODE_FILES = ("configuration_sepllm_gpt_neox.py", "modeling_sepllm_gpt_neox.py", "sep_cache.py")
+EXPORT_CODE_FILES = ("configuration_sepllm_gpt_neox.py", "modeling_sepllm_gpt_neox.py", "sep_cache.py",
+                     "attention_math.py")
 EXPORT_MARKER = ".sepllm_export.json"
 
 COLUMN_PARALLEL = ("attention.query_key_value.weight", "attention.query_key_value.bias",

@@ -26,6 +26,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .attention_math import alibi_slopes, sa_probabilities
 from .configuration_sepllm_gpt_neox import SepLLMGPTNeoXConfig
 from .rule import adaptive_init_start, bipe_next_offsets, bipe_positions, dense_mask, is_initial, \
     layer_windows, num_initial_tokens, separator_flags, visible
@@ -34,19 +35,6 @@ from .sep_cache import SepCache, apply_rotary, rope_cos_sin, rope_inv_freq
 # transformers renamed the cache field of model outputs (past_key_values -> cache) during 5.x.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
-
-def alibi_slopes(num_heads: int) -> torch.Tensor:
-    """The standard ALiBi geometric slopes (also for head counts that are not powers of two)."""
-    def power_of_2(n):
-        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
-        return [start * start ** i for i in range(n)]
-
-    if math.log2(num_heads).is_integer():
-        slopes = power_of_2(num_heads)
-    else:
-        closest = 2 ** math.floor(math.log2(num_heads))
-        slopes = power_of_2(closest) + power_of_2(2 * closest)[0::2][: num_heads - closest]
-    return torch.tensor(slopes, dtype=torch.float32)
 
 
 @dataclass
@@ -165,9 +153,11 @@ class SepLLMGPTNeoXAttention(nn.Module):
             rel = (rope_pos.unsqueeze(-1) - key_pos.unsqueeze(1)).clamp(min=0).float()  # [B, q, kv]
             scores = scores - slopes.view(1, -1, 1, 1) * rel.unsqueeze(1)
         allowed4 = allowed.unsqueeze(1)
-        probs = torch.softmax(scores.masked_fill(~allowed4, torch.finfo(scores.dtype).min), dim=-1)
-        probs = probs * allowed4  # rows are never empty (the diagonal is always kept)
-        probs = self._self_adjust(probs, scores, kv_len, q_len)
+        if self.config.USE_SA_SOFTMAX or self.config.USE_SA_SOFTMAX_NO_DENO:
+            probs = self._self_adjust(scores, allowed4, kv_len, q_len)
+        else:
+            probs = torch.softmax(scores.masked_fill(~allowed4, torch.finfo(scores.dtype).min), dim=-1)
+            probs = probs * allowed4  # rows are never empty (the diagonal is always kept)
         out = torch.matmul(probs.to(value.dtype), value)
         out = out.transpose(1, 2).reshape(bsz, q_len, -1)
         return self.dense(out)
@@ -175,20 +165,14 @@ class SepLLMGPTNeoXAttention(nn.Module):
     def _sepcache_key_pos(self, cache: SepCache) -> torch.Tensor:
         return cache.layers[self.layer_idx].rot_pos
 
-    def _self_adjust(self, probs, scores, kv_len, q_len):
-        """Self-Adjusting softmax (SEPLLM_REFERENCE.md §6), computed in the run's dtype (no fp16 cast)."""
+    def _self_adjust(self, scores, allowed, kv_len, q_len):
+        """Self-Adjusting softmax (SEPLLM_REFERENCE.md section 6): the trainer's formula (attention_math.py),
+        with the causal triangle of queries that sit at the end of the keys."""
         cfg = self.config
-        if not (cfg.USE_SA_SOFTMAX or cfg.USE_SA_SOFTMAX_NO_DENO):
-            return probs
         q_idx = torch.arange(kv_len - q_len, kv_len, device=scores.device).view(-1, 1)
         causal = torch.arange(kv_len, device=scores.device).view(1, -1) <= q_idx  # [q, kv]
-        if cfg.USE_SA_SOFTMAX_NO_DENO:
-            return probs * scores * causal
-        tril = scores * causal  # entries above the diagonal become 0, as tril() does in the reference
-        low = tril.min(dim=-1, keepdim=True).values.clamp(max=0.0)
-        high = (tril.max(dim=-1, keepdim=True).values + cfg.SA_Denominator_Bias).clamp(min=0.0) \
-            + cfg.SA_Denominator_Bias
-        return probs * (scores - low + cfg.SA_Numerator_Bias) / (high - low) * causal
+        return sa_probabilities(scores, allowed, bool(cfg.USE_SA_SOFTMAX), cfg.SA_Numerator_Bias,
+                                cfg.SA_Denominator_Bias, causal=causal)
 
 
 def _mask_belongs(key, attention: "SepLLMGPTNeoXAttention") -> bool:
@@ -345,7 +329,8 @@ class SepLLMGPTNeoXModel(SepLLMGPTNeoXPreTrainedModel):
         cfg = self.config
         inv_freq = rope_inv_freq(cfg.rotary_ndims, float(cfg.rotary_emb_base), hidden.device) \
             if cfg.pos_emb == "rotary" and cfg.rotary_ndims else None
-        slopes = alibi_slopes(cfg.num_attention_heads).to(hidden.device) if cfg.pos_emb == "alibi" else None
+        slopes = torch.tensor(alibi_slopes(cfg.num_attention_heads), dtype=torch.float32, device=hidden.device) \
+            if cfg.pos_emb == "alibi" else None
         masks: Dict = {}
         for layer in self.layers:
             hidden = layer(hidden, meta, cache if use_cache or cache is not None else None, masks, inv_freq,

@@ -5,11 +5,12 @@ table duplicated (``cat(freqs, freqs)``) and ``rotate_half`` on the first ``rota
 Angles are computed from per-row positions ``[B, S]`` so BiPE's inter-segment ids and shifted positions work
 without a cached ``[max_pos, dim]`` table.
 """
-import math
-from typing import List, Tuple
+from typing import Tuple
 
 import torch
 from torch import nn
+
+from megatron.model.attention_math import alibi_slopes  # noqa: F401  (the one definition; re-exported)
 
 
 def rotary_inv_freq(dim: int, base: float) -> torch.Tensor:
@@ -48,23 +49,6 @@ def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
         return x * cos + rotate_half(x) * sin
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
-
-
-def alibi_slopes(num_heads: int) -> List[float]:
-    """ALiBi head slopes (Press et al.): a geometric series, interleaved for non-powers of two.
-
-    12 heads: 0.5, 0.25, ..., 0.0039 (8 heads) then 0.7071, 0.3536, 0.1768, 0.0884.
-    """
-    def power_of_2(n: int) -> List[float]:
-        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
-        return [start * start ** i for i in range(n)]
-
-    if num_heads <= 0:
-        raise ValueError(f"alibi_slopes: num_heads must be positive, got {num_heads}")
-    if math.log2(num_heads).is_integer():
-        return power_of_2(num_heads)
-    closest = 2 ** math.floor(math.log2(num_heads))
-    return power_of_2(closest) + alibi_slopes(2 * closest)[0::2][: num_heads - closest]
 
 
 def alibi_bias(positions: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:

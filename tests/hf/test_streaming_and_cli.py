@@ -128,9 +128,12 @@ def test_bf16_precision_export(tmp_path, pythia_tokenizer_path):
     for name in ("rule.py", "sep_cache.py", "modeling_sepllm_gpt_neox.py", "configuration_sepllm_gpt_neox.py",
                  "tokenizer.json"):
         assert os.path.isfile(os.path.join(out, name))
+    from megatron.model import attention_math
     from megatron.model.sepllm import rule
 
+    # The shared modules travel verbatim: the export computes what training computed.
     assert open(os.path.join(out, "rule.py")).read() == open(rule.__file__).read()
+    assert open(os.path.join(out, "attention_math.py")).read() == open(attention_math.__file__).read()
 
 
 def _book(path, sentences=40):

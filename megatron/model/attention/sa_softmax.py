@@ -16,23 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.model.attention.sepllm_mask import SepLLMMaskAttention
-
-
-def sa_probabilities(scores: torch.Tensor, allowed: torch.Tensor, normalised: bool,
-                     numerator_bias: float = 0.0, denominator_bias: float = 1e-10) -> torch.Tensor:
-    """SA attention weights ``P'`` from scores ``[..., Sq, Sk]`` and a broadcastable allowed-mask.
-
-    Computed in the dtype of ``scores``; the diagonal convention is the prefill one (query i at key i).
-    """
-    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-    lower = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
-    if not normalised:
-        return (probs * scores).masked_fill(~lower, 0.0)
-    tri = scores.masked_fill(~lower, 0.0)
-    low = tri.amin(dim=-1, keepdim=True).clamp(max=0.0)
-    high = (tri.amax(dim=-1, keepdim=True) + denominator_bias).clamp(min=0.0) + denominator_bias
-    adjusted = probs * (scores - low + numerator_bias) / (high - low)
-    return adjusted.masked_fill(~lower, 0.0)
+from megatron.model.attention_math import sa_probabilities  # noqa: F401  (the one definition; re-exported)
 
 
 class SASoftmaxAttention(SepLLMMaskAttention):
