@@ -27,6 +27,7 @@ setup(
     extras_require={"test": requirements("requirements-test.txt")},
     entry_points={"console_scripts": [
         "sepllm-convert-neox-to-hf = tools.ckpts.convert_neox_to_hf:main",
+        "sepllm-convert-hf-to-neox = tools.ckpts.convert_hf_to_neox:main",
         "sepllm-separator-ids = tools.sepllm.get_separator_ids:main",
         "sepllm-streaming-eval = tools.streaming_eval:main",
         "sepllm-inspect-dataset = tools.datasets.inspect_dataset:main",

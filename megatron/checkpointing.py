@@ -478,8 +478,11 @@ def _deepspeed_load(engine, load_dir: str, tag: str, load_optimizer_states: bool
 
     ckpt_dir = os.path.join(load_dir, tag)
     try:
+        # Without the optimizer, weights only (GPT-NeoX's load_module_only = not load_optim_and_scheduler): only
+        # then does DeepSpeed refresh an fp16/bf16 optimizer's fp32 master copy from the loaded weights.
         path, client_state = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optimizer_states,
-                                                    load_lr_scheduler_states=False)
+                                                    load_lr_scheduler_states=False,
+                                                    load_module_only=not load_optimizer_states)
     except Exception as exc:  # diagnose, then re-raise what cannot be explained
         try:
             saved_config = checkpoint_layout.read_saved_config(ckpt_dir)

@@ -29,11 +29,12 @@ class FakeEngine:
             raise KeyboardInterrupt("killed mid-save")
         torch.save({"client_state": client_state}, path)
 
-    def load_checkpoint(self, load_dir, tag, load_optimizer_states, load_lr_scheduler_states):
+    def load_checkpoint(self, load_dir, tag, load_optimizer_states, load_lr_scheduler_states, load_module_only):
         path = os.path.join(load_dir, tag, "mp_rank_00_model_states.pt")
         if not os.path.isfile(path):
             return None, None
         self.loaded = (load_dir, tag)
+        self.module_only = load_module_only
         return path, torch.load(path, weights_only=False)["client_state"]
 
 
@@ -82,6 +83,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path):
     engine = FakeEngine()
     assert ck.load_checkpoint(args, engine) == (2, 16)
     assert engine.loaded[1] == "global_step2"
+    assert engine.module_only is False  # the optimizer state is loaded with the weights
 
 
 def test_rng_state_round_trip(tmp_path):
