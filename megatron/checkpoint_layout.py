@@ -1,7 +1,8 @@
 """The parallel layout a checkpoint was saved in, and whether a run in another layout can resume from it.
 
 Each checkpoint records its layout in ``<save>/global_stepN/layout.json`` (world size, data / pipeline /
-model parallel sizes, ZeRO stage); older checkpoints are read from their ``configs/resolved_config.yml``.
+model parallel sizes, ZeRO stage); older checkpoints are read from their ``configs/resolved_config.yml``, and
+GPT-NeoX's (which have neither) from the keys DeepSpeed wrote into them (:func:`layout_from_deepspeed`).
 
 What DeepSpeed can restore:
 
@@ -26,7 +27,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from megatron.checkpoint_io import CheckpointError, CheckpointReader, load_state_file
+from megatron import checkpoint_neox
+from megatron.checkpoint_io import CheckpointError, CheckpointReader
 from megatron.neox_arguments.errors import ConfigError
 
 LAYOUT_FILE = "layout.json"
@@ -82,8 +84,24 @@ def read_saved_config(ckpt_dir: str) -> Optional[dict]:
     return data
 
 
+def layout_from_deepspeed(ckpt_dir: str, client_state: dict) -> Optional[Layout]:
+    """The layout DeepSpeed's own keys describe (a GPT-NeoX checkpoint); ``None`` where they do not say."""
+    dims = client_state.get("checkpoint_parallel_dimensions") or {}
+    record = client_state.get("args") or {}
+    dp = client_state.get("dp_world_size")
+    tp = record.get("model_parallel_size", dims.get("tp_degree"))
+    zero = ((client_state.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0)
+    pipeline = any(CheckpointReader.LAYER_FILE.match(n) for n in os.listdir(ckpt_dir))
+    pp = dims.get("pp_degree") if pipeline else 0
+    if dp is None or tp is None or pp is None:
+        return None
+    return Layout(world_size=int(dp) * max(int(pp), 1) * int(tp), data_parallel_size=int(dp),
+                  pipe_parallel_size=int(pp), model_parallel_size=int(tp), zero_stage=int(zero))
+
+
 def read_layout(ckpt_dir: str, saved_config: Optional[dict] = None) -> Optional[Layout]:
-    """The layout ``ckpt_dir`` was saved in: ``layout.json``, else the resolved config; ``None`` if unknown."""
+    """The layout ``ckpt_dir`` was saved in: ``layout.json``, else the resolved config, else DeepSpeed's keys
+    (a GPT-NeoX checkpoint); ``None`` if unknown."""
     path = os.path.join(ckpt_dir, LAYOUT_FILE)
     if os.path.isfile(path):
         try:
@@ -92,6 +110,11 @@ def read_layout(ckpt_dir: str, saved_config: Optional[dict] = None) -> Optional[
         except (ValueError, TypeError) as exc:
             raise CheckpointError(f"checkpoint layout file {path} is damaged ({exc})") from None
     config = read_saved_config(ckpt_dir) if saved_config is None else saved_config
+    if config is None:
+        try:
+            return layout_from_deepspeed(ckpt_dir, checkpoint_neox.read_client_state(ckpt_dir))
+        except CheckpointError:
+            return None  # no client-state file: check_files names it
     fields = ("world_size", "data_parallel_size", "pipe_parallel_size", "model_parallel_size", "zero_stage")
     if not config or any(config.get(k) is None for k in fields):
         return None
@@ -115,6 +138,12 @@ def optimizer_state_refusal(saved: Layout, new: Layout) -> Optional[str]:
 
 
 def model_key_mismatch(args, saved_config: Optional[dict], ckpt_dir: str) -> Optional[str]:
+    if saved_config is None:  # a GPT-NeoX checkpoint: its own record of the model keys, checked by its rule
+        try:
+            record = checkpoint_neox.read_client_state(ckpt_dir).get("args")
+        except CheckpointError:
+            return None  # no client-state file: check_files names it
+        return checkpoint_neox.args_mismatch(args, record, ckpt_dir) if record else None
     for key in MODEL_KEYS:
         # padded_vocab_size is known only where the tokenizer could be built
         if saved_config is None or saved_config.get(key) is None or getattr(args, key) is None:
@@ -183,7 +212,13 @@ def _pt_file_problem(path: str) -> Optional[str]:
 
 
 def expected_files(ckpt_dir: str, saved: Optional[Layout], saved_config: Optional[dict]) -> list:
-    """Files a complete checkpoint of that layout must hold (only the ones its config determines)."""
+    """Files a complete checkpoint of that layout must hold (only the ones its config, or the GPT-NeoX record
+    of one, determines)."""
+    if saved is not None and saved_config is None:
+        try:
+            saved_config = checkpoint_neox.read_client_state(ckpt_dir).get("args")
+        except CheckpointError:
+            saved_config = None
     if saved is None or saved_config is None or saved_config.get("num_layers") is None:
         return []
     layers = int(saved_config["num_layers"])
@@ -229,6 +264,10 @@ def check_resume_before_launch(args) -> None:
         resume_plan(args, ckpt_dir)
         saved_config = read_saved_config(ckpt_dir)
         check_files(ckpt_dir, read_layout(ckpt_dir, saved_config), saved_config)
+        if saved_config is None:  # GPT-NeoX's: nothing but its tensors says what model it holds
+            problem = checkpoint_neox.first_tensor_mismatch(args, ckpt_dir)
+            if problem:
+                raise CheckpointError(problem)
     except (CheckpointError, FileNotFoundError) as exc:
         raise ConfigError(f"key 'load': {exc}") from None
 
@@ -263,21 +302,12 @@ def _copy_layer(layer, idx: int, state: dict, source: str, saved_config: Optiona
     own = layer.state_dict()
     if not own:
         return
+    state = checkpoint_neox.translate_layer_state(layer, state)
     _check_layer(own, idx, state, source, saved_config, args)
     if write:
         with torch.no_grad():
             for key, tensor in own.items():
                 tensor.copy_(state[key].to(dtype=tensor.dtype))
-
-
-def _client_state(ckpt_dir: str) -> dict:
-    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
-        path = os.path.join(ckpt_dir, name)
-        if os.path.isfile(path):
-            blob = load_state_file(path)
-            return {k: v for k, v in blob.items() if k not in ("module", "optimizer")}
-    raise CheckpointError(f"missing checkpoint file {os.path.join(ckpt_dir, 'mp_rank_00_model_states.pt')} "
-                          "(it holds the iteration and the data position)")
 
 
 def load_weights_any_layout(engine, ckpt_dir: str, args) -> dict:
@@ -306,4 +336,4 @@ def load_weights_any_layout(engine, ckpt_dir: str, args) -> dict:
     refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
     if callable(refresh):
         refresh()
-    return _client_state(ckpt_dir)
+    return checkpoint_neox.read_client_state(ckpt_dir)

@@ -247,10 +247,13 @@ def save_checkpoint(neox_args, iteration: int, engine, consumed_train_samples: i
     if problem:
         raise CheckpointSaveFailed(f"{problem}; checkpoint {tag} not written, {_kept(save_dir)}")
 
+    from megatron import checkpoint_neox
+
+    # GPT-NeoX's keys (iteration, args, its five RNG entries) make the checkpoint resumable there too.
     state = {"iteration": int(iteration), "consumed_train_samples": int(consumed_train_samples),
-             "world_size": int(neox_args.world_size)}
+             "world_size": int(neox_args.world_size), "args": checkpoint_neox.args_record(neox_args)}
     if not neox_args.no_save_rng:
-        state["rng_state"] = get_rng_state()
+        state.update(checkpoint_neox.rng_entries())
     state.update(client_state or {})
     failure, in_engine = None, True
     try:
@@ -441,7 +444,7 @@ def load_checkpoint(neox_args, engine, load_optimizer_states: bool = True, sched
     (:mod:`megatron.checkpoint_layout`, which also refuses what cannot work). Returns
     ``(iteration, consumed_train_samples)``.
     """
-    from megatron import checkpoint_layout
+    from megatron import checkpoint_layout, checkpoint_neox
     from megatron.checkpoint_io import CheckpointError
 
     load_dir, tag = resolve_checkpoint(neox_args.load)
@@ -454,15 +457,17 @@ def load_checkpoint(neox_args, engine, load_optimizer_states: bool = True, sched
         client_state = _deepspeed_load(engine, load_dir, tag, load_optimizer_states)
     else:
         client_state = checkpoint_layout.load_weights_any_layout(engine, ckpt_dir, neox_args)
-    iteration = int(client_state["iteration"])
+    iteration = checkpoint_neox.iteration_of(client_state, ckpt_dir)
+    # GPT-NeoX records no sample count: its data position is the iteration's
     consumed = int(client_state.get("consumed_train_samples", iteration * neox_args.train_batch_size))
     rng_file = _rng_path(ckpt_dir, _rank())
-    if neox_args.no_load_rng:
-        pass  # the streams the seed gave this run stay
+    if neox_args.no_load_rng or neox_args.finetune:
+        pass  # the streams the seed gave this run stay (GPT-NeoX's finetune does not restore them either)
     elif same_layout and os.path.isfile(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False))
-    elif "rng_state" in client_state:
-        # A different world size: fall back to rank 0's streams rather than the fresh seed's.
+    elif checkpoint_neox.restore_rng(client_state):
+        pass  # rank 0's streams (GPT-NeoX's keys), rather than the fresh seed's, in another world size
+    elif "rng_state" in client_state:  # written before the GPT-NeoX keys
         set_rng_state(client_state["rng_state"])
     if scheduler is not None and "lr_scheduler" in client_state:
         scheduler.reconcile(client_state["lr_scheduler"], override=neox_args.override_lr_scheduler,

@@ -327,8 +327,11 @@ class Trainer:
     def save(self, iteration: int, consumed: int) -> None:
         start = time.perf_counter()
         try:
+            # num_iters as GPT-NeoX counts it, steps taken (the scheduler here holds the last step's rate); a
+            # resume here takes the position from the iteration anyway.
+            schedule = dict(self.scheduler.state_dict(), num_iters=int(iteration))
             path = checkpointing.save_checkpoint(self.args, iteration, self.engine, consumed,
-                                                 {"lr_scheduler": self.scheduler.state_dict()})
+                                                 {"lr_scheduler": schedule})
         except checkpointing.CheckpointSaveFailed as exc:
             # Every rank gets the same failure, so all of them go on or stop together.
             if self.args.checkpoint_save_failure == "continue":

@@ -36,7 +36,9 @@ def _no_weight_decay(module: torch.nn.Module, param_name: str) -> bool:
 
 
 def get_params_for_weight_decay_optimization(model: torch.nn.Module, weight_decay: float) -> List[dict]:
-    """Two parameter groups: decayed weights, and biases + norm parameters with weight decay 0."""
+    """GPT-NeoX's groups, named and ordered as it makes them, so that the optimizer states of the two projects'
+    checkpoints line up: decayed weights, then biases + norm parameters with weight decay 0; with
+    ``weight_decay`` 0 a single group of every parameter."""
     decay, no_decay = [], []
     seen = set()
     for _, module in model.named_modules():
@@ -44,12 +46,12 @@ def get_params_for_weight_decay_optimization(model: torch.nn.Module, weight_deca
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            (no_decay if _no_weight_decay(module, name) else decay).append(param)
+            (no_decay if float(weight_decay) == 0.0 or _no_weight_decay(module, name) else decay).append(param)
     groups = []
     if decay:
-        groups.append({"params": decay, "weight_decay": float(weight_decay)})
+        groups.append({"params": decay, "weight_decay": float(weight_decay), "name": "weight_decay_params"})
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_weight_decay_params"})
     if not groups:
         raise ValueError("the model has no trainable parameters")
     return groups

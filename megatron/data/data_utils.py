@@ -138,6 +138,7 @@ def build_the_dataset(prefix, name, num_samples, neox_args, key, build_index_map
     return GPT2Dataset(
         name, prefix, documents, indexed, num_samples, neox_args.seq_length, neox_args.seed,
         build_index_mappings=build_index_mappings, use_shared_fs=neox_args.use_shared_fs,
+        index_cache_naming=neox_args.index_cache_naming,
     )
 
 
@@ -155,6 +156,7 @@ def build_train_valid_test_datasets(data_prefix, splits_string, num_samples, neo
             datasets.append(GPT2Dataset(
                 name, data_prefix, documents, indexed, num_samples[i], neox_args.seq_length,
                 neox_args.seed, use_shared_fs=neox_args.use_shared_fs,
+                index_cache_naming=neox_args.index_cache_naming,
             ))
         else:
             datasets.append(None)

@@ -11,8 +11,11 @@ sizes, sample count, sequence length and seed, so a Pythia run's sample order is
 - shuffle_idx (uint32, int64 when large): a permutation of the samples from the same RandomState,
   drawn after the doc_idx shuffle.
 
-They are cached next to the data as `<prefix>_<name>_indexmap_<N>ns_<L>sl_<seed>s_{doc,sample,shuffle}_idx.npy`,
-the names GPT-NeoX uses, so its caches are reused and ours are reusable by it. The names say nothing of the
+They are cached next to the data as `<prefix>_<name>_indexmap_<N>ns_<L>sl_<seed>s_packedpi_ac_{doc,sample,
+shuffle}_idx.npy`, the names GPT-NeoX uses since c7863673 (Aug 2024, its packing implementation `packed` and
+`allow_chopped`, the only ones here) and the SepLLM reference uses; `index_cache_naming: v2.0` writes the
+Pythia-era names without `_packedpi_ac` instead. A cache under either name is used before anything is built,
+so GPT-NeoX's caches of both eras are reused and ours are reusable by it. The names say nothing of the
 data they were built from, so beside them `<stem>_source.json` records it (the `.idx` file's size, mtime
 and a hash of its sequence sizes, the document range, and the three files it describes): a cache whose
 data changed (a re-tokenised corpus, another `split`) is rebuilt with a notice. A cache without that
@@ -90,14 +93,27 @@ def build_index_arrays(documents, sizes, num_samples: int, seq_length: int, seed
     return doc_idx, sample_idx, shuffle_idx
 
 
-def index_file_prefix(data_prefix: str, name: str, num_samples: int, seq_length: int, seed: int) -> str:
-    """GPT-NeoX's cache name stem: `<prefix>_<name>_indexmap_<N>ns_<L>sl_<seed>s`."""
-    return f"{data_prefix}_{name}_indexmap_{num_samples}ns_{seq_length}sl_{seed}s"
+# What GPT-NeoX appends since c7863673: `_{packing_impl}pi`, then `_ac` for allow_chopped.
+NAMING_SUFFIX = {"current": "_packedpi_ac", "v2.0": ""}
 
 
-def index_file_names(data_prefix: str, name: str, num_samples: int, seq_length: int, seed: int) -> dict[str, str]:
-    stem = index_file_prefix(data_prefix, name, num_samples, seq_length, seed)
+def index_file_prefix(data_prefix: str, name: str, num_samples: int, seq_length: int, seed: int,
+                      naming: str = "current") -> str:
+    """GPT-NeoX's cache name stem: `<prefix>_<name>_indexmap_<N>ns_<L>sl_<seed>s` (v2.0), `..._packedpi_ac`
+    (current)."""
+    if naming not in NAMING_SUFFIX:
+        raise ValueError(f"index_cache_naming {naming!r}: choose one of {', '.join(NAMING_SUFFIX)}")
+    return f"{data_prefix}_{name}_indexmap_{num_samples}ns_{seq_length}sl_{seed}s{NAMING_SUFFIX[naming]}"
+
+
+def index_file_names(data_prefix: str, name: str, num_samples: int, seq_length: int, seed: int,
+                     naming: str = "current") -> dict[str, str]:
+    stem = index_file_prefix(data_prefix, name, num_samples, seq_length, seed, naming)
     return {key: f"{stem}_{key}_idx.npy" for key in ("doc", "sample", "shuffle")}
+
+
+def _complete(files: dict) -> bool:
+    return all(os.path.isfile(p) for p in files.values())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,16 +256,24 @@ def load_or_build_index_mappings(
     seq_length: int,
     seed: int,
     use_shared_fs: bool = True,
+    naming: str = "current",
 ):
     """Build (on the builder rank) or reuse the cached index files, then load them on every rank.
 
-    Every rank must call this (it contains a barrier). Returns (doc_idx, sample_idx, shuffle_idx) as
-    read-only memory-mapped arrays.
+    The cache under ``naming``'s names is preferred; without it, one under the other naming is used unless it
+    was built from other data; else the index is built under ``naming``'s names. Every rank must call this (it
+    contains a barrier). Returns (doc_idx, sample_idx, shuffle_idx) as read-only memory-mapped arrays.
     """
-    files = index_file_names(data_prefix, name, num_samples, seq_length, seed)
+    files = index_file_names(data_prefix, name, num_samples, seq_length, seed, naming)
+    other = index_file_names(data_prefix, name, num_samples, seq_length, seed,
+                             next(n for n in NAMING_SUFFIX if n != naming))
     state = None
     if is_index_builder(use_shared_fs):
         state, why = cache_state(files, data_prefix, documents, sizes)
+        if state == "missing" and _complete(other):
+            other_state, _ = cache_state(other, data_prefix, documents, sizes)
+            if other_state != "stale":  # else this naming's set is built, the other left as it is
+                state = other_state
         if state == "stale":
             print(f" > the cached {name} index {files['doc'][: -len('_doc_idx.npy')]}_* was built from other "
                   f"data ({why}); rebuilding it", flush=True)
@@ -270,6 +294,9 @@ def load_or_build_index_mappings(
         )
     barrier()
 
+    # The builder's choice, as every rank sees it after the barrier: this naming's set once it exists.
+    if not _complete(files) and _complete(other):
+        files = other
     missing = [p for p in files.values() if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(
@@ -353,6 +380,7 @@ class GPT2Dataset(torch.utils.data.Dataset):
         seed: int,
         build_index_mappings: bool = True,
         use_shared_fs: bool = True,
+        index_cache_naming: str = "current",
     ):
         self.name = name
         self.data_prefix = data_prefix
@@ -373,7 +401,7 @@ class GPT2Dataset(torch.utils.data.Dataset):
         if build_index_mappings:
             self.doc_idx, self.sample_idx, self.shuffle_idx = load_or_build_index_mappings(
                 name, data_prefix, documents, indexed_dataset.sizes, num_samples, seq_length, seed,
-                use_shared_fs=use_shared_fs,
+                use_shared_fs=use_shared_fs, naming=index_cache_naming,
             )
             # GPT-NeoX's length: min(len(shuffle_idx) - 1, len(sample_idx) - 1), i.e. one less than the
             # samples built. Kept because blending sizes (sum of lengths) and loader lengths depend on it.

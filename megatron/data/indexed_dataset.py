@@ -336,6 +336,12 @@ class MMapIndexedDatasetBuilder:
         self._doc_idx: list[int] = [0]
         self._finalized = False
 
+    @property
+    def dtype(self) -> np.dtype:
+        """The token dtype written; GPT-NeoX's tools/datasets/preprocess_data.py builds each document's array
+        with ``np.array(ids, dtype=builder.dtype)``."""
+        return self._dtype
+
     def add_item(self, tensor) -> None:
         """Append one sequence (numpy array, list of ints, or CPU torch tensor)."""
         arr = np.asarray(tensor.numpy() if hasattr(tensor, "numpy") else tensor)

@@ -28,5 +28,11 @@ class DataArgs:
     use_shared_fs: bool = arg(
         True, "All nodes see the same filesystem: index caches are built once by global rank 0 "
               "(else once per node by local rank 0).")
+    index_cache_naming: str = arg(
+        "current", "Project key: the names under which new index caches are written. `current`: GPT-NeoX's since "
+                   "c7863673 (Aug 2024) and the SepLLM reference's, `<prefix>_<name>_indexmap_<N>ns_<L>sl_<seed>s_"
+                   "packedpi_ac_{doc,sample,shuffle}_idx.npy`; `v2.0`: the Pythia-era names without "
+                   "`_packedpi_ac`, for Pythia replays. An existing cache under either name is used first.",
+        choices=("current", "v2.0"))
     num_workers: int = arg(2, "DataLoader worker processes per rank.")
     eod_mask_loss: bool = arg(False, "Mask the loss on end-of-document tokens.")

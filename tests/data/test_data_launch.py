@@ -29,7 +29,7 @@ def test_retokenised_corpus_rebuilds_its_index_caches(tmp_path):
     write_tiny_corpus(corpus, seed=1)
     rc, out = train(tmp_path, "second", corpus)
     assert rc == 0, out[-3000:]
-    assert "corpus_train_indexmap_4ns_64sl_1234s_* was built from other data" in out
+    assert "corpus_train_indexmap_4ns_64sl_1234s_packedpi_ac_* was built from other data" in out
     assert sorted(losses_by_iteration(out)) == [1, 2]
 
 

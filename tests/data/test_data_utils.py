@@ -69,9 +69,9 @@ def test_split_datasets_use_contiguous_document_ranges(tmp_path, capsys):
     np.testing.assert_array_equal(test.documents, np.arange(196, 200))
     n_train, n_valid, n_test = samples_per_split(args)
     assert (train.name, valid.name, test.name) == ("train", "valid", "test")
-    assert (tmp_path / f"corpus_train_indexmap_{n_train}ns_16sl_1234s_doc_idx.npy").exists()
-    assert (tmp_path / f"corpus_valid_indexmap_{n_valid}ns_16sl_1234s_shuffle_idx.npy").exists()
-    assert (tmp_path / f"corpus_test_indexmap_{n_test}ns_16sl_1234s_sample_idx.npy").exists()
+    assert (tmp_path / f"corpus_train_indexmap_{n_train}ns_16sl_1234s_packedpi_ac_doc_idx.npy").exists()
+    assert (tmp_path / f"corpus_valid_indexmap_{n_valid}ns_16sl_1234s_packedpi_ac_shuffle_idx.npy").exists()
+    assert (tmp_path / f"corpus_test_indexmap_{n_test}ns_16sl_1234s_packedpi_ac_sample_idx.npy").exists()
     assert set(np.asarray(train.doc_idx).tolist()) <= set(range(180))
     assert len(train) >= n_train - 1 and len(valid) >= n_valid - 1
     # GPT-NeoX's cache names do not include the split: a changed split meets the old train index. Ours
@@ -101,8 +101,8 @@ def test_weighted_paths_blend(tmp_path):
     assert isinstance(train, BlendableDataset) and test is None
     n_train = samples_per_split(args)[0]
     counts = get_normalized_weights_and_num_samples([3, 1], n_train)[1]
-    assert (tmp_path / f"a_train_0_indexmap_{counts[0]}ns_16sl_1234s_doc_idx.npy").exists()
-    assert (tmp_path / f"b_train_1_indexmap_{counts[1]}ns_16sl_1234s_doc_idx.npy").exists()
+    assert (tmp_path / f"a_train_0_indexmap_{counts[0]}ns_16sl_1234s_packedpi_ac_doc_idx.npy").exists()
+    assert (tmp_path / f"b_train_1_indexmap_{counts[1]}ns_16sl_1234s_packedpi_ac_doc_idx.npy").exists()
     assert [d.name for d in valid.datasets] == ["valid_0"]
     first = np.bincount(train.dataset_index[:n_train], minlength=2)
     assert abs(first[0] - 0.75 * n_train) < 1 and abs(first[1] - 0.25 * n_train) < 2

@@ -115,8 +115,9 @@ def test_gpt_neox_file_names_and_cache_reuse(tmp_path, monkeypatch):
     documents = np.arange(30, dtype=np.int32)
     GPT2Dataset("valid", prefix, documents, ds, 77, 16, 1234)
     expected = {
-        f"pile_text_document_valid_indexmap_77ns_16sl_1234s_{k}_idx.npy" for k in ("doc", "sample", "shuffle")
-    } | {"pile_text_document_valid_indexmap_77ns_16sl_1234s_source.json"}
+        f"pile_text_document_valid_indexmap_77ns_16sl_1234s_packedpi_ac_{k}_idx.npy"
+        for k in ("doc", "sample", "shuffle")
+    } | {"pile_text_document_valid_indexmap_77ns_16sl_1234s_packedpi_ac_source.json"}
     names = set(os.listdir(tmp_path)) - {"pile_text_document.bin", "pile_text_document.idx"}
     assert names == expected  # and no temporary files left behind
     assert set(map(os.path.basename, index_file_names(prefix, "valid", 77, 16, 1234).values())) < expected
@@ -148,7 +149,7 @@ def test_stale_or_bad_cache_is_named(tmp_path):
     # source record (a GPT-NeoX cache) detected and named; with it, rebuilt (test below).
     GPT2Dataset("valid", prefix, np.arange(0, 10, dtype=np.int32), ds, 10, 8, 1)
     os.remove(source_record_path(index_file_names(prefix, "valid", 10, 8, 1)))
-    with pytest.raises(ValueError, match=r"valid_indexmap_10ns_8sl_1s_doc_idx.npy: holds document ids in \[0, 9\]"):
+    with pytest.raises(ValueError, match=r"valid_indexmap_10ns_8sl_1s_packedpi_ac_doc_idx.npy: holds document ids in \[0, 9\]"):
         GPT2Dataset("valid", prefix, np.arange(10, 20, dtype=np.int32), ds, 10, 8, 1)
     with pytest.raises(ValueError, match=r"document ids must lie in \[0, 20\)"):
         GPT2Dataset("train", prefix, np.arange(15, 25, dtype=np.int32), ds, 10, 8, 1)
@@ -172,7 +173,7 @@ def test_cache_of_retokenised_data_is_rebuilt(tmp_path, capsys):
     capsys.readouterr()
     g = GPT2Dataset("train", prefix, documents, new, 50, 16, 1)
     out = capsys.readouterr().out
-    assert "c_train_indexmap_50ns_16sl_1s_* was built from other data" in out and "c.idx was rewritten" in out
+    assert "c_train_indexmap_50ns_16sl_1s_packedpi_ac_* was built from other data" in out and "c.idx was rewritten" in out
     for got, want in zip((g.doc_idx, g.sample_idx, g.shuffle_idx), build_index_arrays(documents, new.sizes, 50, 16, 1)):
         np.testing.assert_array_equal(got, want)
     assert all(s.shape == (17,) for s in _all_samples(g))
@@ -195,7 +196,7 @@ def test_cache_without_source_record_is_used_when_consistent(tmp_path, monkeypat
     # named before any sample is read (a bare numpy broadcast error before).
     new = write_dataset(prefix, random_docs(np.random.default_rng(8), 40, 30))
     os.remove(source_record_path(files))
-    with pytest.raises(ValueError, match=r"c_train_indexmap_50ns_16sl_1s_sample_idx.npy: sample \d+ spans \d+ tokens"):
+    with pytest.raises(ValueError, match=r"c_train_indexmap_50ns_16sl_1s_packedpi_ac_sample_idx.npy: sample \d+ spans \d+ tokens"):
         GPT2Dataset("train", prefix, documents, new, 50, 16, 1)
 
 

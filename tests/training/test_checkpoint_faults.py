@@ -334,8 +334,9 @@ def test_launcher_check_is_for_training_only(tmp_path):
     # generate.py / eval.py read the weights through their own readers, in any layout.
     cl.check_resume_before_launch(layout_args(user_script="/x/generate.py", **one))
     os.unlink(os.path.join(ckpt, "layout.json"))
-    os.unlink(os.path.join(ckpt, "configs", "resolved_config.yml"))  # an old or GPT-NeoX checkpoint: layout unknown
-    cl.check_resume_before_launch(layout_args(user_script="/x/train.py", **one))
+    os.unlink(os.path.join(ckpt, "configs", "resolved_config.yml"))  # taken for GPT-NeoX's: layout from its files
+    with pytest.raises(ConfigError, match="^key 'load': .*global_step2 holds neither layer_XX"):  # and it has none
+        cl.check_resume_before_launch(layout_args(user_script="/x/train.py", **one))
 
 
 class Killed(BaseException):
