@@ -331,10 +331,10 @@ def main(argv=None, runner=None, env=None, host_resolver=None) -> int:
     except ConfigError as err:
         print(f"deepy.py: configuration error: {err}", file=sys.stderr)
         return 2
-    from megatron.neox_arguments.compat import no_op_notes
+    from megatron.neox_arguments.compat import launch_notes
 
-    for note in no_op_notes(args):
-        print(f"deepy.py: note: {note}", file=sys.stderr)
+    for note in launch_notes(args):
+        print(f"deepy.py: {note}", file=sys.stderr)
     if args.user_script.endswith("train.py"):
         from megatron.neox_arguments.derive import describe_attention
 

@@ -400,6 +400,19 @@ def remove_stale_temporaries(save_dir: str) -> list:
 
 
 # ---------------------------------------------------------------------------------------------- load
+def holds_no_checkpoint(path: str) -> bool:
+    """True when ``path`` is a save directory before its first save: it does not exist yet, or holds no ``latest``
+    file, no ``global_step<N>`` directory and nothing an interrupted save left (that is worth an error naming it),
+    and is not itself a ``global_step<N>`` directory."""
+    path = os.path.normpath(path)
+    if not os.path.exists(path):
+        return True
+    if not os.path.isdir(path) or TAG_PATTERN.match(os.path.basename(path)):
+        return False
+    return (not os.path.exists(os.path.join(path, LATEST_FILE))
+            and not any(TAG_PATTERN.match(n) for n in os.listdir(path)) and not stale_temporaries(path))
+
+
 def resolve_checkpoint(load: str) -> Tuple[str, str]:
     """``(directory, tag)`` for a ``load`` path: a save directory with ``latest``, or a
     ``global_step<N>`` directory itself. Raises ``FileNotFoundError`` naming the path otherwise."""

@@ -67,3 +67,31 @@ def no_op_notes(args) -> List[str]:
     given = set(args.user_keys or ())
     return [f"key '{key}' is accepted for GPT-NeoX compatibility and changes nothing here: {reason}"
             for key, reason in NO_OP_KEYS.items() if key in given]
+
+
+def fp16_type_note(args):
+    """GPT-NeoX's ``fp16.type`` decides nothing since its commit 056e9caf (May 2023); before, ``"bfloat16"``
+    there meant bf16, and pythia/1B.yml still says so. Say which precision the config trains when the two differ."""
+    kind = args.fp16.get("type") if isinstance(args.fp16, dict) else None
+    if kind is None or kind == args.precision:
+        return None
+    return (f"key 'fp16.type' is {kind!r} but this config trains {args.precision}: as in GPT-NeoX since 056e9caf, "
+            f"fp16.enabled decides (type did before); for bf16 set bf16: {{enabled: true}} or precision: bfloat16")
+
+
+def launch_notes(args) -> List[str]:
+    """Every line deepy.py prints before launch about how the config was read: 'warning: ...' or 'note: ...'."""
+    notes = []
+    if args.missing_hostfile:
+        notes.append(f"warning: hostfile {args.missing_hostfile} not found: running on local resources only, as "
+                     f"DeepSpeed's runner does (a --hostfile on the command line must exist)")
+    if args.load_was_empty:
+        notes.append(f"note: 'load' {args.load_was_empty} is the 'save' directory and holds no checkpoint yet: "
+                     f"training starts from iteration 0")
+    note = fp16_type_note(args)
+    if note:
+        notes.append("note: " + note)
+    if args.gpt_neox_keys_off:
+        notes.append(f"note: GPT-NeoX key(s) {', '.join(args.gpt_neox_keys_off)} are at GPT-NeoX's default (their "
+                     f"features are off) and change nothing here; this project does not have those features")
+    return notes + ["note: " + line for line in no_op_notes(args)]

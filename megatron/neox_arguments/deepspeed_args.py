@@ -9,6 +9,9 @@ PRECISION_ALIASES = {"bf16": "bfloat16", "float32": "fp32", "float16": "fp16", "
 # Keys DeepSpeed accepts in its fp16 / bf16 sections (DeepSpeedFP16Config / DeepSpeedBF16Config forbid others).
 FP16_KEYS = ("enabled", "auto_cast", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis",
              "consecutive_hysteresis", "min_loss_scale", "fp16_master_weights_and_grads")
+# GPT-NeoX's fp16.type values (pythia/1B.yml writes "bfloat16"; GPT-NeoX's own default section is
+# {"type": "fp16", "enabled": true}). Accepted and not passed to DeepSpeed, which forbids the key.
+FP16_TYPES = ("fp16", "bfloat16")
 BF16_KEYS = ("enabled", "immediate_grad_update", "check_grad_overflow", "bf16_master_weights_and_grads",
              "bf16_optimizer_states")
 
@@ -22,8 +25,12 @@ class DeepSpeedArgs:
         role="derived")
     fp16: Optional[dict] = arg(
         None, "DeepSpeed fp16 section: {enabled, loss_scale (0 = dynamic), loss_scale_window, hysteresis, "
-              "min_loss_scale, initial_scale_power}. GPT-NeoX's extra `fp16: true` entry is accepted.")
-    bf16: Optional[Union[dict, bool]] = arg(None, "DeepSpeed bf16 section {enabled: true} (or just true).")
+              "min_loss_scale, initial_scale_power}. On when `enabled` is true (GPT-NeoX's and DeepSpeed's rule). "
+              "GPT-NeoX's extra entries `fp16: true` and `type` (fp16 or bfloat16) are accepted and decide "
+              "nothing, as in GPT-NeoX since 056e9caf: `\"type\": \"bfloat16\"` with `enabled: true` trains fp16, "
+              "with a note at launch.")
+    bf16: Optional[Union[dict, bool]] = arg(
+        None, "DeepSpeed bf16 section {enabled: true} (or just true); on when `enabled` is true.")
     zero_optimization: Optional[dict] = arg(
         None, "DeepSpeed ZeRO section {stage: 0-3, allgather_bucket_size, reduce_bucket_size, overlap_comm, "
               "reduce_scatter, contiguous_gradients, offload_optimizer, ...}. GPT-NeoX's `cpu_offload: true` "

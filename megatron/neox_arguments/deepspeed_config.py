@@ -7,7 +7,7 @@ from .optimizer_args import DEEPSPEED_ONLY_OPTIMIZERS
 # Top-level DeepSpeed sections passed through unchanged when the user gives them.
 _DEFAULT_OFF = {"dump_state": False, "prescale_gradients": False, "gradient_predivide_factor": 1.0,
                 "fp32_allreduce": False, "sparse_gradients": False}
-_PASS_THROUGH = ("amp", "flops_profiler", "comms_logger", "checkpoint", "data_types", "communication_data_type")
+PASS_THROUGH = ("amp", "flops_profiler", "comms_logger", "checkpoint", "data_types", "communication_data_type")
 
 
 def _zero_section(args):
@@ -72,7 +72,7 @@ def build_deepspeed_config(args) -> dict:
         config["optimizer"] = {"type": args.optimizer["type"], "params": copy.deepcopy(args.optimizer.get("params", {}))}
         if args.lr is not None:
             config["optimizer"]["params"]["lr"] = args.lr
-    for key in _PASS_THROUGH:
+    for key in PASS_THROUGH:
         value = getattr(args, key)
         if value is not None:
             config[key] = copy.deepcopy(value)

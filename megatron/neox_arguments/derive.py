@@ -9,7 +9,7 @@ import collections
 import dataclasses
 import os
 
-from .deepspeed_args import BF16_KEYS, FP16_KEYS, PRECISION_ALIASES, PRECISIONS
+from .deepspeed_args import BF16_KEYS, FP16_KEYS, FP16_TYPES, PRECISION_ALIASES, PRECISIONS
 from .errors import ConfigError
 from .hostfile import parse_hostfile, select_resources
 from .kernel_knobs import ENV_KEYS, env_overrides, parse_blocks
@@ -45,17 +45,23 @@ def derive_optimizer(args, given):
 
 
 def _section_enabled(name, section):
-    """Is a fp16/bf16 section on? A section given as a mapping is on unless it says enabled: false."""
+    """Is a fp16/bf16 section on? GPT-NeoX's rule (megatron/neox_arguments/arguments.py at ea7aefd8, "derive
+    precision"): a section is on when its ``enabled`` is true, as in DeepSpeed, whose ``enabled`` defaults to
+    false. GPT-NeoX's extra ``fp16: true`` entry and ``fp16.type`` do not decide it (``type`` did until
+    GPT-NeoX 056e9caf: ``"type": "bfloat16"`` meant bf16; compat.fp16_type_notes says so at launch)."""
     if section is None:
         return False
     if isinstance(section, bool):
         return section
-    allowed = (FP16_KEYS if name == "fp16" else BF16_KEYS) + (name,)
+    allowed = (FP16_KEYS + ("type",) if name == "fp16" else BF16_KEYS) + (name,)
     for key in section:
         if key not in allowed:
             raise ConfigError(f"key '{name}.{key}' is unknown{suggest_key(key, allowed)}; "
                               f"accepted: {list(allowed)}")
-    return bool(section.get("enabled", section.get(name, True)))
+    if name == "fp16" and "type" in section and section["type"] not in FP16_TYPES:
+        raise ConfigError(f"key 'fp16.type' is {section['type']!r}; GPT-NeoX writes one of {list(FP16_TYPES)} "
+                          f"there (it does not decide the precision: fp16.enabled does)")
+    return bool(section.get("enabled", False))
 
 
 def derive_precision(args, given):
@@ -351,6 +357,23 @@ def derive_vocab(args, given):
         raise ConfigError(f"key 'vocab_file' (tokenizer_type {args.tokenizer_type}): {err}") from None
 
 
+def derive_load(args, on_rank):
+    """GPT-NeoX's local_setup.yml sets ``load`` and ``save`` to one directory, so the first run finds nothing to
+    load: training then starts from iteration 0 (``load`` cleared, the directory recorded for the notice). Only
+    for ``load == save``: another empty directory stays validate_checkpoints' error. Settled once, on the
+    launcher: a rank reads the outcome from the resolved config."""
+    from .validate import _is_training
+
+    if on_rank or args.load is None or args.save is None or not _is_training(args):
+        return
+    if os.path.realpath(args.load) != os.path.realpath(args.save):
+        return
+    from megatron.checkpointing import holds_no_checkpoint  # the loader's notion of a save directory
+
+    if holds_no_checkpoint(args.load):
+        args.load_was_empty, args.load = args.load, None
+
+
 def derive_backend(args, env):
     if args.distributed_backend == "nccl" and not env.has_cuda:
         args.distributed_backend = "gloo"
@@ -388,5 +411,6 @@ def derive_all(args, given, env, on_rank=False):
     derive_batch(args, given)
     derive_schedule(args, given)
     derive_vocab(args, given)
+    derive_load(args, on_rank)
     derive_backend(args, env)
     derive_kernel_settings(args, env, on_rank)

@@ -15,6 +15,7 @@ from .data_args import DataArgs
 from .deepspeed_args import DeepSpeedArgs
 from .deepspeed_config import build_deepspeed_config, uses_deepspeed_optimizer
 from .derive import derive_all
+from . import gpt_neox_features
 from .environment import Environment, detect_environment
 from .errors import ConfigError
 from .launcher_args import LauncherArgs
@@ -62,13 +63,21 @@ class NeoXArgs(RuntimeArgs, TextGenArgs, LauncherArgs, SepKernelArgs, AdjustSoft
         `from_ymls` refuses them in files before calling this."""
         fields = cls.fields()
         hints = cls._annotations()
+        refusals, off = gpt_neox_features.scan(values, origins, fields)
+        if off:
+            values = {k: v for k, v in values.items() if k not in off}
+            values["gpt_neox_keys_off"] = sorted(set(off) | set(values.get("gpt_neox_keys_off") or ()))
+            given = (set(values) if given is None else set(given)) - set(off) - {"gpt_neox_keys_off"}
+        user_fields = [n for n, f in fields.items() if f.metadata["role"] != "internal"]
+        unknown = [f"unknown key '{key}'" + (f" in {origins[key].describe()}" if key in origins else "")
+                   + suggest_key(key, user_fields) for key in values
+                   if key not in fields and key not in gpt_neox_features.FEATURE_KEYS]
+        # Every problem of this kind at once: a GPT-NeoX config often has several.
+        if refusals or unknown:
+            raise ConfigError("; ".join(([gpt_neox_features.refusal_message(refusals)] if refusals else []) + unknown))
         kwargs = {}
         for key, value in values.items():
             where = origins[key].describe() if key in origins else ""
-            if key not in fields:
-                raise ConfigError(f"unknown key '{key}'" + (f" in {where}" if where else "")
-                                  + suggest_key(key, [n for n, f in fields.items()
-                                                      if f.metadata["role"] != "internal"]))
             meta = fields[key].metadata
             kwargs[key] = coerce_value(key, value, hints[key], meta["choices"], where)
         args = cls(**kwargs)
@@ -121,6 +130,7 @@ class NeoXArgs(RuntimeArgs, TextGenArgs, LauncherArgs, SepKernelArgs, AdjustSoft
             values[key] = value
             origins.pop(key, None)
             given.add(key)
+        _fall_back_from_missing_hostfile(values, origins)
         abs_paths = [os.path.abspath(p) for p in paths]
         values.setdefault("config_paths", abs_paths)
         values.setdefault("config_files", _read_config_texts(abs_paths))
@@ -207,6 +217,16 @@ class NeoXArgs(RuntimeArgs, TextGenArgs, LauncherArgs, SepKernelArgs, AdjustSoft
             if value != default:
                 lines.append(f"  {f.name}: {json.dumps(_plain(value))}")
         return "\n".join(lines)
+
+
+def _fall_back_from_missing_hostfile(values: dict, origins: dict):
+    """A config file's ``hostfile`` naming no file means this machine only, as in DeepSpeed's runner (which
+    warns and uses local resources); GPT-NeoX's 125M.yml ships ``hostfile: /mock_path``. A ``--hostfile`` on the
+    command line (an override, so without an origin) must exist: parse_hostfile refuses it by name."""
+    path = values.get("hostfile")
+    if "hostfile" in origins and isinstance(path, str) and not os.path.isfile(path):
+        values["hostfile"] = None
+        values["missing_hostfile"] = f"{path} (key 'hostfile' in {origins['hostfile'].describe()})"
 
 
 def _plain(value):

@@ -28,5 +28,15 @@ class RuntimeArgs:
     user_keys: Optional[list] = arg(
         None, "Keys the user gave explicitly (after normalisation); lets a rank re-run derivation exactly.",
         role="internal")
+    gpt_neox_keys_off: Optional[list] = arg(
+        None, "GPT-NeoX keys of features this project does not have, given at GPT-NeoX's default (the feature off): "
+              "dropped when the config loads and named once at launch (megatron/neox_arguments/gpt_neox_features.py).",
+        role="internal")
+    load_was_empty: Optional[str] = arg(
+        None, "The `load` directory, the same as `save`, that held no checkpoint when the launcher resolved the "
+              "config: training started from iteration 0 and `load` was cleared.", role="internal")
+    missing_hostfile: Optional[str] = arg(
+        None, "The config file's `hostfile` that names no file: the launch used local resources only, as "
+              "DeepSpeed's runner does (a --hostfile given on the command line must exist).", role="internal")
     neox_config_file: Optional[str] = arg(
         None, "Path of the resolved config this rank was started with.", role="internal")

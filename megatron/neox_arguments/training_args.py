@@ -20,7 +20,10 @@ class TrainingArgs:
     seed: int = arg(1234, "Random seed for python, numpy and torch.")
     save: Optional[str] = arg(None, "Directory checkpoints are written to.")
     load: Optional[str] = arg(
-        None, "Directory to resume from; must hold a `latest` file or a global_step* directory.")
+        None, "Directory to resume from; must hold a `latest` file or a global_step* directory. As in GPT-NeoX's "
+              "local_setup.yml, `load` may be the `save` directory before its first checkpoint (or before it "
+              "exists): training then starts from iteration 0 with a notice (recorded as load_was_empty). A "
+              "different directory without a checkpoint is an error, so a typo never trains from scratch.")
     checkpoint_factor: Optional[int] = arg(
         None, "Save every this many iterations (alias `save_interval`). None: only at the end / on signal.")
     extra_save_iters: Optional[list] = arg(None, "Additional iterations at which to save.")

@@ -7,6 +7,7 @@ import dataclasses
 import os
 
 from .compat import refused_value
+from .deepspeed_config import PASS_THROUGH
 from .errors import ConfigError
 from .optimizer_args import LR_DECAY_STYLES
 from .tokenizer_args import NEEDS_MERGE_FILE, NEEDS_VOCAB_FILE
@@ -261,6 +262,12 @@ def validate_deepspeed(args):
     # derived value on the ranks only, behind every check made here.
     own = {f.name for f in dataclasses.fields(args)}
     for key in extra:
+        # A section passed through unchanged reaches DeepSpeed the same from either place (GPT-NeoX's 19M.yml puts
+        # comms_logger here); given in both places, one would silently win.
+        if key in PASS_THROUGH and getattr(args, key) is None:
+            if not isinstance(extra[key], dict) and key != "communication_data_type":
+                raise ConfigError(f"key 'deepspeed_extra_args.{key}' must be a mapping, got {extra[key]!r}")
+            continue
         if key in own:
             raise ConfigError(f"key 'deepspeed_extra_args.{key}' is a key of this config: set '{key}' itself "
                               f"(deepspeed_extra_args is for DeepSpeed keys the config does not have)")

@@ -73,8 +73,10 @@ def test_model_errors():
         NeoXArgs.from_dict(small(model_parallel_size=2), env=gpus(2))
     with pytest.raises(ConfigError, match="'attention_config' describes 3 layers but num_layers is 2"):
         NeoXArgs.from_dict(small(attention_config=[[["global"], 3]]), env=cpu())
-    with pytest.raises(ConfigError, match="attention type 'sparse_fixed'"):
+    with pytest.raises(ConfigError, match="attention_config type 'sparse_fixed'.*DeepSpeed sparse attention"):
         NeoXArgs.from_dict(small(attention_config=[[["sparse_fixed"], 2]]), env=cpu())
+    with pytest.raises(ConfigError, match="attention type 'sparse_fixd'"):  # not a GPT-NeoX type either
+        NeoXArgs.from_dict(small(attention_config=[[["sparse_fixd"], 2]]), env=cpu())
 
 
 def test_model_defaults_derived():

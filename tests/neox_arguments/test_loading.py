@@ -99,8 +99,8 @@ def test_type_errors_name_key_and_value():
         NeoXArgs.from_dict(small(num_layers="two"), env=cpu())
     with pytest.raises(ConfigError, match=r"key 'no_weight_tying'.*expected bool"):
         NeoXArgs.from_dict(small(no_weight_tying="yes"), env=cpu())
-    with pytest.raises(ConfigError, match=r"key 'pos_emb'.*'sinusoidal'.*expected one of"):
-        NeoXArgs.from_dict(small(pos_emb="sinusoidal"), env=cpu())
+    with pytest.raises(ConfigError, match=r"key 'pos_emb'.*'rotari'.*expected one of"):
+        NeoXArgs.from_dict(small(pos_emb="rotari"), env=cpu())
     with pytest.raises(ConfigError, match=r"key 'hidden_dropout' may not be null"):
         NeoXArgs.from_dict(small(hidden_dropout=None), env=cpu())
     with pytest.raises(ConfigError, match=r"key 'num_layers' is required"):
