@@ -273,3 +273,21 @@ def test_post_training_first_step_loss_equals_the_hf_loss(tmp_path, pythia_token
     want = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)).item()
     assert abs(trained - want) <= 2e-6 * want, (trained, want)  # the console prints 7 significant digits
     assert (tmp_path / "save" / "global_step1").is_dir()
+
+
+def test_post_training_example_composes_with_an_import(tmp_path, pythia_tokenizer_path):
+    """configs/post_training/pythia-160m-sepllm-n64.yml after an import's model.yml, as its header commands run
+    them (a simulated 8-GPU node; a tiny Pythia-shaped model in place of the 160M download)."""
+    from megatron.neox_arguments import Environment, NeoXArgs
+    from tests.training.launch_utils import REPO, write_tiny_corpus
+
+    make_hf_dir(tmp_path / "hf", pythia_tokenizer_path, hidden_size=64, max_position_embeddings=128)
+    corpus = write_tiny_corpus(str(tmp_path / "corpus"))  # in place of the Pile
+    out = tmp_path / "imported"
+    import_hf(str(tmp_path / "hf"), str(out), log=lambda _: None)
+    example = REPO / "configs" / "post_training" / "pythia-160m-sepllm-n64.yml"
+    args = NeoXArgs.from_ymls([str(out / "model.yml"), str(example)], overrides=dict(load=str(out), data_path=corpus),
+                              env=Environment(8, {"WORLD_SIZE": "8", "RANK": "0", "LOCAL_RANK": "0"}))
+    assert args.finetune and args.attention_variant == "sep_kernel" and args.prefill_local_window_size == 64
+    assert args.train_batch_size == 1024 and args.padded_vocab_size == VOCAB and args.precision == "fp16"
+    assert "imports/pythia-160m-deduped" in example.read_text()  # the path its header's import command writes
