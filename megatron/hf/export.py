@@ -328,6 +328,14 @@ def export(input_dir: str, config_files: Optional[List[str]], output_dir: str, p
             for name in EXPORT_CODE_FILES:
                 shutil.copyfile(HF_SOURCE_DIR / name, tmp / name)
             shutil.copyfile(rule, tmp / "rule.py")
+        if architecture == "llama":
+            from megatron.hf.export_llama import training_free_settings
+
+            settings = training_free_settings(args)
+            if settings is not None:  # SepLLM / StreamingLLM / FixLLM: the stock model plus its attention rule
+                from megatron.hf.training_free import write_saved_config
+
+                write_saved_config(settings, str(tmp))
         from safetensors.torch import save_file
 
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})

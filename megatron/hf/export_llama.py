@@ -1,5 +1,8 @@
 """``--architecture llama``: a trainer checkpoint of a Llama-family model as a stock HF ``LlamaForCausalLM``, or
-``MistralForCausalLM`` when the model has a sliding window. Full attention only; no custom code in the export.
+``MistralForCausalLM`` when the model has a sliding window; no custom code in the export. A SepLLM, StreamingLLM or
+FixLLM model is the same stock model plus its attention settings, saved beside it as ``sepllm_config.yml``
+(:func:`training_free_settings`): ``megatron.hf.training_free.apply_sepllm(model)`` reads them and applies the
+trainer's rule, so there is one implementation of the mask, not a second modeling file.
 
 Tensor mapping (per block, pipeline layer ``i + 2``), tensor-parallel shards merged as GPT-NeoX's
 ``convert_neox_to_hf.py`` merges them:
@@ -29,10 +32,9 @@ def check_llama_supported(args) -> None:
     """The first key (with its value and why) that a stock Llama/Mistral model cannot represent."""
     mistral = args.sliding_window_width is not None
     refusals = (
-        ("attention_variant", args.attention_variant != "full",
-         "--architecture llama exports full attention only. A SepLLM Llama-family model is exported as stock "
-         "Llama weights plus its SepLLM settings for the training-free SepLLM path (megatron/hf/training_free, "
-         "issue 12), which this tree does not have yet"),
+        ("attention_variant", args.attention_variant == "sa_softmax",
+         "Self-Adjusting softmax has no stock Llama form and the training-free SepLLM path cannot apply it "
+         "(it changes the attention's output scale)"),
         ("USE_BiPE", args.USE_BiPE, "stock Llama has no BiPE positions"),
         ("norm", args.norm != "rmsnorm", "stock Llama uses RMSNorm (norm: rmsnorm)"),
         ("use_bias_in_norms", args.use_bias_in_norms, "Llama's RMSNorm has no bias (use_bias_in_norms: false)"),
@@ -164,3 +166,22 @@ def build_llama_state_dict(reader: CheckpointReader, args) -> Dict[str, torch.Te
             raise ConversionError(f"{where[name]}: tensor {name} has shape {got} but the config implies {shape} "
                                   f"({', '.join(bad)})")
     return sd
+
+
+def training_free_settings(args):
+    """The training-free config (the reference's keys) under which a stock Llama/Mistral model attends as the
+    trainer's model did, or None for full attention. The keys are the trainer's own, with the same names and
+    meaning; the kernel flags are training-only (the kernel and the mask compute the same attention)."""
+    if args.attention_variant == "full":
+        return None
+    import dataclasses
+
+    from megatron.hf.training_free import TrainingFreeConfig
+
+    trainer_keys = {f.name for f in dataclasses.fields(args)}
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingFreeConfig)
+                if f.name in trainer_keys and f.name != "source"}
+    settings.update(Layer_num=int(args.num_layers), USE_SEP_ATTN_KERNEL_ACCELERATOR=False,
+                    RECOMPILE_SEP_ATTN_KERNEL=False, PRINT_KV_RATIO=False, prefill_k=0, generate_k=0)
+    return settings
+

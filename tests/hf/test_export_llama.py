@@ -118,9 +118,41 @@ def test_sliding_window_exports_mistral(tmp_path, pythia_tokenizer_path):
     assert (full - ref).abs().max().item() > 1e-4
 
 
+SEPLLM_CASES = {
+    "sepllm_mask_gqa": dict(num_kv_heads=2, separator_token_ids=[15, 13, 209], prefill_local_window_size=4,
+                            generate_local_window_size=4, init_tok_max_idx=1, USE_SEP_ATTN_KERNEL_ACCELERATOR=False),
+    "sep_kernel_per_layer": dict(separator_token_ids=[15, 13, 209], prefill_local_window_size=4,
+                                 generate_local_window_size=4, USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS=True,
+                                 prefill_loc_win_size_list=[3, 32], USE_SEP_ATTN_KERNEL_ACCELERATOR=True),
+    "streamingllm": dict(streamingLLM=True, prefill_local_window_size=5, generate_local_window_size=5,
+                         USE_SEP_ATTN_KERNEL_ACCELERATOR=False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SEPLLM_CASES))
+def test_sepllm_llama_export_is_stock_llama_plus_the_training_free_rule(tmp_path, pythia_tokenizer_path, case):
+    """A SepLLM-family Llama exports as stock weights plus sepllm_config.yml; apply_sepllm(model) with no config
+    reads it and the logits equal the trainer's (fp32 < 1e-5), where the stock model alone differs."""
+    from megatron.hf.training_free import apply_sepllm
+
+    cfg = llama_config(pythia_tokenizer_path, **SEPLLM_CASES[case])
+    model, hf, config = export_and_load(tmp_path, cfg, "sequential")
+    assert config["architectures"] == ["LlamaForCausalLM"] and "auto_map" not in config
+    assert (tmp_path / "hf_llama" / "sepllm_config.yml").is_file()
+    ids = random_ids(2, 24, seed=9)
+    ref = trainer_logits(model, ids)
+    with torch.no_grad():
+        stock = hf(ids).logits
+    assert (stock - ref).abs().max().item() > 1e-4  # the rule matters on this input
+    apply_sepllm(hf)
+    with torch.no_grad():
+        got = hf(ids).logits
+    assert (got - ref).abs().max().item() < TOL
+
+
 @pytest.mark.parametrize("overrides,key", [
-    (dict(separator_token_ids=[15, 13], prefill_local_window_size=4, generate_local_window_size=4,
-          USE_SEP_ATTN_KERNEL_ACCELERATOR=False), "attention_variant"),
+    (dict(separator_token_ids=[-1], prefill_local_window_size=32, generate_local_window_size=32,
+          USE_SA_SOFTMAX=True, USE_SEP_ATTN_KERNEL_ACCELERATOR=False), "attention_variant"),
     (dict(norm="layernorm", use_bias_in_norms=True), "norm"),
     (dict(activation="gelu"), "activation"),
     (dict(rotary_pct=0.5), "rotary_pct"),
