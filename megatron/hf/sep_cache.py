@@ -377,6 +377,12 @@ class SepCache(Cache):
                 kwargs["separator_token_ids"] = list(trained)
                 kwargs.setdefault("PADDING_ID", getattr(config, "PADDING_ID", None))
             elif getattr(config, "model_type", None) in MODEL_TYPE_PRESETS:
+                preset = MODEL_TYPE_PRESETS[config.model_type]["separator_token_ids"]
+                vocab = getattr(config, "vocab_size", None)
+                if vocab is not None and max(preset) >= int(vocab):
+                    raise ValueError(f"SepCache.from_model_config: the {config.model_type!r} separator preset is "
+                                     f"for another tokenizer (id {max(preset)} >= vocab_size {vocab}); pass "
+                                     f"separator_token_ids= (and PADDING_ID=) for this model's tokenizer")
                 kwargs["model_type"] = config.model_type
             else:
                 raise ValueError(f"SepCache.from_model_config: no separator preset for model_type "

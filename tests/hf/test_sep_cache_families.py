@@ -205,6 +205,8 @@ def test_from_model_config_for_families_without_a_preset(family):
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(ValueError, match="inputs_embeds only"), torch.no_grad():
         model(inputs_embeds=torch.zeros(1, 3, 32), past_key_values=cache)
+    with pytest.raises(ValueError, match="'llama' separator preset is for another tokenizer"):
+        SepCache.from_model_config(family_config("llama"))
     per_layer = SepCache.from_model_config(config, separator_token_ids=SEPS, local_size=[8, 16])
     with pytest.raises(ValueError, match="same init_cache_size/sep_cache_size/local_size/cache_size in every"), \
             torch.no_grad():
