@@ -6,6 +6,9 @@
 2. Write the resolved configuration to a file (the ranks read it with `--neox_config_file`).
 3. Run DeepSpeed's runner: all local GPUs by default, CPU processes (gloo) on a machine without GPUs,
    several nodes through a hostfile over pdsh / openmpi / mvapich / slurm.
+   For a multi-node launch it first checks that every host answers ssh (and sees the data), picks
+   master_addr, writes the ranks' environment file (megatron/launch_env_file.py) and builds the JIT ops
+   once (docs/multinode.md).
 4. Supervise it (RunSupervisor): Ctrl-C or SIGTERM to deepy.py saves a checkpoint at the next step and
    stops with exit 0; a repeat after 5 s kills the run (128 + signal); deepy.py's death ends the run too.
 
@@ -25,7 +28,7 @@ REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # Command-line options that override the config key of the same name.
 _LAUNCH_OPTIONS = ("num_gpus", "num_nodes", "hostfile", "include", "exclude", "master_port", "master_addr",
-                   "launcher", "force_multi", "eval_tasks", "eval_include_path")
+                   "ssh_port", "launcher", "force_multi", "eval_tasks", "eval_include_path")
 
 
 def parse_cli(argv):
@@ -41,7 +44,9 @@ def parse_cli(argv):
     parser.add_argument("--include", default=None, help="NODE_SPEC[@NODE_SPEC...], NODE_SPEC=host[:slot,...]")
     parser.add_argument("--exclude", default=None, help="resources to leave out (include's format)")
     parser.add_argument("--master_port", type=int, default=None, help="torch.distributed port")
-    parser.add_argument("--master_addr", default=None, help="address of node 0")
+    parser.add_argument("--master_addr", default=None,
+                        help="address of node 0 (default: the first host, as ssh resolves its name)")
+    parser.add_argument("--ssh_port", type=int, default=None, help="ssh port of the hostfile hosts")
     parser.add_argument("--launcher", default=None, choices=("pdsh", "openmpi", "mvapich", "slurm"),
                         help="multi-node launcher backend")
     parser.add_argument("--force_multi", action="store_true", default=None,
@@ -126,9 +131,20 @@ def build_runner_argv(args, resolved_path: str, has_cuda: bool) -> list:
     if args.master_addr:
         argv += ["--master_addr", args.master_addr]
     argv += ["--launcher", args.launcher]
+    if args.ssh_port is not None:
+        argv += ["--ssh_port", str(args.ssh_port)]
+    if args.launcher == "slurm":
+        # Stock DeepSpeed's runner has no --comment/--account (GPT-NeoX's DeeperSpeed does, and puts them on
+        # srun after the launcher arguments); as launcher arguments they land in the same place.
+        srun = [w for key in ("comment", "account") if getattr(args, key) is not None
+                for w in (f"--{key}", getattr(args, key))]
+        if srun:
+            argv += ["--launcher_args", shlex.join(srun)]
     if args.force_multi:
         argv.append("--force_multi")
-    if args.no_ssh_check:
+    if args.no_ssh_check or remote_hosts(args):
+        # deepy.py's own check (every host, with the port and pdsh's ssh options) replaces DeepSpeed's
+        # first-host check, which predates ssh options.
         argv.append("--no_ssh_check")
     argv += [args.user_script, "--neox_config_file", resolved_path]
     return argv
@@ -173,9 +189,11 @@ class RunSupervisor:
 
     GRACE_SECONDS = 5.0
 
-    def __init__(self, argv, remote_hosts=(), launcher="pdsh"):
+    def __init__(self, argv, remote_hosts=(), launcher="pdsh", environ=None, ssh_port=None):
         from megatron.utils import stop_request_path
 
+        self.environ = dict(os.environ if environ is None else environ)
+        self.ssh_port = ssh_port
         self.argv = list(argv)
         self.resolved = self.argv[self.argv.index("--neox_config_file") + 1]
         self.stop_file = stop_request_path(self.resolved)
@@ -194,7 +212,7 @@ class RunSupervisor:
         previous = {s: signal.signal(s, self._handle) for s in handled}
         try:
             self.child = subprocess.Popen([sys.executable, "-u", "-c", RUNNER_CHILD, str(os.getpid()), *self.argv],
-                                          start_new_session=True)
+                                          start_new_session=True, env=self.environ)
             print(f"deepy.py: runner started (pid {self.child.pid}); Ctrl-C or SIGTERM to deepy.py saves a "
                   "checkpoint at the next step and stops", flush=True)
             code = self.child.wait()
@@ -278,9 +296,12 @@ class RunSupervisor:
         if self.remote_hosts and self.launcher == "pdsh":
             # Matches only processes started with this launch's resolved config (ranks, their launcher),
             # unlike DeepSpeed's own kill command.
+            from megatron.host_checks import pdsh_environment
+
             pattern = shlex.quote(re.escape(f"--neox_config_file {self.resolved}"))
             subprocess.run(["pdsh", "-S", "-w", ",".join(self.remote_hosts), "pkill", "-KILL", "-f", "--", pattern],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=False)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=False,
+                           env=pdsh_environment(self.ssh_port, self.environ))
 
 
 def catches(pid: int, signum: int) -> bool:
@@ -301,12 +322,50 @@ def remote_hosts(args) -> list:
     return hosts if args.hostfile and (len(hosts) > 1 or args.force_multi) else []
 
 
-def _deepspeed_runner(argv, hosts=(), launcher="pdsh"):
-    return RunSupervisor(argv, hosts, launcher).run()
+def _deepspeed_runner(argv, hosts=(), launcher="pdsh", environ=None, ssh_port=None):
+    return RunSupervisor(argv, hosts, launcher, environ=environ, ssh_port=ssh_port).run()
 
 
-def main(argv=None, runner=None, env=None, host_resolver=None) -> int:
-    """Validate, write the resolved config, launch. `runner`, `env` and `host_resolver` are for tests."""
+def check_hosts_before_launch(args, environ, log=print, popen=None) -> None:
+    """Every host of a multi-node launch answers ssh and sees the data as this host does."""
+    from megatron import host_checks
+    from megatron.data.indexed_dataset import index_file_path
+    from megatron.neox_arguments.preflight import data_prefixes
+
+    if args.no_ssh_check or args.launcher == "slurm":  # srun starts Slurm ranks; ssh may be closed there
+        return
+    hosts = remote_hosts(args)
+    idx = list(dict.fromkeys(os.path.abspath(index_file_path(p)) for _, p in data_prefixes(args)))
+    host_checks.check_hosts(hosts, idx, args.use_shared_fs, args.ssh_port, environ, popen=popen or subprocess.Popen)
+    log(f"ssh check: {len(hosts)} host(s) answer ({', '.join(hosts)})"
+        + (f"; each sees the {len(idx)} .idx file(s) as this host does" if idx else ""))
+
+
+def write_ranks_env_file(args, resolved_path, environ, log=print) -> str:
+    """The environment file DeepSpeed's multi-node runner exports to every rank (DS_ENV_FILE); its path."""
+    from megatron import launch_env_file
+
+    ours = launch_env_file.launch_entries(environ, REPO_ROOT, os.getcwd(), args.master_addr, args.master_port)
+    user_files = launch_env_file.user_env_files(environ, os.getcwd(), os.path.expanduser("~"))
+    entries, source = launch_env_file.merged_entries(user_files, ours)
+    path = launch_env_file.write_env_file(launch_env_file.env_file_path(resolved_path), entries)
+    mine = [k for k in entries if source[k] == "deepy.py"]
+    theirs = sorted(set(source.values()) - {"deepy.py"})
+    log(f"ranks' environment file {path}: {', '.join(mine)} from deepy.py"
+        + (f"; {', '.join(k for k in entries if k not in mine)} from {', '.join(theirs)}" if theirs else ""))
+    return path
+
+
+def default_master_addr(args, environ, popen=None) -> str:
+    """master_addr of a multi-node launch: the first selected host, as ssh resolves its name."""
+    from megatron.host_checks import ssh_hostname
+
+    return ssh_hostname(remote_hosts(args)[0], args.ssh_port, environ, popen=popen or subprocess.Popen)
+
+
+def main(argv=None, runner=None, env=None, host_resolver=None, ssh=None) -> int:
+    """Validate, write the resolved config, launch. `runner`, `env`, `host_resolver` and `ssh` (a Popen
+    stand-in for the ssh commands of the host checks) are for tests."""
     cli = parse_cli(sys.argv[1:] if argv is None else argv)
     prepare_environment()
     # Make `megatron` importable when deepy.py is run from another directory.
@@ -339,15 +398,41 @@ def main(argv=None, runner=None, env=None, host_resolver=None) -> int:
         from megatron.neox_arguments.derive import describe_attention
 
         print(f"deepy.py: {describe_attention(args)}", flush=True)
-    resolved = args.save_resolved(cli.resolved_config or default_resolved_path(args))
+    multi_node = bool(remote_hosts(args))
+    log = lambda line: print(f"deepy.py: {line}", flush=True)  # noqa: E731
+    env_file = None
+    try:
+        if multi_node:
+            check_hosts_before_launch(args, os.environ, log=log, popen=ssh)
+            # Settled here, before the resolved config is written, so that the ranks and the record agree.
+            args.master_port = master_port(args)
+            if args.master_addr is None:
+                args.master_addr = default_master_addr(args, os.environ, popen=ssh)
+        resolved = args.save_resolved(cli.resolved_config or default_resolved_path(args))
+        if multi_node:
+            env_file = write_ranks_env_file(args, resolved, os.environ, log=log)
+    except ConfigError as err:
+        print(f"deepy.py: configuration error: {err}", file=sys.stderr)
+        return 2
     runner_argv = build_runner_argv(args, resolved, env.has_cuda)
     print(f"deepy.py: {args.global_num_gpus} rank(s) (data parallel {args.data_parallel_size}, pipeline "
           f"{args.pipe_parallel_size}), resolved config {resolved}", flush=True)
     print("deepy.py: deepspeed " + " ".join(runner_argv), flush=True)
     if cli.dry_run:
         return 0
-    # Only the real runner is supervised in a child process; a test's `runner` is called in-process.
-    result = runner(runner_argv) if runner else _deepspeed_runner(runner_argv, remote_hosts(args), args.launcher)
+    from megatron.jit_ops import build_jit_ops
+
+    build_jit_ops(log=log)
+    child_env = dict(os.environ)
+    if env_file:
+        child_env["DS_ENV_FILE"] = env_file
+    try:
+        # Only the real runner is supervised in a child process; a test's `runner` is called in-process.
+        result = runner(runner_argv) if runner else _deepspeed_runner(
+            runner_argv, remote_hosts(args), args.launcher, environ=child_env, ssh_port=args.ssh_port)
+    finally:
+        if env_file and os.path.exists(env_file):
+            os.remove(env_file)  # it may hold WANDB_API_KEY; the runner has read it
     return int(result or 0)
 
 

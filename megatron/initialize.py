@@ -99,15 +99,38 @@ def release_deepspeed_shm(rank: int) -> bool:
     return True
 
 
+def choose_gloo_interface(environ=None):
+    """Sets ``GLOO_SOCKET_IFNAME`` (unless the user did) to the interface this host's route to ``MASTER_ADDR``
+    leaves by. Without it gloo binds to whatever the host name resolves to, which the other hosts may not
+    reach (on loopback "nodes" and on machines whose name maps to 127.0.1.1). Returns the name chosen."""
+    from megatron.rank_env import gloo_interface
+
+    environ = os.environ if environ is None else environ
+    if environ.get("GLOO_SOCKET_IFNAME") or int(environ.get("WORLD_SIZE", "1")) < 2 or not environ.get("MASTER_ADDR"):
+        return None
+    name = gloo_interface(environ["MASTER_ADDR"], int(environ.get("MASTER_PORT") or 29500))
+    if name is not None:
+        environ["GLOO_SOCKET_IFNAME"] = name
+        if environ.get("LOCAL_RANK", "0") == "0" and not environ["MASTER_ADDR"].startswith("127."):
+            print(f" > gloo binds interface {name} (the route to MASTER_ADDR {environ['MASTER_ADDR']})", flush=True)
+    return name
+
+
 def initialize_megatron(neox_args):
     """Starts the process group (nccl on GPU, gloo on CPU), picks the device, builds the topology and
     seeds every RNG. Sets ``rank``, ``local_rank`` and ``world_size`` on ``neox_args``; returns
     ``(topology, device)``."""
+    from megatron.rank_env import launcher_rank_env
+
+    # srun / mpirun started this rank without DeepSpeed's launcher: its variables become torch's.
+    os.environ.update(launcher_rank_env(neox_args, os.environ))
     own_port = _default_single_process_env()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank)
+    else:
+        choose_gloo_interface()
     if not torch.distributed.is_initialized():
         _init_process_group("nccl" if use_cuda else "gloo", own_port)
     release_deepspeed_shm(torch.distributed.get_rank())

@@ -248,7 +248,32 @@ def launch_resources(args, env):
     return select_resources(pool, args.include, args.exclude, -1, None, source="local CPU processes")
 
 
+def derive_launcher(args, given):
+    """GPT-NeoX's pairing: the Slurm / MPI launchers start ranks whose numbers come from their own variables,
+    and those modes go through the multi-node runner even for one host (GPT-NeoX's get_deepspeed_main_args);
+    without a hostfile DeepSpeed would take that to mean pdsh to localhost, so then they run locally."""
+    if args.launcher == "slurm":
+        args.deepspeed_slurm = True
+    if args.launcher in ("openmpi", "mvapich"):
+        args.deepspeed_mpi = True
+    if (args.deepspeed_slurm or args.deepspeed_mpi) and args.hostfile:
+        args.force_multi = True
+
+
+def _with_launcher_rank_env(args, env):
+    """A rank that srun / mpirun started reads its numbers from their variables (megatron/rank_env.py)."""
+    from megatron.rank_env import RankEnvError, launcher_rank_env
+
+    try:
+        extra = launcher_rank_env(args, env.environ)
+    except RankEnvError as err:
+        raise ConfigError(str(err)) from None
+    return dataclasses.replace(env, environ={**env.environ, **extra}) if extra else env
+
+
 def derive_world(args, given, env, on_rank):
+    if on_rank:
+        env = _with_launcher_rank_env(args, env)
     world = env.int_env("WORLD_SIZE")
     if on_rank or world is not None:
         args.world_size = world if world is not None else (args.global_num_gpus or 1)
@@ -407,6 +432,7 @@ def derive_all(args, given, env, on_rank=False):
     derive_zero(args, given)
     derive_attention_mode(args, given)
     derive_model(args, given)
+    derive_launcher(args, given)
     derive_world(args, given, env, on_rank)
     derive_batch(args, given)
     derive_schedule(args, given)

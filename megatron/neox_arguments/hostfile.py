@@ -97,7 +97,11 @@ def select_resources(pool, include=None, exclude=None, num_nodes=-1, num_gpus=No
     if num_gpus is not None:
         if num_gpus < 1:
             raise ConfigError(f"key 'num_gpus' must be >= 1, got {num_gpus}")
-        # DeepSpeed uses slots [0, num_gpus) on every host, regardless of the hostfile's slot count.
+        short = {h: pool[h] for h in active if pool[h] < num_gpus}
+        if short:
+            # DeepSpeed would start num_gpus ranks on each host regardless of its slot count.
+            raise ConfigError(f"key 'num_gpus' asks for {num_gpus} process(es) per host but the {source} gives "
+                              + ", ".join(f"host '{h}' slots={n}" for h, n in short.items()))
         active = collections.OrderedDict((h, list(range(num_gpus))) for h in active)
     if not active:
         raise ConfigError(f"no resources left after include={include!r} exclude={exclude!r}")
@@ -116,6 +120,19 @@ def _ssh_config_patterns(path=None) -> list:
     return patterns
 
 
+def ssh_config_file(environ) -> str:
+    """The ssh client config pdsh's ssh will read: a `-F FILE` in PDSH_SSH_ARGS_APPEND, else ~/.ssh/config."""
+    import shlex
+
+    words = shlex.split(environ.get("PDSH_SSH_ARGS_APPEND", ""))
+    for i, word in enumerate(words):
+        if word == "-F" and i + 1 < len(words):
+            return words[i + 1]
+        if word.startswith("-F") and len(word) > 2:
+            return word[2:]
+    return os.path.expanduser("~/.ssh/config")
+
+
 def host_is_known(host: str, ssh_config=None) -> bool:
     """True if `host` resolves (DNS or /etc/hosts) or matches a Host pattern of the ssh config."""
     try:
@@ -126,9 +143,9 @@ def host_is_known(host: str, ssh_config=None) -> bool:
     return any(fnmatch.fnmatch(host, p) for p in _ssh_config_patterns(ssh_config))
 
 
-def check_hosts_known(hosts, hostfile: str, resolver=host_is_known):
+def check_hosts_known(hosts, hostfile: str, resolver=host_is_known, ssh_config="~/.ssh/config"):
     """Raise ConfigError listing every host of `hosts` that `resolver` does not know."""
     unknown = [h for h in hosts if not resolver(h)]
     if unknown:
         raise ConfigError(f"hostfile {hostfile} names unknown host(s) {unknown}: they neither resolve nor match "
-                          f"a Host entry of ~/.ssh/config (set check_hostfile_hosts: false to skip this check)")
+                          f"a Host entry of {ssh_config} (set check_hostfile_hosts: false to skip this check)")

@@ -273,12 +273,18 @@ def validate_deepspeed(args):
                               f"(deepspeed_extra_args is for DeepSpeed keys the config does not have)")
 
 
-def validate_launcher(args, on_rank, host_resolver=None):
+def validate_launcher(args, env, on_rank, host_resolver=None):
+    for key in ("comment", "account"):
+        if getattr(args, key) is not None and args.launcher != "slurm":
+            raise ConfigError(f"key '{key}' is an srun option; it needs launcher: slurm (launcher is "
+                              f"{args.launcher!r})")
     if on_rank or not args.hostfile or not args.check_hostfile_hosts:
         return
-    from .hostfile import check_hosts_known, host_is_known
+    from .hostfile import check_hosts_known, host_is_known, ssh_config_file
 
-    check_hosts_known(list(args._resources), args.hostfile, resolver=host_resolver or host_is_known)
+    ssh_config = ssh_config_file(env.environ)
+    check_hosts_known(list(args._resources), args.hostfile, ssh_config=ssh_config,
+                      resolver=host_resolver or (lambda host: host_is_known(host, ssh_config=ssh_config)))
 
 
 def run_sepllm_checker(args):
@@ -329,5 +335,5 @@ def validate_all(args, env, on_rank=False, host_resolver=None):
     validate_compat(args)
     validate_precision(args, env, on_rank)
     validate_deepspeed(args)
-    validate_launcher(args, on_rank, host_resolver)
+    validate_launcher(args, env, on_rank, host_resolver)
     return run_sepllm_checker(args)

@@ -7,6 +7,7 @@ import pytest
 import deepy
 from megatron.neox_arguments import NeoXArgs
 
+from .fake_ssh import FakeSsh
 from .helpers import Recorder, cpu, gpus, make_dataset, small, write
 
 
@@ -65,7 +66,7 @@ def test_hostfile_launch_argv(tmp_path, run_setup):
     rec = Recorder()
     rc = deepy.main([script, cfg, "--hostfile", hostfile, "--include", "node-a@node-b:1", "--launcher", "openmpi",
                      "--master_port", "1234", "--force_multi", "--resolved_config", str(tmp_path / "r.yml")],
-                    runner=rec, env=cpu(), host_resolver=lambda h: True)
+                    runner=rec, env=cpu(), host_resolver=lambda h: True, ssh=FakeSsh())
     assert rc == 0
     argv = rec.calls[0]
     assert argv[:4] == ["--hostfile", hostfile, "--include", "node-a@node-b:1"]
@@ -73,7 +74,7 @@ def test_hostfile_launch_argv(tmp_path, run_setup):
     assert "--force_multi" in argv and "--num_gpus" not in argv
     rec = Recorder()
     deepy.main([script, cfg, "--hostfile", hostfile, "--resolved_config", str(tmp_path / "r2.yml")], runner=rec,
-               env=cpu(), host_resolver=lambda h: True)
+               env=cpu(), host_resolver=lambda h: True, ssh=FakeSsh())
     assert rec.calls[0][rec.calls[0].index("--master_port") + 1] == "29500"  # multi-node default
     assert NeoXArgs.from_resolved(str(tmp_path / "r.yml"), env=cpu(WORLD_SIZE=3)).global_num_gpus == 3
 

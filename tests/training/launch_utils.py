@@ -66,6 +66,21 @@ def run_deepy(configs, num_procs: int, script: str = "train.py", timeout: int = 
     return proc.returncode, proc.stdout
 
 
+def tb_losses(tb_dir) -> dict:
+    """{step: train/lm_loss} from the TensorBoard event files of a run (float32 as logged: exact)."""
+    import glob
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = {}
+    for path in sorted(glob.glob(os.path.join(str(tb_dir), "events.*"))):
+        acc = EventAccumulator(path)
+        acc.Reload()
+        if "train/lm_loss" in acc.Tags()["scalars"]:
+            out.update({e.step: e.value for e in acc.Scalars("train/lm_loss")})
+    return out
+
+
 LOSS_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \| loss (\S+)")
 
 

@@ -14,25 +14,13 @@ import time
 import pytest
 import torch
 
-from launch_utils import (FIXTURES, REPO, deepy_command, launch_env, run_deepy, write_run_config,
+from launch_utils import (FIXTURES, REPO, deepy_command, launch_env, run_deepy, tb_losses, write_run_config,
                           write_tiny_corpus)
 
 pytestmark = [pytest.mark.slow, pytest.mark.deepspeed]
 
 BASE = [FIXTURES / "tiny_model.yml", FIXTURES / "tiny_train.yml"]
 FAULTS = str(FIXTURES / "fault_injection" / "train.py")
-
-
-def tb_losses(tb_dir) -> dict:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out = {}
-    for path in sorted(glob.glob(os.path.join(str(tb_dir), "events.*"))):
-        acc = EventAccumulator(path)
-        acc.Reload()
-        if "train/lm_loss" in acc.Tags()["scalars"]:
-            out.update({e.step: e.value for e in acc.Scalars("train/lm_loss")})
-    return out
 
 
 def run(tmp, name, nprocs, script="train.py", expect_rc=0, **keys):
