@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from megatron.model.sepllm import rule
+from megatron.hf import rule  # the rule module, without the trainer's imports
 
 from .config import Settings
 from .kv_ratio import KVRatioPrinter, mask_counts

@@ -20,9 +20,25 @@ import typing
 from dataclasses import dataclass, fields
 from typing import List, Optional, Tuple, Union
 
-from megatron.model.sepllm import rule
-from megatron.neox_arguments.field import arg
-from megatron.neox_arguments.loading import suggest_key
+from megatron.hf import rule  # the rule module (megatron/model/sepllm/rule.py), without the trainer's imports
+
+
+def arg(default, doc: str):
+    """A config key with its documentation (as the trainer's ``megatron.neox_arguments.field.arg``)."""
+    if isinstance(default, (list, dict)):
+        raise TypeError("mutable defaults are not used here")
+    return dataclasses.field(default=default, metadata={"doc": " ".join(doc.split())})
+
+
+def suggest_key(key: str, known) -> str:
+    """' (did you mean 'x'?)' for the closest known key, or ''."""
+    import difflib
+
+    lowered = {k.lower(): k for k in known}
+    if key.lower() in lowered:
+        return f" (did you mean '{lowered[key.lower()]}'? the keys are case-sensitive)"
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 MODE_KEYS = ("USE_ORIGINAL_FULL_ATTEN", "USE_FIXED_SEP_INTERVALs", "streamingLLM")
 _NEEDS_TRAINING = {
@@ -101,14 +117,7 @@ class TrainingFreeConfig:
         """The :class:`Settings` for a model of ``num_layers`` layers (``tokenizer``: an HF tokenizer, used only
         for separator / padding ids the config leaves out)."""
         where = self._where()
-        layer_num = num_layers if self.Layer_num is None else self.Layer_num
-        if layer_num != num_layers:
-            raise TrainingFreeConfigError(f"{where}: Layer_num is {self.Layer_num} but the model has {num_layers} "
-                                          "layers (num_hidden_layers)")
-        for flag, key in (("USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS", "prefill_loc_win_size_list"),
-                          ("USE_GENERATE_LOCAL_WIN_SIZES_wrt_LAYERS", "generate_win_loc_size_list")):
-            if getattr(self, flag):
-                _check_layer_list(where, key, getattr(self, key), num_layers, f"{flag} is true")
+        self.check_layers(num_layers)
         mode = self.mode
         intervals = None
         if mode == "fixllm":
@@ -137,12 +146,27 @@ class TrainingFreeConfig:
                                               "and no tokenizer with a pad or eos id was given")
         return Settings(
             mode=mode, num_layers=num_layers,
-            prefill_windows=tuple(rule.layer_windows(self, num_layers, "prefill")),
-            generate_windows=tuple(rule.layer_windows(self, num_layers, "generate")),
+            prefill_windows=() if mode == "full" else tuple(rule.layer_windows(self, num_layers, "prefill")),
+            generate_windows=() if mode == "full" else tuple(rule.layer_windows(self, num_layers, "generate")),
             num_init=rule.num_initial_tokens(self.init_tok_max_idx), exclude_diagonal=bool(self.EXCLUDE_DIAGONAL),
             separator_ids=separators, padding_id=None if padding is None else int(padding), adaptive_init=adaptive,
             intervals=intervals, print_kv_ratio=bool(self.PRINT_KV_RATIO) and mode != "full",
             print_ratio_intervals=int(self.print_ratio_intervals))
+
+    def check_layers(self, num_layers: int) -> None:
+        """``Layer_num`` and the per-layer lists in use against a model of ``num_layers`` layers (needs only the
+        model's config, so it can run before the weights load)."""
+        where = self._where()
+        layer_num = num_layers if self.Layer_num is None else self.Layer_num
+        if layer_num != num_layers:
+            raise TrainingFreeConfigError(f"{where}: Layer_num is {self.Layer_num} but the model has {num_layers} "
+                                          "layers (num_hidden_layers)")
+        if self.mode == "full":
+            return  # the stock model runs unchanged; the reference ignores every other key
+        for flag, key in (("USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS", "prefill_loc_win_size_list"),
+                          ("USE_GENERATE_LOCAL_WIN_SIZES_wrt_LAYERS", "generate_win_loc_size_list")):
+            if getattr(self, flag):
+                _check_layer_list(where, key, getattr(self, key), num_layers, f"{flag} is true")
 
     def _where(self) -> str:
         return f"training-free config {self.source}" if self.source else "training-free config"

@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from megatron.model.sepllm import rule
+from megatron.hf import rule  # the rule module, without the trainer's imports
 
 PREFIX = "[SepLLM training-free]"
 
