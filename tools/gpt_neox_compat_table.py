@@ -148,6 +148,7 @@ def path_overrides(values: dict, standins: StandIns) -> dict:
 def describe(args) -> str:
     attention = "full attention" if args.attention_variant == "full" else args.attention_variant
     extra = f", {args.activation}" if args.activation != "gelu" else ""
+    extra += f", {args.norm}" if args.norm != "layernorm" else ""
     if args.num_kv_heads != args.num_attention_heads:
         extra += f", {args.num_kv_heads} KV heads"
     return (f"{args.num_layers} layers x {args.hidden_size}, {attention}{extra}, {args.precision}, ZeRO "
@@ -228,11 +229,21 @@ def write_into(doc: Path, table: str) -> None:
     os.replace(tmp, doc)
 
 
+def checkout_commit(folder) -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "(commit not given)"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--configs", required=True, help="GPT-NeoX's configs/ folder (a checkout or an export)")
-    parser.add_argument("--commit", default="(commit not given)", help="the GPT-NeoX commit the folder is from, "
-                                                                       "named in the table")
+    parser.add_argument("--commit", default=None, help="the GPT-NeoX commit the folder is from, named in the table "
+                                                       "(default: the folder's git HEAD, when it is in a checkout)")
     parser.add_argument("--output", default=None, help="markdown file whose generated block is replaced "
                                                        "(docs/gpt_neox_compat.md); without it the table is printed")
     args = parser.parse_args(argv)
@@ -240,7 +251,7 @@ def main(argv=None) -> int:
 
     logging.disable(logging.WARNING)  # DeepSpeed's parser logs every config it reads
     rows = compat_rows(args.configs)
-    table = render(rows, args.commit)
+    table = render(rows, args.commit or checkout_commit(args.configs))
     if args.output:
         write_into(Path(args.output), table)
         print(f"{sum(r.loads for r in rows)} of {len(rows)} configs load; table written to {args.output}")

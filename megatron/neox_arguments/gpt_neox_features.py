@@ -114,11 +114,6 @@ FEATURE_KEYS: Dict[str, Tuple[object, str]] = {
     "adlr_autoresume": (False, "ADLR autoresume"), "adlr_autoresume_interval": (1000, "ADLR autoresume"),
     "onnx_safe": (False, "ONNX export"),
     "deepscale": (False, "the deprecated deepscale flag"), "deepscale_config": (None, "the deprecated deepscale flag"),
-    # Keys of launches through srun / mpirun, which another part of the project is adding: a key that becomes a
-    # field is read as the field (scan skips fields), so these entries only matter until then.
-    "deepspeed_slurm": (False, "srun rank discovery (launcher: slurm)"),
-    "deepspeed_mpi": (False, "mpirun rank discovery (launcher: openmpi / mvapich)"),
-    "comment": (None, "srun --comment"), "account": (None, "srun --account"),
     "do_train": (None, "GPT-NeoX's do_train / do_valid / do_test switches"),
     "do_valid": (None, "GPT-NeoX's do_train / do_valid / do_test switches"),
     "do_test": (None, "GPT-NeoX's do_train / do_valid / do_test switches"),
