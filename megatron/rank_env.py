@@ -75,8 +75,9 @@ def launcher_rank_env(args, environ) -> dict:
     """RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT for a rank that srun or mpirun started.
 
     Empty when RANK is already set (DeepSpeed's launcher, or the user), when the config enables no launcher
-    variables, or when the launcher's rank variable is absent (not started by srun / mpirun). MASTER_ADDR / MASTER_PORT already set (deepy.py's environment file sets them for
-    multi-node launches) are kept; otherwise Slurm's first host and the config's master_port (29500)."""
+    variables, or when the launcher's rank variable is absent (not started by srun / mpirun). MASTER_ADDR /
+    MASTER_PORT already set (deepy.py's environment file sets them for multi-node launches) are kept; otherwise
+    Slurm's first host and the config's master_port (29500)."""
     source = rank_source(args)
     if source is None or "RANK" in environ:
         return {}

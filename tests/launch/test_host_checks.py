@@ -67,7 +67,8 @@ def test_hosts_must_see_the_same_data(setup, capsys):
     assert f"host 'node-b': {idx} has size {size} mtime {mtime + 60} (launch host: size {size} mtime {mtime})" in err
     assert "host 'node-a'" not in err
     # Per-node copies (use_shared_fs: false) may differ in mtime, not in size, and must exist.
-    assert launch(setup, ssh=FakeSsh(views={"node-b": {idx: (size, mtime + 60)}}), keys="use_shared_fs: false\n")[0] == 0
+    copies = FakeSsh(views={"node-b": {idx: (size, mtime + 60)}})
+    assert launch(setup, ssh=copies, keys="use_shared_fs: false\n")[0] == 0
     rc, _ = launch(setup, ssh=FakeSsh(views={"node-a": {idx: None}}), keys="use_shared_fs: false\n")
     assert rc == 2 and f"host 'node-a': {idx} is missing" in capsys.readouterr().err
 

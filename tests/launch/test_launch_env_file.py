@@ -35,7 +35,8 @@ def test_users_entries_win_and_ours_fill_the_rest(tmp_path):
     cwd = write(tmp_path / "cwd.env", "PATH=/cwd/bin\n")
     ours = {"PATH": "/venv/bin:/usr/bin", "TORCH_EXTENSIONS_DIR": "/repo/.torch_extensions"}
     entries, source = merged_entries([home, cwd, str(tmp_path / "absent.env")], ours)
-    assert dict(entries) == {"PATH": "/cwd/bin", "NCCL_IB_HCA": "mlx5", "TORCH_EXTENSIONS_DIR": "/repo/.torch_extensions"}
+    assert dict(entries) == {"PATH": "/cwd/bin", "NCCL_IB_HCA": "mlx5",
+                             "TORCH_EXTENSIONS_DIR": "/repo/.torch_extensions"}
     assert source == {"PATH": cwd, "NCCL_IB_HCA": home, "TORCH_EXTENSIONS_DIR": "deepy.py"}
 
 

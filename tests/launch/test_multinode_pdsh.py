@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from loopback_sshd import NODES, loopback_nodes, missing_tools
+from loopback_sshd import LISTEN, NODES, free_port_on_all, loopback_nodes, missing_tools
 from multinode_runs import HALF, ITERS, REPO, common_keys, deepy, launch_env, local_baseline, tb_losses
 
 pytestmark = [pytest.mark.multinode, pytest.mark.deepspeed, pytest.mark.slow]
@@ -35,7 +35,10 @@ def test_two_loopback_hosts_over_pdsh(tmp_path, tmp_path_factory):
     with loopback_nodes(tmp_path / "ssh") as (ssh_config, port):
         env = dict(launch_env(), PDSH_SSH_ARGS_APPEND=f"-F {ssh_config}", DS_ENV_FILE=str(user_env))
         multi_dir = tmp_path / "multi"
-        out = deepy(multi_dir, dict(common, train_iters=HALF, ssh_port=port, hostfile=str(hostfile)), env=env)
+        # A free rendezvous port rather than the multi-node default 29500, which another run may hold.
+        keys = dict(common, train_iters=HALF, ssh_port=port, hostfile=str(hostfile),
+                    master_port=free_port_on_all(LISTEN))
+        out = deepy(multi_dir, keys, env=env)
     assert "ssh check: 2 host(s) answer (node1, node2); each sees the 1 .idx file(s)" in out
     assert f"--master_addr {NODES['node1']} --launcher pdsh --ssh_port {port}" in out  # node1's HostName
     # DeepSpeed's pdsh command line (its log) carries the environment file's entries to every host.
