@@ -3,6 +3,7 @@
     python data_prep/prepare_data.py default        # offline: Austen + King James Bible, ~9 MB of text
     python data_prep/prepare_data.py enwik8         # needs internet (mattmahoney.net)
     python data_prep/prepare_data.py pile_pythia    # needs internet and ~700 GB: Pythia's pre-tokenised Pile
+    python data_prep/prepare_data.py pg19 --source DIR   # a folder of .txt books, whole books held out
 
 ``default`` writes, under ``<data-dir>/default/``:
 
@@ -28,6 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_prep import default_corpus  # noqa: E402
+from data_prep import pg19_corpus  # noqa: E402
 from data_prep import preprocess_data  # noqa: E402
 from data_prep.debian_packages import PackageError, apt_available  # noqa: E402
 from megatron.cli import HelpFormatter  # noqa: E402
@@ -237,7 +239,7 @@ def prepare_pile_pythia(data_dir: str, keep_shards: bool = False) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("name", nargs="?", default="default", choices=["default", "enwik8", "pile_pythia"])
+    p.add_argument("name", nargs="?", default="default", choices=["default", "enwik8", "pile_pythia", "pg19"])
     p.add_argument("--data-dir", default="data", help="where corpora are written (default: data)")
     p.add_argument("--vocab-size", type=int, default=8192, help="default corpus: BPE vocabulary size")
     p.add_argument("--no-bible", action="store_true", help="default corpus: Austen novels only")
@@ -245,19 +247,38 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=1, help="tokenising processes")
     p.add_argument("--force", action="store_true", help="redo every step even if its output exists")
     p.add_argument("--tokenizer-type", default="CharLevelTokenizer", help="enwik8: tokenizer type")
-    p.add_argument("--vocab-file", default=None, help="enwik8: tokenizer vocab file")
+    p.add_argument("--vocab-file", default=None,
+                   help="enwik8: tokenizer vocab file; pg19: tokenizer.json (default: 20B_tokenizer.json beside "
+                        "--source)")
     p.add_argument("--merge-file", default=None, help="enwik8: tokenizer merge file")
     p.add_argument("--keep-shards", action="store_true", help="pile_pythia: keep the downloaded shards")
+    p.add_argument("--source", default=None, help="pg19: the folder of .txt books")
+    p.add_argument("--out-name", default="pg19", help="pg19: output folder under --data-dir")
+    p.add_argument("--train-tokenizer", type=int, default=None, metavar="VOCAB",
+                   help="pg19: train a byte-level BPE of this size on the train books instead of --vocab-file")
+    p.add_argument("--valid-books", type=int, default=pg19_corpus.DEFAULT_HELD_OUT_BOOKS,
+                   help="pg19: whole books held out for validation")
+    p.add_argument("--test-books", type=int, default=pg19_corpus.DEFAULT_HELD_OUT_BOOKS,
+                   help="pg19: whole books held out for test")
+    p.add_argument("--max-books", type=int, default=None, help="pg19: only the first N books by name")
+    p.add_argument("--split-seed", type=int, default=pg19_corpus.DEFAULT_SPLIT_SEED,
+                   help="pg19: seed of the book split")
     a = p.parse_args(argv)
     try:
         if a.name == "default":
             prepare_default(a.data_dir, a.vocab_size, a.workers, with_bible=not a.no_bible,
                             max_docs=a.max_docs, force=a.force)
+        elif a.name == "pg19":
+            if not a.source:
+                raise PrepareError("pg19 needs --source DIR (a folder of .txt books)")
+            pg19_corpus.build_pg19(a.source, a.data_dir, a.out_name, a.vocab_file,
+                                   a.train_tokenizer, a.valid_books, a.test_books, a.split_seed, a.workers,
+                                   max_books=a.max_books, force=a.force, log=_log)
         elif a.name == "enwik8":
             prepare_enwik8(a.data_dir, a.tokenizer_type, a.vocab_file, a.merge_file, a.workers, a.force)
         else:
             prepare_pile_pythia(a.data_dir, a.keep_shards)
-    except (PrepareError, ValueError) as e:
+    except (PrepareError, pg19_corpus.Pg19Error, ValueError) as e:
         sys.exit(f"error: {e}")
 
 
