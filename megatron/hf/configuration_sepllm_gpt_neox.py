@@ -33,6 +33,8 @@ SEPLLM_DEFAULTS = {
     "SA_Numerator_Bias": 0.0,
     "SA_Denominator_Bias": 1e-10,
     "BATCH_ADAPTIVE_INIT_POS": False,
+    "USE_FIXED_SEP_INTERVALs": False,
+    "fixed_sep_intervals_list": None,
 }
 
 

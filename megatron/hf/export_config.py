@@ -40,7 +40,8 @@ SEPLLM_KEYS = ("pos_emb", "separator_token_ids", "PADDING_ID",
                "prefill_loc_win_size_list", "generate_win_loc_size_list", "init_tok_max_idx",
                "USE_ORIGINAL_FULL_ATTEN", "streamingLLM", "PRINT_KV_RATIO", "print_ratio_intervals",
                "EXCLUDE_DIAGONAL", "USE_BiPE", "BiPE_seps", "USE_SA_SOFTMAX", "USE_SA_SOFTMAX_NO_DENO",
-               "SA_Numerator_Bias", "SA_Denominator_Bias", "BATCH_ADAPTIVE_INIT_POS")
+               "SA_Numerator_Bias", "SA_Denominator_Bias", "BATCH_ADAPTIVE_INIT_POS", "USE_FIXED_SEP_INTERVALs",
+               "fixed_sep_intervals_list")
 _LOGGING_ONLY = ("PRINT_KV_RATIO", "print_ratio_intervals")
 # Keys whose value changes the exported model (its weights' meaning, attention, or dtype under --precision auto).
 MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "intermediate_size",
@@ -210,7 +211,8 @@ def hf_common(args: NeoXArgs, vocab_size: int) -> Dict:
 def make_neox_config(args: NeoXArgs, vocab_size: int):
     from transformers import GPTNeoXConfig
 
-    mode_flags = [k for k in ("streamingLLM", "USE_SA_SOFTMAX", "USE_SA_SOFTMAX_NO_DENO", "USE_BiPE")
+    mode_flags = [k for k in ("streamingLLM", "USE_SA_SOFTMAX", "USE_SA_SOFTMAX_NO_DENO", "USE_BiPE",
+                              "USE_FIXED_SEP_INTERVALs")
                   if getattr(args, k)]
     sepllm = not args.USE_ORIGINAL_FULL_ATTEN and _normal(args.separator_token_ids) not in (None, [-1])
     if mode_flags or sepllm:

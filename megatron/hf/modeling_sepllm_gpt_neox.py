@@ -28,8 +28,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .attention_math import alibi_slopes, sa_probabilities
 from .configuration_sepllm_gpt_neox import SepLLMGPTNeoXConfig
-from .rule import adaptive_init_start, bipe_next_offsets, bipe_positions, dense_mask, is_initial, \
-    layer_windows, num_initial_tokens, separator_flags, visible
+from .rule import adaptive_init_start, bipe_next_offsets, bipe_positions, dense_mask, fixed_interval_flags, \
+    is_initial, layer_windows, num_initial_tokens, separator_flags, visible
 from .sep_cache import SepCache, apply_rotary, rope_cos_sin, rope_inv_freq
 
 # transformers renamed the cache field of model outputs (past_key_values -> cache) during 5.x.
@@ -69,6 +69,8 @@ class SepLLMGPTNeoXAttention(nn.Module):
         self.num_init = num_initial_tokens(config.init_tok_max_idx)
         self.prefill_window = layer_windows(config, config.num_hidden_layers, "prefill")[layer_idx]
         self.generate_window = layer_windows(config, config.num_hidden_layers, "generate")[layer_idx]
+        # FixLLM: this layer's interval; its fixed-interval keys take the separators' place.
+        self.interval = int(config.fixed_sep_intervals_list[layer_idx]) if config.USE_FIXED_SEP_INTERVALs else None
 
     def _mask(self, meta: StepMeta, masks: Dict, kv_len: int) -> torch.Tensor:
         """Allowed mask ``[B, q, kv]`` for this layer; layers with equal windows share it within a forward."""
@@ -83,12 +85,17 @@ class SepLLMGPTNeoXAttention(nn.Module):
                 cfg.EXCLUDE_DIAGONAL
         else:
             key, window, exclude = ("win", self.generate_window, True), self.generate_window, True
+        if self.interval is not None:
+            key = key + ("fixllm", self.interval)
         if key not in masks:
             if cfg.USE_ORIGINAL_FULL_ATTEN:
                 flags = torch.zeros_like(meta.key_valid)
                 start, num_init, limit = torch.zeros_like(meta.init_start), 0, None
             else:
                 flags, start, num_init, limit = meta.sep_flags, meta.init_start, self.num_init, meta.init_limit
+                if self.interval is not None:
+                    positions = torch.arange(kv_len, device=flags.device)
+                    flags = fixed_interval_flags(positions, start, self.interval)
             masks[key] = dense_mask(flags, start, num_init, int(window), bool(exclude), q_pos, meta.key_valid,
                                     limit)
         return masks[key]
@@ -183,6 +190,8 @@ def _mask_belongs(key, attention: "SepLLMGPTNeoXAttention") -> bool:
         return (key[2] is True or key[2] == attention.layer_idx) and key[3] in windows
     if key[0] == "full":
         return bool(cfg.USE_ORIGINAL_FULL_ATTEN)
+    if attention.interval is not None and key[-2:] != ("fixllm", attention.interval):
+        return False
     return not cfg.USE_ORIGINAL_FULL_ATTEN and key[1] in (attention.prefill_window, attention.generate_window)
 
 
@@ -258,6 +267,9 @@ class SepLLMGPTNeoXModel(SepLLMGPTNeoXPreTrainedModel):
         bsz, q = input_ids.shape
         # Duck-typed: the export's own sep_cache.py and megatron.hf.sep_cache define distinct classes.
         sep_cache = cache if getattr(cache, "is_sep_cache", False) else None
+        if sep_cache is not None and cfg.USE_FIXED_SEP_INTERVALs:
+            raise ValueError("a SepCache keeps separators, but this model is FixLLM (USE_FIXED_SEP_INTERVALs): it "
+                             "keeps fixed-interval tokens instead; generate with the model's own cache")
         if sep_cache is not None and cfg.USE_BiPE and sep_cache.APPLY_PE_SHIFT:
             raise ValueError("SepCache APPLY_PE_SHIFT=True cannot be used with a USE_BiPE=True model: PE shifting "
                              "has no defined meaning for BiPE's bilevel positions; create the SepCache with "

@@ -208,12 +208,14 @@ def derive_model(args, given):
 
 def attention_variant(args) -> str:
     """The core attention the SepLLM mode flags select. The checker (run in validation) refuses more than one
-    of the first four flags and turns the kernel flag off beside them; this priority gives the same answer
+    of the other mode flags and turns the kernel flag off beside them; this priority gives the same answer
     before and after its rewrites."""
     if args.USE_ORIGINAL_FULL_ATTEN:
         return "full"
     if args.streamingLLM:
         return "streamingllm"
+    if args.USE_FIXED_SEP_INTERVALs:
+        return "fixllm"
     if args.USE_SA_SOFTMAX or args.USE_SA_SOFTMAX_NO_DENO:
         return "sa_softmax"
     if args.USE_SEP_ATTN_KERNEL_ACCELERATOR:

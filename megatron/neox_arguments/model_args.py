@@ -20,7 +20,7 @@ ACTIVATIONS = ("gelu", "relu", "silu", "swish", "swiglu")
 GATED_ACTIVATIONS = ("swiglu",)
 """Activations whose MLP input projection is two halves, ``[x; gate]``, combined as ``act(gate) * x``."""
 
-ATTENTION_VARIANT_NAMES = ("full", "streamingllm", "sa_softmax", "sep_kernel", "sepllm_mask")
+ATTENTION_VARIANT_NAMES = ("full", "streamingllm", "fixllm", "sa_softmax", "sep_kernel", "sepllm_mask")
 """Names of the core attention variants (megatron/model/attention registers one class for each)."""
 
 INIT_METHODS = ("normal", "scaled_normal", "orthogonal", "scaled_orthogonal", "xavier_uniform",
@@ -88,8 +88,8 @@ class ModelArgs:
               "None means global for every layer.")
     attention_variant: Optional[str] = arg(
         None, "Core attention every layer runs, derived from the SepLLM mode flags by the checker's priority: full "
-              "(USE_ORIGINAL_FULL_ATTEN), streamingllm (streamingLLM), sa_softmax (USE_SA_SOFTMAX / "
-              "USE_SA_SOFTMAX_NO_DENO), sep_kernel (USE_SEP_ATTN_KERNEL_ACCELERATOR), else sepllm_mask.",
+              "(USE_ORIGINAL_FULL_ATTEN), streamingllm (streamingLLM), fixllm (USE_FIXED_SEP_INTERVALs), "
+              "sa_softmax (USE_SA_SOFTMAX / USE_SA_SOFTMAX_NO_DENO), sep_kernel (USE_SEP_ATTN_KERNEL_ACCELERATOR), else sepllm_mask.",
         role="derived", choices=ATTENTION_VARIANT_NAMES)
     output_layer_parallelism: str = arg(
         "column", "How the output layer would be split under tensor parallelism (GPT-NeoX key).",

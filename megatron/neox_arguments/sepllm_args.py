@@ -41,6 +41,11 @@ class SepLLMArgs:
     USE_BiPE: bool = arg(False, "Bilevel positional encoding (needs pos_emb rotary or alibi).")
     BiPE_seps: Optional[list] = arg(None, "Separator ids that delimit BiPE segments.")
     EXCLUDE_DIAGONAL: bool = arg(True, "Window of W keys including the diagonal (True) or W + 1 keys (False).")
+    USE_FIXED_SEP_INTERVALs: bool = arg(
+        False, "FixLLM: besides the initial tokens and the window, keep every interval-th key, (k - init_start + 1) "
+               "% interval == 0, in place of the separators (mask-based; separators are ignored).")
+    fixed_sep_intervals_list: Optional[list] = arg(
+        None, "FixLLM's interval per layer (length num_layers, each >= 1); read with USE_FIXED_SEP_INTERVALs.")
     _DEFAULT_SPARSE_BLOCK_SIZE: int = arg(128, "Q and KV block size of the FlexAttention BlockMask.")
 
 

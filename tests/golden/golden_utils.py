@@ -50,6 +50,8 @@ MODES = {
     "sepllm_mask": {**_SEPLLM, "USE_SEP_ATTN_KERNEL_ACCELERATOR": False},
     "sepllm_kernel": {**_SEPLLM, "USE_SEP_ATTN_KERNEL_ACCELERATOR": True},
     "streamingllm": {**_SEPLLM, "streamingLLM": True, "USE_SEP_ATTN_KERNEL_ACCELERATOR": False},
+    "fixllm": {**_SEPLLM, "USE_FIXED_SEP_INTERVALs": True, "fixed_sep_intervals_list": [3, 5],
+               "USE_SEP_ATTN_KERNEL_ACCELERATOR": False},
     "sa_softmax": {**_SA, "USE_SA_SOFTMAX": True},
     "sa_softmax_no_deno": {**_SA, "USE_SA_SOFTMAX_NO_DENO": True},
     "bipe_rotary": {**_SEPLLM, **_PER_LAYER, "USE_SEP_ATTN_KERNEL_ACCELERATOR": True, "USE_BiPE": True,

@@ -136,3 +136,15 @@ def test_rule12_adaptive_init_warning(capsys):
 def test_mode_flags_must_be_booleans():
     _fails("streamingLLM", streamingLLM="yes")
     assert checker.MODE_FLAGS[2] == "USE_SEP_ATTN_KERNEL_ACCELERATOR"
+
+
+def test_fixllm_rules():
+    """USE_FIXED_SEP_INTERVALs: one interval >= 1 per layer, exclusive with the other modes, kernel flag off."""
+    ok = brute.unvalidated(USE_FIXED_SEP_INTERVALs=True, fixed_sep_intervals_list=[4, 4],
+                           USE_SEP_ATTN_KERNEL_ACCELERATOR=True)
+    assert check_sepllm_args(ok) == [">> USE_SEP_ATTN_KERNEL_ACCELERATOR: True ----changed to----> False"]
+    _fails("fixed_sep_intervals_list", USE_FIXED_SEP_INTERVALs=True, fixed_sep_intervals_list=None)
+    _fails("fixed_sep_intervals_list", USE_FIXED_SEP_INTERVALs=True, fixed_sep_intervals_list=[4])
+    _fails("fixed_sep_intervals_list", USE_FIXED_SEP_INTERVALs=True, fixed_sep_intervals_list=[4, 0])
+    _fails("USE_FIXED_SEP_INTERVALs", USE_FIXED_SEP_INTERVALs=True, fixed_sep_intervals_list=[4, 4],
+           streamingLLM=True)

@@ -172,3 +172,33 @@ def test_compiled_layers_see_each_micro_batch_own_separators():
         with torch.no_grad():
             for layer in layers:
                 torch.testing.assert_close(layer(q, k, v, meta).double(), want, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_fixllm_per_layer_intervals_match_brute_force(adaptive):
+    """USE_FIXED_SEP_INTERVALs: each layer keeps every n-th key of its own interval instead of the separators."""
+    from megatron.model.attention import build_core_attention
+
+    intervals = [3, 5]
+    args = brute.args(USE_FIXED_SEP_INTERVALs=True, fixed_sep_intervals_list=intervals, prefill_local_window_size=4,
+                      BATCH_ADAPTIVE_INIT_POS=adaptive)
+    assert args.attention_variant == "fixllm" and not args.USE_SEP_ATTN_KERNEL_ACCELERATOR
+    ids = _ids(6, pads=[3, 0] if adaptive else None)
+    meta = build_attn_meta(ids, None, args)
+    q, k, v = _qkv(4)
+    for layer, interval in enumerate(intervals):
+        out = build_core_attention(args, layer)(q, k, v, meta)
+        want = brute.attention(q, k, v, brute.prefill_mask(ids, 3, 4, adaptive=adaptive, interval=interval))
+        torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
+
+
+def test_fixllm_kv_statistics_count_the_interval_keys():
+    from megatron.model.sepllm.stats import kv_statistics
+
+    args = brute.args(USE_FIXED_SEP_INTERVALs=True, fixed_sep_intervals_list=[2, 7], prefill_local_window_size=4)
+    ids = _ids(7)
+    stats = kv_statistics(ids, args)
+    for layer, interval in enumerate([2, 7]):
+        mask = brute.prefill_mask(ids, 3, 4, interval=interval)
+        assert stats[f"kv_ratio/layer_{layer:02d}"] == rule.ratio(int(mask[:, -1].sum()), B * S)
+        assert stats[f"attn_density/layer_{layer:02d}"] == rule.ratio(int(mask.sum()), B * (1 + S) * S // 2)

@@ -16,6 +16,7 @@ _VARIANT_MODULES = {
     "sepllm_mask": ("megatron.model.attention.sepllm_mask", "SepLLMMaskAttention",
                     "USE_SEP_ATTN_KERNEL_ACCELERATOR: false (mask-based SepLLM)"),
     "streamingllm": ("megatron.model.attention.streaming", "StreamingLLMAttention", "streamingLLM"),
+    "fixllm": ("megatron.model.attention.fixllm", "FixLLMAttention", "USE_FIXED_SEP_INTERVALs"),
     "sa_softmax": ("megatron.model.attention.sa_softmax", "SASoftmaxAttention",
                    "USE_SA_SOFTMAX / USE_SA_SOFTMAX_NO_DENO"),
     "sep_kernel": ("megatron.model.attention.flex_sep", "SepKernelAttention", "USE_SEP_ATTN_KERNEL_ACCELERATOR"),

@@ -7,17 +7,18 @@ naming the key.
 
 Rules, in the reference's order (docs/sepllm.md has the table):
 
-1. Mode exclusivity. Mode flags: ``USE_ORIGINAL_FULL_ATTEN``, ``streamingLLM``, ``USE_SA_SOFTMAX``,
-   ``USE_SA_SOFTMAX_NO_DENO`` and ``USE_SEP_ATTN_KERNEL_ACCELERATOR``. Fix of the reference's
-   unreachable reset: the kernel flag defaults to True, so it gives way to any other mode: when one of the
-   first four is True, a True kernel flag is rewritten to False (printed). At most one of the first four
+1. Mode exclusivity. Mode flags: ``USE_ORIGINAL_FULL_ATTEN``, ``streamingLLM``, ``USE_FIXED_SEP_INTERVALs``
+   (FixLLM), ``USE_SA_SOFTMAX``, ``USE_SA_SOFTMAX_NO_DENO`` and ``USE_SEP_ATTN_KERNEL_ACCELERATOR``. Fix of the
+   reference's unreachable reset: the kernel flag defaults to True, so it gives way to any other mode: when one
+   of the first five is True, a True kernel flag is rewritten to False (printed). At most one of the first five
    may be True.
 2. Full attention: rewrite every SepLLM key to its neutral value (separators ``[-1]``, windows =
    ``seq_length``, no initial tokens, per-layer lists off, kernel/BiPE/adaptive/KV-ratio off) and every
    ``attention_config`` entry to ``global``.
 3. StreamingLLM: separators forced to ``[-1]``; BiPE off, ``init_tok_max_idx >= 0``, no per-layer
    windows, global attention config.
-4. Self-Adjusting softmax: global attention config.
+4. Self-Adjusting softmax: global attention config. FixLLM: ``fixed_sep_intervals_list`` has one integer
+   >= 1 per layer; global attention config; separators are not read.
 5. SepLLM (kernel or mask): kernel needs torch >= 2.5; ``separator_token_ids`` a non-empty list other
    than ``[-1]`` (derived from the tokenizer when absent, printed).
 6. ``PADDING_ID == 0``; both scalar windows >= 1.
@@ -34,7 +35,7 @@ from typing import Any, List, Optional
 import torch
 
 MODE_FLAGS = ("USE_ORIGINAL_FULL_ATTEN", "streamingLLM", "USE_SEP_ATTN_KERNEL_ACCELERATOR",
-              "USE_SA_SOFTMAX", "USE_SA_SOFTMAX_NO_DENO")
+              "USE_SA_SOFTMAX", "USE_SA_SOFTMAX_NO_DENO", "USE_FIXED_SEP_INTERVALs")
 KERNEL_FLAG = "USE_SEP_ATTN_KERNEL_ACCELERATOR"
 MIN_KERNEL_TORCH = (2, 5)
 
@@ -123,6 +124,8 @@ class _Checker:
             self.full_attention_rewrites()
         elif mode == "streamingLLM":
             self.streaming_rules()
+        elif mode == "USE_FIXED_SEP_INTERVALs":
+            self.fixllm_rules()
         elif mode in ("USE_SA_SOFTMAX", "USE_SA_SOFTMAX_NO_DENO"):
             self.require_global_attention(mode)
         else:
@@ -164,6 +167,19 @@ class _Checker:
             if self.flag(key):
                 self.fail(key, "StreamingLLM uses one window for all layers; set it false")
         self.require_global_attention("streamingLLM")
+
+    def fixllm_rules(self):
+        num_layers = self.get("num_layers")
+        intervals = self.get("fixed_sep_intervals_list")
+        if not isinstance(intervals, (list, tuple)) or not intervals:
+            self.fail("fixed_sep_intervals_list", f"USE_FIXED_SEP_INTERVALs is true, so it must be a list of one "
+                      f"interval per layer, got {intervals!r}")
+        if num_layers is not None and len(intervals) != num_layers:
+            self.fail("fixed_sep_intervals_list", f"has {len(intervals)} entries but num_layers is {num_layers}")
+        bad = [n for n in intervals if not isinstance(n, int) or isinstance(n, bool) or n < 1]
+        if bad:
+            self.fail("fixed_sep_intervals_list", f"every interval must be an integer >= 1, got {bad}")
+        self.require_global_attention("USE_FIXED_SEP_INTERVALs")
 
     def sepllm_rules(self, kernel: bool):
         if kernel:

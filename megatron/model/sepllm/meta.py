@@ -36,7 +36,7 @@ def build_attn_meta(input_ids: torch.Tensor, position_ids: Optional[torch.Tensor
     if neox_args.USE_BiPE:
         _, rope_pos = bipe_positions(input_ids, neox_args.BiPE_seps)
     variant = neox_args.attention_variant
-    if variant not in ("full", "streamingllm"):
+    if variant not in ("full", "streamingllm", "fixllm"):
         sep_flags = token_flags(input_ids, neox_args.separator_token_ids)
     else:
         sep_flags = torch.zeros_like(input_ids, dtype=torch.bool)

@@ -31,16 +31,20 @@ from megatron.model.sepllm.meta import AttnMeta, build_attn_meta
 
 
 def layer_counts(meta: AttnMeta, windows: List[int], num_init: int, exclude_diagonal: bool = True,
-                 use_separators: bool = True) -> torch.Tensor:
-    """``[L, 2]`` int64 on the metadata's device: (last-row kept, map kept) summed over the batch."""
+                 use_separators: bool = True, intervals: Optional[List[int]] = None) -> torch.Tensor:
+    """``[L, 2]`` int64 on the metadata's device: (last-row kept, map kept) summed over the batch.
+    ``intervals`` (FixLLM, one per layer): the fixed-interval keys take the separators' place."""
     sep_flags = meta.sep_flags if use_separators else torch.zeros_like(meta.sep_flags)
-    by_window: Dict[int, torch.Tensor] = {}
+    positions = torch.arange(sep_flags.shape[1], device=sep_flags.device)
+    by_setting: Dict[tuple, torch.Tensor] = {}
     rows = []
-    for window in windows:
-        if window not in by_window:
-            last, full = rule.kept_counts(sep_flags, meta.init_start, num_init, window, exclude_diagonal)
-            by_window[window] = torch.stack([last.sum(), full.sum()])
-        rows.append(by_window[window])
+    for layer, window in enumerate(windows):
+        interval = None if intervals is None else int(intervals[layer])
+        if (window, interval) not in by_setting:
+            flags = sep_flags if interval is None else rule.fixed_interval_flags(positions, meta.init_start, interval)
+            last, full = rule.kept_counts(flags, meta.init_start, num_init, window, exclude_diagonal)
+            by_setting[(window, interval)] = torch.stack([last.sum(), full.sum()])
+        rows.append(by_setting[(window, interval)])
     return torch.stack(rows)
 
 
@@ -79,7 +83,8 @@ class KVRatioTracker:
         self.interval = int(neox_args.print_ratio_intervals)
         if self.interval < 1:
             raise ValueError(f"print_ratio_intervals must be >= 1, got {self.interval}")
-        self.use_separators = mode != "streamingllm"
+        self.use_separators = mode not in ("streamingllm", "fixllm")
+        self.intervals = list(neox_args.fixed_sep_intervals_list) if mode == "fixllm" and self.enabled else None
         self.num_layers = int(neox_args.num_layers)
         self.windows = rule.layer_windows(neox_args, self.num_layers, "prefill") if self.enabled else []
         self.num_init = rule.num_initial_tokens(neox_args.init_tok_max_idx)
@@ -97,7 +102,8 @@ class KVRatioTracker:
             return
         if meta is None:
             meta = build_attn_meta(tokens, None, self.args)
-        counts = layer_counts(meta, self.windows, self.num_init, self.exclude_diagonal, self.use_separators)
+        counts = layer_counts(meta, self.windows, self.num_init, self.exclude_diagonal, self.use_separators,
+                              self.intervals)
         bsz, seq = meta.sep_flags.shape
         if self._seq and seq != self._seq:
             raise ValueError(f"KV statistics: sequence length changed from {self._seq} to {seq}")
