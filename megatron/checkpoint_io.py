@@ -103,8 +103,18 @@ class CheckpointReader:
             return os.path.join(self.input_dir, f"{name} (sequential.{idx}.*)")
         return os.path.join(self.input_dir, f"layer_{idx:02d}-model_00-model_states.pt")
 
-    def layer(self, idx: int, required: bool = True) -> Optional[List[Dict]]:
-        """State dicts of pipeline layer ``idx`` for every TP rank (prefix stripped)."""
+    def layer(self, idx: int, required: bool = True, file_names: bool = False) -> Optional[List[Dict]]:
+        """State dicts of pipeline layer ``idx`` for every TP rank (prefix stripped). An ungated MLP is under the
+        module names whichever GPT-NeoX naming the file has (megatron/model/neox_names.py), unless
+        ``file_names``."""
+        from megatron.model.neox_names import normalise_layer
+
+        found = self._layer(idx, required)
+        if found is None or file_names:
+            return found
+        return [normalise_layer(state) for state in found]
+
+    def _layer(self, idx: int, required: bool) -> Optional[List[Dict]]:
         if self.sequential:
             prefix = f"sequential.{idx}."
             out = [{k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)} for sd in self._seq_states]

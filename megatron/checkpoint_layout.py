@@ -299,7 +299,7 @@ def _check_layer(own: dict, idx: int, state: dict, source: str, saved_config: Op
 
 
 def _copy_layer(layer, idx: int, state: dict, source: str, saved_config: Optional[dict], args, write: bool) -> None:
-    own = layer.state_dict()
+    own = checkpoint_neox.translate_layer_state(layer, layer.state_dict())  # views of the parameters
     if not own:
         return
     state = checkpoint_neox.translate_layer_state(layer, state)

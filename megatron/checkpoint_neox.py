@@ -140,8 +140,9 @@ def expected_layer_modules(neox_args) -> Dict[int, torch.nn.Module]:
 
 
 def translate_layer_state(module: torch.nn.Module, state: dict) -> dict:
-    """``state`` under the names ``module`` uses, through the same load hooks ``load_state_dict`` runs (GPT-NeoX's
-    current MLP names, for one)."""
+    """``state`` under ``module``'s own (attribute) names, through the load hooks ``load_state_dict`` runs: a
+    checkpoint's tensors and ``module.state_dict()`` (which may write GPT-NeoX's current MLP names) compare in one
+    naming."""
     state = dict(state)
     for prefix, sub in module.named_modules():
         for hook in sub._load_state_dict_pre_hooks.values():
@@ -166,11 +167,11 @@ def first_tensor_mismatch(neox_args, ckpt_dir: str) -> Optional[str]:
             return None
     reader = CheckpointReader(ckpt_dir, int(neox_args.num_layers))
     for idx, module in expected_layer_modules(view).items():
-        own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        own = {k: tuple(v.shape) for k, v in translate_layer_state(module, module.state_dict()).items()}
         if not own:
             continue
         source = reader.source(idx)
-        got = reader.layer(idx, required=False)
+        got = reader.layer(idx, required=False, file_names=True)  # messages name the file's tensors
         if got is None:
             return f"{source}: layer {idx} is missing; the model this config builds has {len(own)} tensor(s) there"
         state = translate_layer_state(module, got[0])

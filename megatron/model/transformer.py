@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron import mpu
+from megatron.model import neox_names
 from megatron.model.attention import build_core_attention
 from megatron.model.norms import get_norm
 from megatron.model.positional_embeddings import RotaryEmbedding, apply_rotary_pos_emb
@@ -104,18 +105,12 @@ class ParallelSelfAttention(nn.Module):
         return out
 
 
-# GPT-NeoX names every MLP's projections linear1 / linear2 since 0d4bdb96 (Sep 2024); Pythia-era checkpoints, and
-# this trainer's, name the ungated ones dense_h_to_4h / dense_4h_to_h. Both load.
-CURRENT_NEOX_MLP_NAMES = {"linear1.": "dense_h_to_4h.", "linear2.": "dense_4h_to_h."}
+def _accept_current_neox_names(module, state_dict, prefix, *_):
+    neox_names.to_module_names(state_dict, prefix)
 
 
-def _accept_current_neox_mlp_names(module, state_dict, prefix, *_):
-    for theirs, ours in CURRENT_NEOX_MLP_NAMES.items():
-        for key in [k for k in state_dict if k.startswith(prefix + theirs)]:
-            own = prefix + ours + key[len(prefix + theirs):]
-            if own in state_dict:
-                raise ValueError(f"checkpoint holds both '{key}' and '{own}': two copies of one MLP projection")
-            state_dict[own] = state_dict.pop(key)
+def _write_current_neox_names(module, state_dict, prefix, local_metadata):
+    neox_names.to_current_names(state_dict, prefix)
 
 
 class ParallelMLP(nn.Module):
@@ -131,7 +126,10 @@ class ParallelMLP(nn.Module):
                                                       init_method=init_method)
         self.dense_4h_to_h = mpu.RowParallelLinear(neox_args, ffn, hidden, bias=use_bias, input_is_parallel=True,
                                                    init_method=output_layer_init_method)
-        self.register_load_state_dict_pre_hook(_accept_current_neox_mlp_names)
+        # Checkpoints of both GPT-NeoX namings load; the configured one is written (megatron/model/neox_names.py).
+        self.register_load_state_dict_pre_hook(_accept_current_neox_names)
+        if neox_args.checkpoint_tensor_names == "current":
+            self.register_state_dict_post_hook(_write_current_neox_names)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, _ = self.dense_h_to_4h(x)

@@ -36,6 +36,12 @@ class TrainingArgs:
     no_load_optim: bool = arg(False, "Resume with a fresh optimizer (weights, iteration and data position loaded).")
     no_load_rng: bool = arg(False, "Resume without restoring the checkpoint's RNG states.")
     finetune: bool = arg(False, "Load weights only and restart at iteration 0.")
+    checkpoint_tensor_names: str = arg(
+        "v2.0", "Project key: how checkpoints name an ungated (gelu) MLP's tensors. `v2.0`: `mlp.dense_h_to_4h` / "
+                "`mlp.dense_4h_to_h`, as Pythia-era GPT-NeoX writes and reads them; `current`: `mlp.linear1` / "
+                "`mlp.linear2`, as GPT-NeoX since 0d4bdb96 (Sep 2024) does, so that it resumes the checkpoint. "
+                "Checkpoints of either naming load; gated (swiglu) MLPs are `linear1` / `linear2` in both.",
+        choices=("v2.0", "current"))
     checkpoint_validation_with_forward_pass: bool = arg(
         False, "GPT-NeoX: save a forward pass with the checkpoint and compare it after loading. Not implemented: "
                "true is refused (resumes are tested bitwise instead).")

@@ -192,3 +192,39 @@ def test_cuda_state_format_is_torch_cuda_s():
     drawn = torch.rand(8, device="cuda")
     torch.cuda.manual_seed(99)
     assert torch.equal(torch.rand(8, device="cuda"), drawn)
+
+
+def test_current_names_written_on_request_and_both_read(tmp_path):
+    import types
+
+    from megatron.checkpoint_io import CheckpointReader
+    from megatron.model.layer_list import build_sequential_model
+
+    pythia = build_sequential_model(run_args(tmp_path))
+    current = build_sequential_model(run_args(tmp_path, checkpoint_tensor_names="current"))
+    names = set(current.sequential[2].state_dict())
+    assert names == set(neox_layer_states(1, HIDDEN, VOCAB)[2])  # GPT-NeoX's own names, linear1 / linear2
+    assert {"mlp.dense_h_to_4h.weight", "mlp.dense_4h_to_h.bias"} <= set(pythia.sequential[2].state_dict())
+    # A Pythia-era (v2.0) checkpoint into the model that writes current names, layer by layer (weights only) ...
+    ckpt = tmp_path / "global_step2"
+    ckpt.mkdir()
+    for idx in (0, 2, 3, 5, 6):
+        torch.save(pythia.sequential[idx].state_dict(), ckpt / f"layer_{idx:02d}-model_00-model_states.pt")
+    torch.save({"module": None, "iteration": 2}, ckpt / "mp_rank_00_model_states.pt")
+    cl.load_weights_any_layout(types.SimpleNamespace(module=current, optimizer=None), str(ckpt), run_args(tmp_path))
+    for a, b in zip(pythia.parameters(), current.parameters()):
+        assert torch.equal(a, b)
+    # ... and readers that build no model (the exporter) see the module names in either naming.
+    torch.save(current.sequential[3].state_dict(), ckpt / "layer_03-model_00-model_states.pt")
+    reader = CheckpointReader(str(ckpt), LAYERS)
+    assert reader.layer(3)[0].keys() == reader.layer(2)[0].keys() == pythia.sequential[3].state_dict().keys()
+    assert "mlp.linear1.weight" in reader.layer(3, file_names=True)[0]
+
+
+def test_gated_mlp_names_are_left_alone():
+    from megatron.model.neox_names import normalise_layer
+
+    gated = {"mlp.linear1.weight": torch.zeros(2 * 24, 8), "mlp.linear2.weight": torch.zeros(8, 24)}
+    assert normalise_layer(gated) == gated
+    ungated = {"mlp.linear1.weight": torch.zeros(24, 8), "mlp.linear2.weight": torch.zeros(8, 24)}
+    assert set(normalise_layer(ungated)) == {"mlp.dense_h_to_4h.weight", "mlp.dense_4h_to_h.weight"}

@@ -1,9 +1,10 @@
 """A GPT-NeoX-layout checkpoint resumes here, in real deepy.py launches (CPU, gloo, ZeRO 1, one pipeline stage:
 GPT-NeoX's default layout).
 
-The GPT-NeoX checkpoint is synthesised from a run of this project at its step 2: DeepSpeed's files (the ZeRO
-optimizer shards and DeepSpeed's keys, which GPT-NeoX writes through the same DeepSpeed version) are kept; the
-layer files get GPT-NeoX's current tensor names (mlp.linear1 / linear2); the client state becomes exactly the
+The first run writes GPT-NeoX's current tensor names (checkpoint_tensor_names: current), which the test checks
+against GPT-NeoX's list. The GPT-NeoX checkpoint is synthesised from that run at its step 2: DeepSpeed's files
+(the ZeRO optimizer shards and DeepSpeed's keys, which GPT-NeoX writes through the same DeepSpeed version) are
+kept; layer tensors get GPT-NeoX's current names (mlp.linear1 / linear2); the client state becomes exactly the
 one GPT-NeoX's save_ds_checkpoint hands DeepSpeed (neox_checkpoint.py, source commit NEOX_COMMIT); this
 project's files (layout.json, configs/resolved_config.yml, rng_state/) are gone. A full resume from it must
 reproduce the uninterrupted run's losses, and a no_load_optim resume its first loss (the weights).
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from launch_utils import write_tiny_corpus
-from neox_checkpoint import DEEPSPEED_KEYS, NEOX_ARGS, NEOX_LOAD_KEYS
+from neox_checkpoint import DEEPSPEED_KEYS, NEOX_ARGS, NEOX_LOAD_KEYS, neox_layer_states
 from test_launch import run, tb_losses
 
 pytestmark = [pytest.mark.slow, pytest.mark.deepspeed]
@@ -57,7 +58,8 @@ def test_neox_checkpoint_resumes(tmp_path):
     import yaml
 
     corpus = write_tiny_corpus(str(tmp_path / "corpus"))
-    first, _ = run(tmp_path, "first", 1, data_path=corpus, train_iters=4, checkpoint_factor=2, **KEYS)
+    first, _ = run(tmp_path, "first", 1, data_path=corpus, train_iters=4, checkpoint_factor=2,
+                   checkpoint_tensor_names="current", **KEYS)
     reference = tb_losses(first / "tb")
     step2 = first / "ckpt" / "global_step2"
 
@@ -67,6 +69,9 @@ def test_neox_checkpoint_resumes(tmp_path):
     assert set(NEOX_LOAD_KEYS) | set(DEEPSPEED_KEYS) <= set(blob)
     assert blob["args"] == {k: resolved[k] for k in NEOX_ARGS} and blob["iteration"] == 2
     assert set(blob["lr_scheduler"]) >= ANNEALING_LR_KEYS and blob["lr_scheduler"]["num_iters"] == 2
+    neox_names = {idx: set(state) for idx, state in neox_layer_states(2, 8, 16).items()}
+    assert {idx: set(torch.load(step2 / f"layer_{idx:02d}-model_00-model_states.pt", weights_only=False))
+            for idx in neox_names} == neox_names  # the module state GPT-NeoX's strict load expects
 
     neox = tmp_path / "neox" / "global_step2"
     as_neox_checkpoint(str(step2), str(neox))
