@@ -18,9 +18,9 @@ from tests.hf.helpers import random_ids, trainer_logits
 
 VOCAB = 50304  # Pythia's padded vocabulary: the 20B tokenizer's 50277 tokens rounded up to 128
 
-CASES = {  # name: (HF class, config kwargs, layout, exporter architecture)
-    "pythia_pipeline": ("GPTNeoX", dict(intermediate_size=96, rotary_pct=0.5, use_parallel_residual=True,
-                                        tie_word_embeddings=False), "pipeline", "neox"),
+CASES = {  # name: (HF class, config kwargs, layout, exporter architecture); Pythia's released weights are fp16
+    "pythia_fp16_pipeline": ("GPTNeoX", dict(intermediate_size=96, rotary_pct=0.5, use_parallel_residual=True,
+                                             tie_word_embeddings=False, dtype=torch.float16), "pipeline", "neox"),
     "neox_tied_nobias_sequential": ("GPTNeoX", dict(intermediate_size=128, rotary_pct=0.25,
                                                     use_parallel_residual=False, tie_word_embeddings=True,
                                                     attention_bias=False, rotary_emb_base=5000), "sequential",
@@ -33,8 +33,9 @@ CASES = {  # name: (HF class, config kwargs, layout, exporter architecture)
 }
 
 
-def make_hf_dir(path, tokenizer, family="GPTNeoX", seed=0, **overrides):
-    """A tiny random HF model directory (the 20B tokenizer beside it), non-trivial norms and biases."""
+def make_hf_dir(path, tokenizer, family="GPTNeoX", seed=0, dtype=torch.float32, **overrides):
+    """A tiny random HF model directory (the 20B tokenizer beside it), non-trivial norms and biases, saved in
+    ``dtype``; the returned model is fp32 with the saved values."""
     import transformers
 
     kwargs = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -47,21 +48,21 @@ def make_hf_dir(path, tokenizer, family="GPTNeoX", seed=0, **overrides):
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(str(path))
+    model.to(dtype).save_pretrained(str(path))
     shutil.copyfile(tokenizer, path / "tokenizer.json")
-    return model
+    return model.float()
 
 
 def load_trainer_model(save_dir):
-    """The trainer's model of the imported YAML with the imported weights (strict load)."""
+    """The trainer's model of the imported YAML in fp32 with the imported weights (strict load)."""
     from megatron.checkpoint_io import CheckpointReader
     from megatron.model.layer_list import build_sequential_model
     from megatron.neox_arguments import Environment, NeoXArgs
 
     step = save_dir / "global_step0"
     args = NeoXArgs.from_resolved(str(step / "configs" / "resolved_config.yml"),
-                                  env=Environment(0, {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}))
-    model = build_sequential_model(args).eval()
+                                  env=Environment(1, {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}))
+    model = build_sequential_model(args).float().eval()  # an fp16 config validates with a (claimed) GPU
     reader = CheckpointReader(str(step), args.num_layers)
     model.load_state_dict({f"sequential.{idx}.{name}": value for idx in reader.layer_indices()
                            for name, value in reader.layer(idx)[0].items()})
@@ -72,6 +73,8 @@ def load_trainer_model(save_dir):
 def test_round_trip_is_bitwise_and_the_trainer_computes_the_hf_logits(tmp_path, pythia_tokenizer_path, case):
     from safetensors.torch import load_file
 
+    from megatron.checkpoint_io import CheckpointReader
+
     family, overrides, layout, architecture = CASES[case]
     hf = make_hf_dir(tmp_path / "hf", pythia_tokenizer_path, family, **overrides)
     out = tmp_path / "imported"
@@ -80,6 +83,11 @@ def test_round_trip_is_bitwise_and_the_trainer_computes_the_hf_logits(tmp_path, 
     names = {p.name for p in (out / "global_step0").iterdir()}
     assert ("layer_02-model_00-model_states.pt" in names) == (layout == "pipeline")
     assert yaml.safe_load((out / "model.yml").read_text())["pipe_parallel_size"] == (layout == "pipeline")
+    resolved = yaml.safe_load((out / "global_step0" / "configs" / "resolved_config.yml").read_text())
+    dtype = overrides.get("dtype", torch.float32)
+    assert resolved["precision"] == {torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    reader = CheckpointReader(str(out / "global_step0"), hf.config.num_hidden_layers)
+    assert {t.dtype for idx in reader.layer_indices() for t in reader.layer(idx)[0].values()} == {dtype}
 
     back = export(str(out / "global_step0"), None, str(tmp_path / "back"), "auto", architecture, True,
                   log=lambda _: None)
