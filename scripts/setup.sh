@@ -15,7 +15,7 @@ pipq() { python -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a
 if ! python -c "import torch" 2>/dev/null; then
   pipq install -q "torch==2.13.0"
 fi
-pipq install -q -c requirements/constraints.txt -r requirements/requirements.txt
+pipq install -q -c requirements/constraints.txt -r requirements/requirements.txt -r requirements/requirements-bench.txt
 if [ "${1:-}" = "--test" ]; then
   pipq install -q -c requirements/constraints.txt -r requirements/requirements-test.txt
 fi
