@@ -279,6 +279,8 @@ def _write_checkpoint(ckpt: Path, layers, layout: str, args, yaml_text: str) -> 
     from megatron.checkpointing import NO_OPTIMIZER_MARKER
 
     ckpt.mkdir()
+    # The trainer's client state (iteration 0, no samples consumed) and the engine keys DeepSpeed's load reads:
+    # module and dp_world_size always, the step counters and world sizes when it loads more than the module.
     state = {"iteration": TAG_ITERATION, "consumed_train_samples": 0, "world_size": 1, "optimizer": None,
              "lr_scheduler": None, "global_steps": 0, "global_samples": 0, "skipped_steps": 0,
              "dp_world_size": 1, "mp_world_size": 1}
