@@ -120,7 +120,12 @@ def main(argv=None) -> int:
                         help="default: fp32 on CPU, bf16 on CUDA")
     parser.add_argument("--repeats", type=int, default=2, help="runs per method; the fastest counts")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--allow_cudnn_sdpa", action="store_true",
+                        help="keep PyTorch's cuDNN SDPA backend (it plans per KV length: ~9 ms CPU per call "
+                             "measured on an H200 when the cache length changes every step)")
     args = parser.parse_args(argv)
+    if torch.cuda.is_available() and not args.allow_cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(False)  # flash / memory-efficient kernels need no per-shape plan
     sizes = tuple(int(v) for v in args.sizes.split(","))
     if len(sizes) != 4 or sizes[0] + sizes[1] + sizes[2] >= sizes[3]:
         print(f"bench_training_free.py: error: --sizes {args.sizes}: want a,s,w,c with a + s + w < c", file=sys.stderr)
