@@ -213,7 +213,7 @@ def evaluate(run_dir: str, cfg: dict, p: plan.Preset, mode: str, kv_ratio: Optio
                                     "cache_size": plan.NUM_INIT + w}
     elif mode == "fixllm":
         kind, sizes = None, None
-        out["streaming_skipped"] = "SepCache keeps separators, not fixed intervals: no FixLLM cache"
+        out["streaming_skipped"] = "no bounded FixLLM cache (SepCache keeps separators and is refused for FixLLM)"
     else:
         window = p.window("n128") if mode == "sepllm_n128" else p.window("n64")
         kind, sizes = "sepcache", plan.sep_cache_sizes(kv_ratio, p.seq_length, window)
@@ -355,8 +355,7 @@ def run_all(results: dict, p: plan.Preset, modes: List[str], data: dict, out_dir
         if mode == "fixllm":
             missing = trainer_accepts(plan.FIXLLM_KEYS)
             if missing:
-                skip[mode] = (f"not trainable here: the trainer has no {', '.join(missing)} key (FixLLM exists "
-                              f"only in the training-free HF path, megatron/hf/training_free)")
+                skip[mode] = f"not trainable here: the trainer has no {', '.join(missing)} key"
                 continue
         cfg = plan.run_config(mode, p.seeds[0], p, data, os.path.join(out_dir, "check"),
                               streaming_w=p.window("n64"), fixllm_int=8)
@@ -371,6 +370,8 @@ def run_all(results: dict, p: plan.Preset, modes: List[str], data: dict, out_dir
             runs.setdefault(key, {"mode": mode, "seed": seed, "status": "not run"})
             if mode in skip:
                 runs[key].update(status="skipped", reason=skip[mode])
+            elif runs[key]["status"] == "skipped":  # trainable since the last call (e.g. FixLLM landed)
+                runs[key].update(status="not run", reason=None)
     save()
 
     durations = [r["seconds_total"] for r in runs.values() if r.get("seconds_total")]

@@ -94,7 +94,7 @@ def test_the_trainer_resolves_each_mode_to_its_attention(name, cuda, corpus, tmp
     expect = {"full": ("full", None), "sepllm_n64": (masked, [64] * p.num_layers),
               "sepllm_n128": (masked, [128] * p.num_layers),
               "sepllm_n64ht": (masked, [p.seq_length] + [64] * (p.num_layers - 2) + [p.seq_length]),
-              "streamingllm": ("streamingllm", [200] * p.num_layers)}
+              "streamingllm": ("streamingllm", [200] * p.num_layers), "fixllm": ("fixllm", [64] * p.num_layers)}
     for mode, (variant, windows) in expect.items():
         args = _resolve(c[mode], tmp_path, mode, cuda)
         assert args.attention_variant == variant, mode
@@ -105,6 +105,8 @@ def test_the_trainer_resolves_each_mode_to_its_attention(name, cuda, corpus, tmp
             assert rule.num_initial_tokens(args.init_tok_max_idx) == 3
         if mode == "streamingllm":
             assert list(args.separator_token_ids) == [-1]
+        elif mode == "fixllm":
+            assert list(args.fixed_sep_intervals_list) == [6] * p.num_layers
         elif mode != "full":
             assert len(args.separator_token_ids) == 9  # . , ? ! ; : space tab newline of the run's tokenizer
 
@@ -125,11 +127,15 @@ def test_budget_modes_match_the_n64_kv_ratio_the_trainer_measures(corpus, tmp_pa
     st = _resolve(plan.run_config("streamingllm", 1, p, corpus, str(tmp_path / "b"), streaming_w=w), tmp_path, "st")
     r_st = kv_statistics(tokens, st)["kv_ratio"]
     assert abs(r_st - r) <= 0.5 / p.seq_length + 1e-9  # equal budgets, up to rounding to whole keys
-    # FixLLM (key k kept iff (k + 1) % interval == 0 between the initial tokens and the window), counted by hand.
+    # FixLLM (key k kept iff (k + 1) % interval == 0 between the initial tokens and the window): counted by
+    # hand and by the trainer's tracker.
     k = plan.fixllm_interval(r, p.seq_length, 64)
     s, a = p.seq_length, plan.NUM_INIT
     kept = a + 64 + sum(1 for key in range(a, s - 64) if (key + 1) % k == 0)
-    assert abs(kept / s - r) < 0.15 * r
+    assert abs(kept / s - r) < 0.1 * r
+    fx = _resolve(plan.run_config("fixllm", 1, p, corpus, str(tmp_path / "c"), fixllm_int=k), tmp_path, "fx")
+    assert fx.attention_variant == "fixllm"
+    assert abs(kv_statistics(tokens, fx)["kv_ratio"] - kept / s) < 1e-9
 
 
 def test_sep_cache_sizes_fit_the_sepcache_rule():
