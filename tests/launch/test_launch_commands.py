@@ -53,9 +53,10 @@ def deepspeed_command(setup, monkeypatch, keys):
         Popen=_Started, CalledProcessError=subprocess.CalledProcessError))
     # pdsh's runner installs its kill-on-signal handlers; not in the test process.
     monkeypatch.setattr(ds_runner, "signal", types.SimpleNamespace(signal=lambda *a: None, SIGINT=2, SIGTERM=15))
-    monkeypatch.setattr(backends.shutil, "which", lambda name: f"/usr/bin/{name}")
-    monkeypatch.setattr(backends, "subprocess", types.SimpleNamespace(
-        check_output=lambda cmd: b"MVAPICH2-GDR 2.3.7"))  # mvapich's backend_exists asks `mpiname`
+    # The backends' programs (pdsh, sinfo, ompi_info, mpiname) need not be installed. Not shutil.which itself:
+    # torch's JIT build asks it for ccache.
+    for backend in (backends.PDSHRunner, backends.SlurmRunner, backends.OpenMPIRunner, backends.MVAPICHRunner):
+        monkeypatch.setattr(backend, "backend_exists", lambda self: True)
     monkeypatch.setattr(backends, "MVAPICH_TMP_HOSTFILE", str(tmp / "mvapich_hosts"))
     seen = {}
 
