@@ -57,14 +57,18 @@ def test_write_env_file_is_private_and_atomic(tmp_path):
     assert Path(path).read_text() == "A=1\nB=x y\n" and os.listdir(tmp_path / "sub") == ["run.deepspeed_env"]
 
 
-def test_deepy_writes_the_file_for_the_runner_and_removes_it(tmp_path, monkeypatch):
+def test_deepy_writes_the_file_and_builds_the_ops_before_the_runner(tmp_path, monkeypatch):
     cfg, script, hostfile, _ = small_run(tmp_path)
     user_file = write(tmp_path / "user.env", "PATH=/users/own/bin\nMY_FLAG=1\n")
     monkeypatch.setenv("DS_ENV_FILE", user_file)
     monkeypatch.setenv("WANDB_API_KEY", "secret")
-    seen = {}
+    seen, order = {}, []
+    import megatron.jit_ops
+
+    monkeypatch.setattr(megatron.jit_ops, "build_jit_ops", lambda log: order.append("JIT ops built"))
 
     def runner(argv):
+        order.append("runner started")
         resolved = argv[argv.index("--neox_config_file") + 1]
         path = resolved[:-len(".yml")] + ".deepspeed_env"
         seen.update(read_env_file(path), mode=stat.S_IMODE(os.stat(path).st_mode), path=path)
@@ -79,3 +83,4 @@ def test_deepy_writes_the_file_for_the_runner_and_removes_it(tmp_path, monkeypat
     assert (seen["MASTER_ADDR"], seen["MASTER_PORT"], seen["WANDB_API_KEY"]) == ("10.9.8.7", "29500", "secret")
     assert seen["mode"] == 0o600 and not os.path.exists(seen["path"])  # it held the key: gone after the run
     assert Path(user_file).read_text() == "PATH=/users/own/bin\nMY_FLAG=1\n"
+    assert order == ["JIT ops built", "runner started"]  # once, before any rank
