@@ -156,7 +156,10 @@ def latest_checkpoint(save_dir: str) -> Optional[str]:
         return None
 
 
-def train(run_dir: str, cfg: dict, deadline: float) -> dict:
+LAUNCH = ("deepy.py", "train.py")  # python deepy.py train.py <config>, from the repository root
+
+
+def train(run_dir: str, cfg: dict, deadline: float, launch=LAUNCH) -> dict:
     """``python deepy.py train.py config.yml``; resumes from the run's checkpoint when one exists. Returns
     ``{"rc", "stopped", "seconds"}``; the log is appended to ``train.log``."""
     save = cfg["save"]
@@ -169,9 +172,9 @@ def train(run_dir: str, cfg: dict, deadline: float) -> dict:
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".torch_extensions"))
     t0 = time.time()
     with open(os.path.join(run_dir, "train.log"), "a", encoding="utf-8") as logf:
-        logf.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} python deepy.py train.py {cfg_path}\n")
+        logf.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} python {' '.join(launch)} {cfg_path}\n")
         logf.flush()
-        proc = subprocess.Popen([sys.executable, "deepy.py", "train.py", cfg_path], cwd=REPO, env=env,
+        proc = subprocess.Popen([sys.executable, *launch, cfg_path], cwd=REPO, env=env,
                                 stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
         stopped = False
         try:
@@ -236,8 +239,13 @@ def build_corpus(args, p: plan.Preset, out_dir: str) -> dict:
         if manifest.get("train_tokenizer") != p.train_tokenizer:
             raise FidelityError(f"--corpus {args.corpus} was built with train_tokenizer="
                                 f"{manifest.get('train_tokenizer')}, preset {p.name} needs {p.train_tokenizer}")
+        tokenizer = args.vocab_file or manifest["tokenizer"]
+        if not os.path.isfile(tokenizer):
+            raise FidelityError(f"--corpus {args.corpus}: its tokenizer {tokenizer} is not here; give --vocab-file")
+        if pg19_corpus.sha256_file(tokenizer) != manifest["tokenizer_sha256"]:
+            raise FidelityError(f"--vocab-file {tokenizer} is not the tokenizer --corpus {args.corpus} was built with")
         return {s: pg19_corpus.split_prefix(args.corpus, s) for s in pg19_corpus.SPLITS} | {
-            "tokenizer": manifest["tokenizer"], "dir": args.corpus}
+            "tokenizer": os.path.abspath(tokenizer), "dir": args.corpus}
     if not args.source:
         raise FidelityError("give --source DIR (a folder of .txt books, e.g. ../shared/data/pg19) or --corpus DIR")
     built = pg19_corpus.build_pg19(
@@ -296,7 +304,7 @@ def main(argv=None) -> int:
     ap.add_argument("--source", help="a folder of .txt books (PG19's layout); the corpus is built under --out/data")
     ap.add_argument("--corpus", help="an already built pg19 corpus folder (data_prep/prepare_data.py pg19)")
     ap.add_argument("--vocab-file", help="tokenizer for presets that use Pythia's (default: 20B_tokenizer.json "
-                                         "beside --source)")
+                                         "beside --source); with --corpus: where its tokenizer is now")
     ap.add_argument("--modes", default=",".join(plan.MODES), help="comma-separated modes")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's)")
     ap.add_argument("--tokens-per-run", type=int, default=None, help="training tokens per run (default: the preset's)")

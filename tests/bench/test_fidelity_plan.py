@@ -193,3 +193,35 @@ def test_table_has_every_mode_and_says_why_one_is_missing():
     assert "4.1 ± 0.14" in rows[2] and "2/2" in rows[2]
     assert "1.0732" in rows[3]  # 4.4 / 4.1
     assert "no FixLLM key" in rows[4] and "0/2" in rows[4]
+
+
+FAKE_TRAINER = '''
+import signal, sys, time
+def stop(*_):
+    print("saved checkpoint at the next step", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+print("iteration        1/       9 | loss 5.000000E+00 | tokens/s 10 |", flush=True)
+time.sleep(60)
+'''
+
+
+def test_a_run_at_the_time_limit_is_stopped_with_a_checkpoint_and_its_log_kept(tmp_path):
+    import time
+
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "train.log").write_text("earlier call\n")
+    cfg = {"save": str(run_dir / "checkpoints")}
+    t0 = time.time()
+    out = fidelity.train(str(run_dir), cfg, deadline=time.time() + 3, launch=(str(script),))
+    assert out["stopped"] and out["rc"] == 0 and time.time() - t0 < 30
+    log = (run_dir / "train.log").read_text()
+    assert log.startswith("earlier call\n") and "saved checkpoint at the next step" in log
+    assert "load" not in yaml.safe_load((run_dir / "config.yml").read_text())  # no checkpoint yet: fresh start
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "latest").write_text("global_step1")
+    out = fidelity.train(str(run_dir), cfg, deadline=time.time() + 3, launch=(str(script),))
+    assert yaml.safe_load((run_dir / "config.yml").read_text())["load"] == cfg["save"]  # resumes
