@@ -246,8 +246,6 @@ def build_corpus(args, p: plan.Preset, out_dir: str) -> dict:
             raise FidelityError(f"--vocab-file {tokenizer} is not the tokenizer --corpus {args.corpus} was built with")
         return {s: pg19_corpus.split_prefix(args.corpus, s) for s in pg19_corpus.SPLITS} | {
             "tokenizer": os.path.abspath(tokenizer), "dir": args.corpus}
-    if not args.source:
-        raise FidelityError("give --source DIR (a folder of .txt books, e.g. ../shared/data/pg19) or --corpus DIR")
     built = pg19_corpus.build_pg19(
         args.source, os.path.join(out_dir, "data"), p.corpus, vocab_file=args.vocab_file,
         train_tokenizer=p.train_tokenizer, valid_books=p.held_out_books, test_books=p.held_out_books,
@@ -323,6 +321,9 @@ def main(argv=None) -> int:
             with open(results_path) as f:
                 finish(json.load(f), out_dir)
             return 0
+        if bool(args.source) == bool(args.corpus):
+            raise FidelityError("give --source DIR (a folder of .txt books, e.g. ../shared/data/pg19) or --corpus "
+                                "DIR (a built pg19 corpus), one of them")
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
         p = plan.get_preset(args.preset, tokens_per_run=args.tokens_per_run, max_minutes=args.max_minutes,
                             seeds=tuple(seeds) if seeds else None)
