@@ -225,3 +225,32 @@ def test_a_run_at_the_time_limit_is_stopped_with_a_checkpoint_and_its_log_kept(t
     (run_dir / "checkpoints" / "latest").write_text("global_step1")
     out = fidelity.train(str(run_dir), cfg, deadline=time.time() + 3, launch=(str(script),))
     assert yaml.safe_load((run_dir / "config.yml").read_text())["load"] == cfg["save"]  # resumes
+
+
+class _CountingModel:
+    """Uniform logits; records the length of every window it is given."""
+
+    def __init__(self, vocab):
+        self.vocab, self.lengths = vocab, []
+
+    def __call__(self, input_ids, use_cache=False):
+        self.lengths.append(input_ids.shape[-1])
+        return type("Out", (), {"logits": torch.zeros(1, input_ids.shape[-1], self.vocab)})()
+
+
+def test_long_context_scores_the_same_tokens_at_every_length():
+    import fidelity_eval
+
+    books = [torch.arange(0, 700) % 50, torch.arange(0, 300) % 50, torch.arange(0, 5000) % 50]
+    spans = fidelity_eval.long_spans(books, 4 * 32, 5)
+    assert [s.numel() for s in spans] == [129] * 5
+    assert torch.equal(spans[0], books[0][:129]) and torch.equal(spans[1], books[1][:129])  # in turn from each book
+    model = _CountingModel(50)
+    out = fidelity_eval.long_context(model, books, 32, 5, "cpu")
+    counts = {v["factor"]: v["tokens"] for v in out["lengths"].values()}
+    assert counts == {1: 5 * 128, 2: 5 * 128, 4: 5 * 128}
+    assert sorted(set(model.lengths)) == [32, 64, 128] and model.lengths.count(128) == 5
+    for v in out["lengths"].values():  # uniform logits: every token costs log(vocab)
+        assert abs(v["nll"] - np.log(50)) < 1e-6 and len(v["nll_by_position"]) == 4 * v["factor"]
+    with pytest.raises(ValueError, match="spans"):
+        fidelity_eval.long_spans(books, 4 * 32, 100)
