@@ -128,7 +128,7 @@ def test_gathered_and_indirect_compact_paths(gather):
 
 def test_direct_launch_equals_triton_launch(monkeypatch):
     """The cached direct launch gives bit-identical outputs and gradients to triton's own launch path."""
-    from megatron.model.sepllm.kernel import op
+    from megatron.model.sepllm.kernel import op, settings
 
     q, k, v = _inputs((2, 4, 1000, 64), torch.bfloat16, seed=31)
     flags = random_flags(2, 1000, p=0.15, seed=32, device="cuda")
@@ -139,12 +139,17 @@ def test_direct_launch_equals_triton_launch(monkeypatch):
         out = sep_attention(q, k, v, flags, init_start, 3, 64)
         return (out,) + torch.autograd.grad(out, (q, k, v), g)
 
-    monkeypatch.setattr(op.KernelLauncher, "enabled", True)
-    run()
-    fast = run()  # second call of the same specialisation: direct launches
-    assert all(len(launcher.compiled) > 0 for launcher in (op._FWD, op._DQ, op._DKDV_C, op._DKDV_B))
-    monkeypatch.setattr(op.KernelLauncher, "enabled", False)
-    slow = run()
+    monkeypatch.setattr(op.KernelLauncher, "failed", False)
+    try:
+        settings.configure(settings.KernelSettings(fast_launch=True))
+        run()
+        fast = run()  # second call of the same specialisation: direct launches
+        assert all(len(launcher.compiled) > 0 for launcher in (op._FWD, op._DQ, op._DKDV_C, op._DKDV_B))
+        assert not op.KernelLauncher.failed
+        settings.configure(settings.KernelSettings(fast_launch=False))
+        slow = run()
+    finally:
+        settings.configure(None)
     for a, b in zip(fast, slow):
         assert torch.equal(a, b)
 
