@@ -4,9 +4,10 @@ The command line is ``tools/ckpts/convert_neox_to_hf.py``; this module is the co
 
 * The model is described by the checkpoint's resolved config (:mod:`megatron.hf.export_config`).
 * Weights are read by :class:`megatron.checkpoint_io.CheckpointReader` (pipeline layer files, the sequential
-  ``mp_rank_XX`` file, ZeRO-3 shards). Tensor-parallel shards are merged: column-parallel weights/biases on
-  dim 0, row-parallel weights on dim 1, row-parallel biases summed with the parallel (GPT-J) residual (every
-  rank adds its bias before the all-reduce) and taken once otherwise, norms averaged, embeddings on dim 0.
+  ``mp_rank_XX`` files, ZeRO-3 shards). Tensor-parallel shards are merged by the one table of
+  :mod:`megatron.checkpoint_partition`: column-parallel weights/biases on dim 0 (the fused QKV by heads),
+  row-parallel weights on dim 1, row-parallel biases summed with the parallel (GPT-J) residual (every rank adds
+  its bias before the all-reduce) and taken once otherwise, norms replicated, embeddings on dim 0.
 * Every tensor's shape is checked against the config on every dimension (hidden, ffn, vocabulary, positions,
   number of blocks); a mismatch names the file, the tensor, both shapes and the config key.
 * ``neox`` writes a stock ``GPTNeoXForCausalLM`` (full attention only); ``llama`` a stock ``LlamaForCausalLM`` or
@@ -36,11 +37,6 @@ RULE_SOURCE = HF_SOURCE_DIR.parent / "model" / "sepllm" / "rule.py"
 EXPORT_CODE_FILES = ("configuration_sepllm_gpt_neox.py", "modeling_sepllm_gpt_neox.py", "sep_cache.py",
                      "attention_math.py")
 EXPORT_MARKER = ".sepllm_export.json"
-
-COLUMN_PARALLEL = ("attention.query_key_value.weight", "attention.query_key_value.bias",
-                   "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias")
-ROW_PARALLEL_WEIGHTS = ("attention.dense.weight", "mlp.dense_4h_to_h.weight")
-ROW_PARALLEL_BIASES = ("attention.dense.bias", "mlp.dense_4h_to_h.bias")
 LAYER_NORMS = ("input_layernorm.weight", "input_layernorm.bias", "post_attention_layernorm.weight",
                "post_attention_layernorm.bias")
 
@@ -53,22 +49,12 @@ def _take(states: List[Dict], key: str, where: str) -> List[torch.Tensor]:
     return [sd[key] for sd in states]
 
 
-def merge_block(states: List[Dict], parallel_residual: bool, where: str) -> Dict[str, torch.Tensor]:
-    """Merges one transformer block across TP ranks (rules in the module docstring)."""
-    out = {}
-    for key in COLUMN_PARALLEL:
-        if key in states[0]:
-            out[key] = torch.cat(_take(states, key, where), dim=0)
-    for key in ROW_PARALLEL_WEIGHTS:
-        out[key] = torch.cat(_take(states, key, where), dim=1)
-    for key in ROW_PARALLEL_BIASES:
-        if key in states[0]:
-            parts = _take(states, key, where)
-            out[key] = sum(parts) if parallel_residual else parts[0]
-    for key in LAYER_NORMS:
-        if key in states[0] or key.endswith(".weight"):
-            out[key] = sum(_take(states, key, where)) / len(states)
-    return out
+def merge_block(reader: CheckpointReader, idx: int, args) -> Dict[str, torch.Tensor]:
+    """Pipeline layer ``idx`` merged across TP ranks (:mod:`megatron.checkpoint_partition`); a block's names are
+    HF GPT-NeoX's within a layer."""
+    from megatron.checkpoint_partition import merge_layer
+
+    return merge_layer(reader.layer(idx), args, reader.source(idx))
 
 
 def zero_biases(sd: Dict[str, torch.Tensor], args) -> None:
@@ -105,26 +91,24 @@ def build_state_dict(reader: CheckpointReader, args) -> Dict[str, torch.Tensor]:
     num_layers = args.num_layers
     sd: Dict[str, torch.Tensor] = {}
     where: Dict[str, str] = {}
-    emb = reader.layer(0)
-    sd["gpt_neox.embed_in.weight"] = torch.cat(_take(emb, "word_embeddings.weight", reader.source(0)), 0)
+    emb = merge_block(reader, 0, args)
+    sd["gpt_neox.embed_in.weight"] = _take([emb], "word_embeddings.weight", reader.source(0))[0]
     where["gpt_neox.embed_in.weight"] = reader.source(0)
     if args.USE_BiPE or args.pos_emb == "learned":
-        # Not vocab-parallel: every rank holds the whole table.
-        sd["gpt_neox.position_embeddings.weight"] = _take(emb, "position_embeddings.weight", reader.source(0))[0]
+        sd["gpt_neox.position_embeddings.weight"] = _take([emb], "position_embeddings.weight", reader.source(0))[0]
         where["gpt_neox.position_embeddings.weight"] = reader.source(0)
     for i in range(num_layers):
-        block = merge_block(reader.layer(i + 2), args.gpt_j_residual, reader.source(i + 2))
-        for key, value in block.items():
+        for key, value in merge_block(reader, i + 2, args).items():
             sd[f"gpt_neox.layers.{i}.{key}"] = value
             where[f"gpt_neox.layers.{i}.{key}"] = reader.source(i + 2)
-    norm = reader.layer(num_layers + 3)
+    norm = merge_block(reader, num_layers + 3, args)
     for part in ("weight", "bias") if args.use_bias_in_norms else ("weight",):
-        sd[f"gpt_neox.final_layer_norm.{part}"] = sum(_take(norm, f"norm.{part}", reader.source(num_layers + 3))) \
-            / len(norm)
+        sd[f"gpt_neox.final_layer_norm.{part}"] = _take([norm], f"norm.{part}", reader.source(num_layers + 3))[0]
         where[f"gpt_neox.final_layer_norm.{part}"] = reader.source(num_layers + 3)
     head = reader.layer(num_layers + 4, required=args.no_weight_tying)
     if head is not None and "final_linear.weight" in head[0]:
-        sd["embed_out.weight"] = torch.cat(_take(head, "final_linear.weight", reader.source(num_layers + 4)), 0)
+        sd["embed_out.weight"] = _take([merge_block(reader, num_layers + 4, args)], "final_linear.weight",
+                                       reader.source(num_layers + 4))[0]
         where["embed_out.weight"] = reader.source(num_layers + 4)
     else:
         sd["embed_out.weight"] = sd["gpt_neox.embed_in.weight"].clone()

@@ -4,15 +4,14 @@ FixLLM model is the same stock model plus its attention settings, saved beside i
 (:func:`training_free_settings`): ``megatron.hf.training_free.apply_sepllm(model)`` reads them and applies the
 trainer's rule, so there is one implementation of the mask, not a second modeling file.
 
-Tensor mapping (per block, pipeline layer ``i + 2``), tensor-parallel shards merged as GPT-NeoX's
-``convert_neox_to_hf.py`` merges them:
+Tensor mapping (per block, pipeline layer ``i + 2``), after the tensor-parallel shards are merged by
+:mod:`megatron.checkpoint_partition` (the table the reshard tool splits by):
 
-* ``attention.query_key_value`` -> ``self_attn.{q,k,v}_proj``: each rank's rows are split by the layout the
-  trainer uses (per head ``[q_h; k_h; v_h]`` for multi-head attention, ``[q | k | v]`` with ``num_kv_heads``),
-  then concatenated over ranks;
-* ``attention.dense`` -> ``self_attn.o_proj`` (row parallel: weights on dim 1, the bias taken once);
-* ``mlp.linear1`` -> ``mlp.up_proj`` (first half of each rank's rows) and ``mlp.gate_proj`` (second half);
-* ``mlp.linear2`` -> ``mlp.down_proj``; the RMSNorm ``scale`` -> ``weight`` (averaged over ranks).
+* ``attention.query_key_value`` -> ``self_attn.{q,k,v}_proj``: the merged rows are split by the layout the
+  trainer uses (per head ``[q_h; k_h; v_h]`` for multi-head attention, ``[q | k | v]`` with ``num_kv_heads``);
+* ``attention.dense`` -> ``self_attn.o_proj``;
+* ``mlp.linear1`` -> ``mlp.up_proj`` (first half of the merged rows) and ``mlp.gate_proj`` (second half);
+* ``mlp.linear2`` -> ``mlp.down_proj``; the RMSNorm ``scale`` -> ``weight``.
 
 HF's sliding window counts the query itself (``q - k < sliding_window``) where GPT-NeoX's flash-attn window
 ``(W, -1)`` does not, so ``sliding_window_width: W`` is written as ``sliding_window: W + 1``.
@@ -22,7 +21,7 @@ from typing import Dict, List
 import torch
 
 from megatron.checkpoint_io import CheckpointReader
-from megatron.hf.export import _take, check_block_count
+from megatron.hf.export import _take, check_block_count, merge_block
 from megatron.hf.export_config import ConversionError
 
 HF_PREFIX = "model.layers."
@@ -73,36 +72,35 @@ def make_llama_config(args, vocab_size: int):
     return config
 
 
-def _split_qkv(t: torch.Tensor, args, tp: int) -> List[torch.Tensor]:
-    """One rank's QKV rows (weight or bias) as ``[q, k, v]``, by the trainer's layout."""
+def _split_qkv(t: torch.Tensor, args) -> List[torch.Tensor]:
+    """The merged QKV rows (weight or bias) as ``[q, k, v]``, by the trainer's layout."""
     d = args.hidden_size // args.num_attention_heads
-    heads, kv = args.num_attention_heads // tp, args.num_kv_heads // tp
-    if args.num_kv_heads == args.num_attention_heads:
+    heads, kv = args.num_attention_heads, args.num_kv_heads
+    if kv == heads:
         per_head = t.reshape(heads, 3, d, *t.shape[1:])
         return [per_head[:, j].reshape(heads * d, *t.shape[1:]) for j in range(3)]
     return list(t.split([heads * d, kv * d, kv * d], dim=0))
 
 
-def _block(states: List[Dict], args, where: str) -> Dict[str, torch.Tensor]:
-    tp = len(states)
+def _block(reader: CheckpointReader, idx: int, args) -> Dict[str, torch.Tensor]:
+    merged = merge_block(reader, idx, args)
+    where = reader.source(idx)
     out = {}
     for part in ("weight", "bias"):
         if part == "weight" or args.use_bias_in_attn_linear:
-            pieces = [_split_qkv(t, args, tp) for t in _take(states, f"attention.query_key_value.{part}", where)]
-            for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-                out[f"self_attn.{name}.{part}"] = torch.cat([p[j] for p in pieces], dim=0)
+            q, k, v = _split_qkv(_take([merged], f"attention.query_key_value.{part}", where)[0], args)
+            out.update({f"self_attn.q_proj.{part}": q, f"self_attn.k_proj.{part}": k, f"self_attn.v_proj.{part}": v})
         if part == "weight" or args.use_bias_in_mlp:
-            halves = [t.chunk(2, dim=0) for t in _take(states, f"mlp.linear1.{part}", where)]
-            out[f"mlp.up_proj.{part}"] = torch.cat([h[0] for h in halves], dim=0)
-            out[f"mlp.gate_proj.{part}"] = torch.cat([h[1] for h in halves], dim=0)
-    out["self_attn.o_proj.weight"] = torch.cat(_take(states, "attention.dense.weight", where), dim=1)
-    out["mlp.down_proj.weight"] = torch.cat(_take(states, "mlp.linear2.weight", where), dim=1)
+            up, gate = _take([merged], f"mlp.linear1.{part}", where)[0].chunk(2, dim=0)
+            out.update({f"mlp.up_proj.{part}": up, f"mlp.gate_proj.{part}": gate})
+    out["self_attn.o_proj.weight"] = _take([merged], "attention.dense.weight", where)[0]
+    out["mlp.down_proj.weight"] = _take([merged], "mlp.linear2.weight", where)[0]
     if args.use_bias_in_attn_linear:
-        out["self_attn.o_proj.bias"] = _take(states, "attention.dense.bias", where)[0]
+        out["self_attn.o_proj.bias"] = _take([merged], "attention.dense.bias", where)[0]
     if args.use_bias_in_mlp:
-        out["mlp.down_proj.bias"] = _take(states, "mlp.linear2.bias", where)[0]
+        out["mlp.down_proj.bias"] = _take([merged], "mlp.linear2.bias", where)[0]
     for norm in ("input_layernorm", "post_attention_layernorm"):
-        out[f"{norm}.weight"] = sum(_take(states, f"{norm}.scale", where)) / tp
+        out[f"{norm}.weight"] = _take([merged], f"{norm}.scale", where)[0]
     return out
 
 
@@ -135,20 +133,20 @@ def build_llama_state_dict(reader: CheckpointReader, args) -> Dict[str, torch.Te
     check_block_count(reader, args)
     sd: Dict[str, torch.Tensor] = {}
     where: Dict[str, str] = {}
-    emb = reader.layer(0)
-    sd["model.embed_tokens.weight"] = torch.cat(_take(emb, "word_embeddings.weight", reader.source(0)), 0)
+    sd["model.embed_tokens.weight"] = _take([merge_block(reader, 0, args)], "word_embeddings.weight",
+                                            reader.source(0))[0]
     where["model.embed_tokens.weight"] = reader.source(0)
     for i in range(args.num_layers):
-        for key, value in _block(reader.layer(i + 2), args, reader.source(i + 2)).items():
+        for key, value in _block(reader, i + 2, args).items():
             sd[f"{HF_PREFIX}{i}.{key}"] = value
             where[f"{HF_PREFIX}{i}.{key}"] = reader.source(i + 2)
     last = args.num_layers + 3
-    norm = reader.layer(last)
-    sd["model.norm.weight"] = sum(_take(norm, "norm.scale", reader.source(last))) / len(norm)
+    sd["model.norm.weight"] = _take([merge_block(reader, last, args)], "norm.scale", reader.source(last))[0]
     where["model.norm.weight"] = reader.source(last)
     head = reader.layer(last + 1, required=args.no_weight_tying)
     if head is not None and "final_linear.weight" in head[0]:
-        sd["lm_head.weight"] = torch.cat(_take(head, "final_linear.weight", reader.source(last + 1)), 0)
+        sd["lm_head.weight"] = _take([merge_block(reader, last + 1, args)], "final_linear.weight",
+                                     reader.source(last + 1))[0]
         where["lm_head.weight"] = reader.source(last + 1)
     else:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()

@@ -1,0 +1,187 @@
+"""How every tensor of a checkpoint is split across tensor-parallel (TP) ranks: one table, one merge, one split.
+
+The HF export and the weights-only resume merge a checkpoint's TP shards with :func:`merge_layer`; the reshard tool
+(``tools/ckpts/reshard.py``) and the resume into another TP size split with :func:`split_layer`. Both read the rule
+of a tensor from :func:`tensor_rule`, so they cannot disagree; ``tests/ckpts_tp`` checks the table against the
+``partition_dim`` flags the mpu layers put on a built model.
+
+Rules (tensor names are a pipeline layer's, in the model's module names, megatron/model/neox_names.py):
+
+========================  ===============================================================================
+kind                      tensors
+========================  ===============================================================================
+``column`` (dim 0)        ``attention.query_key_value`` with multi-head attention (rows ``[heads, 3, d]``:
+                          a contiguous block of rows is whole heads), ``mlp.dense_h_to_4h``
+``fused`` (dim 0)         ``attention.query_key_value`` with ``num_kv_heads`` (``[q | k | v]``, each split by
+                          heads on its own, so a rank holds ``[q_r | k_r | v_r]``) and the gated
+                          ``mlp.linear1`` (``[up | gate]``, a rank holds ``[up_r | gate_r]``)
+``row`` (dim 1)           ``attention.dense.weight``, ``mlp.dense_4h_to_h.weight``, ``mlp.linear2.weight``
+``vocab`` (dim 0)         ``word_embeddings.weight``, ``final_linear.weight`` (the padded vocabulary)
+``summed``                the row-parallel biases with the parallel (GPT-J) residual: every rank adds its copy
+                          before the one all-reduce of the block (GPT-NeoX's ``gpt_j_residual``), so the
+                          model's bias is the sum over ranks; merged by summing, split by dividing
+``replicated``            the norms, the row-parallel biases with the sequential residual (added once, after
+                          the all-reduce), ``position_embeddings``
+========================  ===============================================================================
+
+GPT-NeoX's ``tools/ckpts/convert_neox_to_hf.py`` (ea7aefd8) merges the same way except that it sums the
+row-parallel biases with both residuals (``ROW_PARALLEL_BIAS_KEYS``); with the sequential residual its
+``RowParallelLinear`` returns the bias for ``bias_dropout_add`` to add once after the all-reduce, so the sum is
+``tp`` times the bias the model adds: the rule here takes it once. Replicated copies are taken from rank 0 when
+every rank holds the same bits, and averaged (GPT-NeoX's rule for norms) when they differ.
+
+A merge followed by a split into the same size gives back the same bits for power-of-two sizes (``summed``
+multiplies and divides by the size). Vocabulary padding (``make_vocab_size_divisible_by`` x TP) is changed by
+:func:`resize_vocab`: rows past the new size are dropped, new rows are zeros.
+"""
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from megatron.checkpoint_io import CheckpointError
+
+REPLICATED, COLUMN, FUSED, ROW, VOCAB, SUMMED = "replicated", "column", "fused", "row", "vocab", "summed"
+PARTITION_DIM = {COLUMN: 0, FUSED: 0, VOCAB: 0, ROW: 1}
+
+_NORM = re.compile(r"^(input_layernorm|post_attention_layernorm|norm)\.(weight|bias|scale|offset)$")
+_ROW_WEIGHTS = ("attention.dense.weight", "mlp.dense_4h_to_h.weight", "mlp.linear2.weight")
+_ROW_BIASES = ("attention.dense.bias", "mlp.dense_4h_to_h.bias", "mlp.linear2.bias")
+_COLUMN = ("mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias")
+_QKV = ("attention.query_key_value.weight", "attention.query_key_value.bias")
+_GATED = ("mlp.linear1.weight", "mlp.linear1.bias")
+_VOCAB = ("word_embeddings.weight", "final_linear.weight")
+
+
+@dataclass(frozen=True)
+class Rule:
+    kind: str
+    parts: Tuple[int, ...] = ()  # ``fused``: the full tensor's sub-tensors along dim 0 (sizes sum to its rows)
+
+    @property
+    def partition_dim(self) -> Optional[int]:
+        """The dim a rank's shard is cut from (``None``: every rank holds the whole tensor)."""
+        return PARTITION_DIM.get(self.kind)
+
+
+def tensor_rule(name: str, args, rows: Optional[int] = None) -> Rule:
+    """The rule of tensor ``name`` of a pipeline layer for the model ``args`` describes (a resolved config).
+    ``rows``: the full tensor's dim 0, for the gated ``linear1`` (its halves). An unknown name is refused."""
+    if _NORM.match(name) or name == "position_embeddings.weight":
+        return Rule(REPLICATED)
+    if name in _VOCAB:
+        return Rule(VOCAB)
+    if name in _ROW_WEIGHTS:
+        return Rule(ROW)
+    if name in _ROW_BIASES:
+        return Rule(SUMMED if args.gpt_j_residual else REPLICATED)
+    if name in _COLUMN:
+        return Rule(COLUMN)
+    if name in _QKV:
+        heads, kv = int(args.num_attention_heads), int(args.num_kv_heads)
+        if heads == kv:
+            return Rule(COLUMN)
+        d = int(args.hidden_size) // heads
+        return Rule(FUSED, (heads * d, kv * d, kv * d))
+    if name in _GATED:
+        ffn = int(args.mlp_inner_size)
+        return Rule(FUSED, (ffn, ffn))
+    raise CheckpointError(f"tensor '{name}' has no tensor-parallel rule (megatron/checkpoint_partition.py): "
+                          "a parameter the table does not know cannot be merged or split")
+
+
+def _divides(size: int, tp: int, name: str, what: str) -> int:
+    if size % tp:
+        raise CheckpointError(f"tensor '{name}': {what} {size} is not divisible by the tensor-parallel size {tp}")
+    return size // tp
+
+
+def _identical(parts: Sequence[torch.Tensor]) -> bool:
+    return all(torch.equal(parts[0], p) for p in parts[1:])
+
+
+def merge(parts: Sequence[torch.Tensor], rule: Rule, name: str) -> torch.Tensor:
+    """The full tensor from its TP shards (``parts`` in rank order)."""
+    tp = len(parts)
+    shapes = {tuple(p.shape) for p in parts}
+    if len(shapes) != 1:
+        raise CheckpointError(f"tensor '{name}': its {tp} tensor-parallel shards have different shapes "
+                              f"{sorted(shapes)}")
+    if tp == 1:
+        return parts[0]
+    if rule.kind == REPLICATED:
+        return parts[0] if _identical(parts) else sum(p.double() for p in parts).div(tp).to(parts[0].dtype)
+    if rule.kind == SUMMED:
+        return parts[0] * tp if _identical(parts) else sum(parts[1:], parts[0])
+    if rule.kind == FUSED:
+        sizes = [_divides(s, tp, name, "sub-tensor size") for s in rule.parts]
+        if sum(sizes) != parts[0].shape[0]:
+            raise CheckpointError(f"tensor '{name}': a shard has {parts[0].shape[0]} rows, the config implies "
+                                  f"{sum(sizes)} ({' + '.join(map(str, sizes))} per rank)")
+        pieces = [p.split(sizes, dim=0) for p in parts]
+        return torch.cat([torch.cat([piece[j] for piece in pieces], dim=0) for j in range(len(sizes))], dim=0)
+    return torch.cat(list(parts), dim=rule.partition_dim)
+
+
+def split(full: torch.Tensor, rule: Rule, tp: int, name: str) -> List[torch.Tensor]:
+    """The ``tp`` shards of ``full`` (rank order); the inverse of :func:`merge`."""
+    if tp == 1:
+        return [full]
+    if rule.kind == REPLICATED:
+        return [full.clone() for _ in range(tp)]
+    if rule.kind == SUMMED:
+        share = full / tp
+        return [share.clone() for _ in range(tp)]
+    if rule.kind == FUSED:
+        if sum(rule.parts) != full.shape[0]:
+            raise CheckpointError(f"tensor '{name}' has {full.shape[0]} rows, the config implies {sum(rule.parts)} "
+                                  f"({' + '.join(map(str, rule.parts))})")
+        chunks = [sub.split(_divides(sub.shape[0], tp, name, "sub-tensor size"), dim=0)
+                  for sub in full.split(list(rule.parts), dim=0)]
+        return [torch.cat([c[r] for c in chunks], dim=0).contiguous() for r in range(tp)]
+    dim = rule.partition_dim
+    size = _divides(full.shape[dim], tp, name, f"dim {dim}")
+    return [piece.contiguous() for piece in full.split(size, dim=dim)]
+
+
+def resize_vocab(full: torch.Tensor, rows: int) -> torch.Tensor:
+    """A vocabulary tensor padded to ``rows``: extra padding rows dropped, missing ones appended as zeros."""
+    if full.shape[0] >= rows:
+        return full[:rows]
+    return torch.cat([full, full.new_zeros(rows - full.shape[0], *full.shape[1:])], dim=0)
+
+
+def merge_layer(states: List[Dict[str, torch.Tensor]], args, where: str = "") -> Dict[str, torch.Tensor]:
+    """One pipeline layer's full state dict from its TP shards' (module names; every shard has the same keys)."""
+    keys = set(states[0])
+    for rank, state in enumerate(states[1:], start=1):
+        if set(state) != keys:
+            odd = sorted(keys ^ set(state))
+            raise CheckpointError(f"{where}: tensor-parallel rank {rank} holds other tensors than rank 0 ({odd[:4]})")
+    out = {}
+    for name in states[0]:
+        rule = tensor_rule(name, args)
+        try:
+            out[name] = merge([s[name] for s in states], rule, name)
+        except CheckpointError as err:
+            raise CheckpointError(f"{where}: {err}" if where else str(err)) from None
+    return out
+
+
+def split_layer(state: Dict[str, torch.Tensor], args, tp: int, vocab_rows: Optional[int] = None,
+                where: str = "") -> List[Dict[str, torch.Tensor]]:
+    """The ``tp`` shards of one pipeline layer's full state dict; vocabulary tensors are first padded to
+    ``vocab_rows`` (the target's ``padded_vocab_size``) when it is given."""
+    out: List[Dict[str, torch.Tensor]] = [{} for _ in range(tp)]
+    for name, full in state.items():
+        rule = tensor_rule(name, args)
+        if rule.kind == VOCAB and vocab_rows is not None:
+            full = resize_vocab(full, vocab_rows)
+        try:
+            shards = split(full, rule, tp, name)
+        except CheckpointError as err:
+            raise CheckpointError(f"{where}: {err}" if where else str(err)) from None
+        for rank, shard in enumerate(shards):
+            out[rank][name] = shard
+    return out
