@@ -44,16 +44,17 @@ def _init_process_group(backend: str, own_port: bool, attempts: int = 5) -> None
 
 
 def build_topology(neox_args):
-    """DeepSpeed's pipe x data x model grid for this job (``pipe_stages``: derivation counts the sequential
-    model, ``pipe_parallel_size`` 0, as one stage)."""
+    """DeepSpeed's pipe x data x model grid for this job, from the sizes derivation settled (``pipe_stages``
+    counts the sequential model, ``pipe_parallel_size`` 0, as one stage; ``data_parallel_size`` is what the
+    world leaves). Ranks are numbered model fastest: ``rank = (pipe * dp + data) * tp + model``."""
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     world = torch.distributed.get_world_size()
-    pp, mp = int(neox_args.pipe_stages), int(neox_args.model_parallel_size)
-    if world % (pp * mp) != 0:
-        raise ValueError(f"world size {world} is not divisible by pipe_stages ({pp}) x "
-                         f"model_parallel_size ({mp})")
-    return PipeModelDataParallelTopology(num_pp=pp, num_mp=mp, num_dp=world // (pp * mp))
+    pp, mp, dp = int(neox_args.pipe_stages), int(neox_args.model_parallel_size), int(neox_args.data_parallel_size)
+    if world != pp * mp * dp:
+        raise ValueError(f"world size {world} != pipe_stages ({pp}) x model_parallel_size ({mp}) x "
+                         f"data_parallel_size ({dp}) of the resolved config")
+    return PipeModelDataParallelTopology(num_pp=pp, num_mp=mp, num_dp=dp)
 
 
 def set_random_seed(seed: int, pipe_rank: int = 0) -> int:
@@ -117,8 +118,8 @@ def choose_gloo_interface(environ=None):
 
 
 def initialize_megatron(neox_args):
-    """Starts the process group (nccl on GPU, gloo on CPU), picks the device, builds the topology and
-    seeds every RNG. Sets ``rank``, ``local_rank`` and ``world_size`` on ``neox_args``; returns
+    """Starts the process group (nccl on GPU, gloo on CPU), picks the device, builds the topology and its
+    process groups (``mpu.initialize_model_parallel``) and seeds every RNG (the model-parallel stream too). Sets ``rank``, ``local_rank`` and ``world_size`` on ``neox_args``; returns
     ``(topology, device)``."""
     from megatron.rank_env import launcher_rank_env
 
@@ -139,6 +140,11 @@ def initialize_megatron(neox_args):
     neox_args.world_size = torch.distributed.get_world_size()
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     topology = build_topology(neox_args)
-    pipe_rank = topology.get_coord(neox_args.rank).pipe
-    set_random_seed(neox_args.seed, pipe_rank)
+    from megatron import mpu
+
+    # The one grid every layer, the data loader and DeepSpeed read (megatron/mpu/initialize.py).
+    mpu.initialize_model_parallel(topology)
+    coord = topology.get_coord(neox_args.rank)
+    seed = set_random_seed(neox_args.seed, coord.pipe)
+    mpu.model_parallel_seed(seed, coord.model, int(neox_args.model_parallel_size), device.type)
     return topology, device

@@ -171,7 +171,8 @@ def deepspeed_config_dict(neox_args) -> dict:
 def build_model(neox_args, topology):
     from megatron.model import GPT2ModelPipe
 
-    model = GPT2ModelPipe(neox_args, topology=topology, parallel_output=False)
+    # Vocabulary-parallel logits: the loss (megatron/mpu/cross_entropy.py) never gathers them.
+    model = GPT2ModelPipe(neox_args, topology=topology, parallel_output=True)
     if not neox_args.is_pipe_parallel:
         return model.to_sequential(), False
     model.loss_fn = pipe_loss_fn
@@ -186,9 +187,14 @@ def _record_fp32_clip_norm(engine) -> None:
         return
     from deepspeed.runtime.utils import clip_grad_norm_
 
+    from megatron import mpu
+
+    # Replicated parameters counted once per tensor-parallel group on every stage (megatron/mpu/grads.py).
+    groups = mpu.ClipGroups(engine.mpu) if engine.mpu is not None else None
+
     def clip_fp32_gradients():
         engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
-                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+                                                   max_norm=engine.gradient_clipping(), mpu=groups)
 
     engine.clip_fp32_gradients = clip_fp32_gradients
 
@@ -218,17 +224,22 @@ def setup_model_and_optimizer(neox_args, topology, device):
     """
     import deepspeed
 
+    from megatron import mpu
+
     model, is_pipe = build_model(neox_args, topology)
     ds_config = deepspeed_config_dict(neox_args)
+    # The pipeline engine takes its grid from the PipelineModule; the sequential model needs it passed, or
+    # DeepSpeed would average gradients (and broadcast weights) over the tensor-parallel ranks too.
+    grid = None if is_pipe else mpu.get_grid()
     if "optimizer" in ds_config:
         # DeepSpeed builds it (DeepSpeed-only types, or use_deepspeed_optimizer).
         groups = get_params_for_weight_decay_optimization(model, neox_args.weight_decay)
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config,
-                                               dist_init_required=False)
+                                               dist_init_required=False, mpu=grid)
     else:
         optimizer = build_optimizer(neox_args, model, device)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
-                                               dist_init_required=False)
+                                               dist_init_required=False, mpu=grid)
     _record_fp32_clip_norm(engine)
     _fast_bf16_overflow_check(engine)
     basic = engine.basic_optimizer if getattr(engine, "basic_optimizer", None) is not None else engine.optimizer
@@ -298,12 +309,15 @@ def _loss_scale(engine) -> Optional[float]:
     return None
 
 
-def _grad_norm(engine, guard: NonFiniteStepGuard, is_pipe: bool, pipe_stages: int) -> Optional[float]:
+def _grad_norm(engine, guard: NonFiniteStepGuard, is_pipe: bool, pipe_stages: int,
+               model_parallel_size: int = 1) -> Optional[float]:
     norm = engine.get_global_grad_norm()
     if norm is not None:
         return float(norm)
-    # The guard sees this rank's whole gradient only without ZeRO partitioning and pipeline stages.
-    if guard.grad_norm is not None and engine.zero_optimization_stage() == 0 and (not is_pipe or pipe_stages == 1):
+    # The guard sees this rank's whole gradient only without ZeRO partitioning, pipeline stages and
+    # tensor-parallel shards.
+    if guard.grad_norm is not None and engine.zero_optimization_stage() == 0 and (not is_pipe or pipe_stages == 1) \
+            and model_parallel_size == 1:
         return float(guard.grad_norm)
     return None
 
@@ -446,7 +460,7 @@ class Trainer:
         metrics = {"learning_rate": lr, "skipped_iters": skipped}
         if good:  # an interval of only skipped steps has no loss to report
             metrics["lm_loss"] = float(loss) / good
-        norm = _grad_norm(self.engine, self.guard, self.is_pipe, self.pipe_stages)
+        norm = _grad_norm(self.engine, self.guard, self.is_pipe, self.pipe_stages, self.args.model_parallel_size)
         if norm is not None:
             metrics["grad_norm"] = norm
         scale = _loss_scale(self.engine)

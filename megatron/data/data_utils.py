@@ -228,10 +228,18 @@ def build_train_valid_test_datasets_from_args(neox_args):
 def data_parallel_rank_and_size(neox_args) -> tuple[int, int]:
     """This process's data-parallel rank and the data-parallel size.
 
-    Ranks are laid out as GPT-NeoX's topology (pipe, data, model; model fastest):
+    From the run's process grid (``megatron.mpu``, built once from the topology) when it exists; otherwise
+    (tools, tests without process groups) from GPT-NeoX's layout (pipe, data, model; model fastest):
     global rank = (pipe * dp + data) * mp + model.
     """
+    from megatron import mpu
+
     dp = int(neox_args.data_parallel_size)
+    if mpu.model_parallel_is_initialized():
+        if mpu.get_data_parallel_world_size() != dp:
+            raise ValueError(f"data_parallel_size {dp} of the config != the process grid's "
+                             f"{mpu.get_data_parallel_world_size()}")
+        return mpu.get_data_parallel_rank(), dp
     mp = int(neox_args.model_parallel_size)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()

@@ -4,6 +4,7 @@ Index 0 embedding, 1 ``pre_transformer_block``, 2..L+1 transformer layers, L+2 `
 L+3 final norm, L+4 output layer (``final_linear``, or the tied word embedding).
 """
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from megatron.model.init_functions import get_init_methods
@@ -55,7 +56,8 @@ def gpt2_layer_specs(neox_args, parallel_output: bool = False) -> List[Spec]:
     norm, eps = get_norm(neox_args)
     specs.append(Spec(NormPipe, (norm, hidden, eps)))
     if tied:
-        specs.append(Spec(EmbeddingPipe, emb_args, tie_key=TIE_KEY, forward_fn=tied_logits))
+        specs.append(Spec(EmbeddingPipe, emb_args, tie_key=TIE_KEY,
+                          forward_fn=partial(tied_logits, parallel_output=parallel_output)))
     else:
         specs.append(Spec(ParallelLinearPipe, (neox_args, init_method), {"parallel_output": parallel_output}))
     return specs

@@ -60,11 +60,20 @@ class ParallelSelfAttention(nn.Module):
         self.head_dim = self.hidden_size // self.num_heads
         self.grouped = self.num_kv_heads != self.num_heads
         self.layer_number = layer_number
+        # Each model-parallel rank holds whole heads: heads / tp query heads and kv_heads / tp key/value heads.
+        tp = mpu.get_model_parallel_world_size()
+        self.num_heads_local = mpu.divide(self.num_heads, tp, "num_attention_heads")
+        self.num_kv_heads_local = mpu.divide(self.num_kv_heads, tp, "num_kv_heads")
+        self.hidden_size_local = self.num_heads_local * self.head_dim
         use_bias = bool(neox_args.use_bias_in_attn_linear)
         qkv_size = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        # The per-head layout [heads, 3, d] splits into whole heads as one segment; the grouped layout
+        # [q | k | v] splits each of its three parts (megatron/mpu/partition.py).
+        kv_size = self.num_kv_heads * self.head_dim
+        segments = (self.hidden_size, kv_size, kv_size) if self.grouped else (qkv_size,)
         self.query_key_value = mpu.ColumnParallelLinear(neox_args, self.hidden_size, qkv_size,
                                                         bias=use_bias, gather_output=False,
-                                                        init_method=init_method)
+                                                        init_method=init_method, partition_sizes=segments)
         if neox_args.pos_emb == "rotary":
             rotary_pct = float(neox_args.rotary_pct)
             if not 0.0 < rotary_pct <= 1.0:
@@ -75,18 +84,22 @@ class ParallelSelfAttention(nn.Module):
         else:
             self.rotary_emb = None
         self.core_attention = build_core_attention(neox_args, layer_number)
+        # Attention dropout acts on this rank's heads: it draws from the model-parallel stream (mpu/random.py).
+        self.fork_rng = tp > 1 and float(neox_args.attention_dropout) > 0.0
         self.dense = mpu.RowParallelLinear(neox_args, self.hidden_size, self.hidden_size, bias=use_bias,
                                            input_is_parallel=True, init_method=output_layer_init_method)
 
     def split_qkv(self, qkv: torch.Tensor):
-        """``[B, S, qkv]`` -> q ``[B, S, heads, d]``, k and v ``[B, S, kv_heads, d]`` (views, no copy)."""
+        """``[B, S, qkv_local]`` -> q ``[B, S, heads, d]``, k and v ``[B, S, kv_heads, d]`` (this rank's heads;
+        views, no copy)."""
         bsz, seq, _ = qkv.shape
+        heads, kv_heads = self.num_heads_local, self.num_kv_heads_local
         if not self.grouped:
-            return qkv.view(bsz, seq, self.num_heads, 3, self.head_dim).unbind(dim=3)
-        kv_size = self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([self.hidden_size, kv_size, kv_size], dim=-1)
-        return (q.view(bsz, seq, self.num_heads, self.head_dim), k.view(bsz, seq, self.num_kv_heads, self.head_dim),
-                v.view(bsz, seq, self.num_kv_heads, self.head_dim))
+            return qkv.view(bsz, seq, heads, 3, self.head_dim).unbind(dim=3)
+        kv_size = kv_heads * self.head_dim
+        q, k, v = qkv.split([self.hidden_size_local, kv_size, kv_size], dim=-1)
+        return (q.view(bsz, seq, heads, self.head_dim), k.view(bsz, seq, kv_heads, self.head_dim),
+                v.view(bsz, seq, kv_heads, self.head_dim))
 
     def forward(self, x: torch.Tensor, meta) -> torch.Tensor:
         bsz, seq, _ = x.shape
@@ -99,8 +112,12 @@ class ParallelSelfAttention(nn.Module):
                 cos, sin = self.rotary_emb(meta.rope_pos, q.dtype)
                 q = apply_rotary_pos_emb(q, cos, sin)
                 k = apply_rotary_pos_emb(k, cos, sin)
-        out = self.core_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), meta)
-        out = out.transpose(1, 2).reshape(bsz, seq, self.hidden_size)
+        if self.fork_rng and self.training:
+            with mpu.get_rng_tracker().fork():
+                out = self.core_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), meta)
+        else:
+            out = self.core_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), meta)
+        out = out.transpose(1, 2).reshape(bsz, seq, self.hidden_size_local)
         out, _ = self.dense(out)
         return out
 
@@ -148,8 +165,9 @@ class ParallelGatedMLP(nn.Module):
         ffn = int(neox_args.mlp_inner_size)
         use_bias = bool(neox_args.use_bias_in_mlp)
         self.activation_func = get_activation(neox_args)
+        # [x | gate] split part by part, so each rank holds matching halves [x_r | gate_r].
         self.linear1 = mpu.ColumnParallelLinear(neox_args, hidden, 2 * ffn, bias=use_bias, gather_output=False,
-                                                init_method=init_method)
+                                                init_method=init_method, partition_sizes=(ffn, ffn))
         self.linear2 = mpu.RowParallelLinear(neox_args, ffn, hidden, bias=use_bias, input_is_parallel=True,
                                              init_method=output_layer_init_method)
 
@@ -226,7 +244,9 @@ class NormPipe(nn.Module):
 
 
 class ParallelLinearPipe(nn.Module):
-    """Layer L+4 when untied: ``final_linear`` (hidden -> padded vocab), no bias, logits ``[B, S, V]``."""
+    """Layer L+4 when untied: ``final_linear`` (hidden -> padded vocab), no bias, logits ``[B, S, V]``, split by
+    vocabulary over the model-parallel ranks (``output_layer_parallelism: column``); with ``parallel_output``
+    each rank returns its ``[B, S, V / tp]`` slice (training: the loss is vocab-parallel), else the whole."""
 
     def __init__(self, neox_args, init_method, parallel_output: bool = False):
         super().__init__()
@@ -239,6 +259,6 @@ class ParallelLinearPipe(nn.Module):
         return logits
 
 
-def tied_logits(embedding, x: torch.Tensor) -> torch.Tensor:
-    """Layer L+4 when tied: logits against the (shared) word-embedding matrix."""
-    return F.linear(x, embedding.word_embeddings_weight)
+def tied_logits(embedding, x: torch.Tensor, parallel_output: bool = False) -> torch.Tensor:
+    """Layer L+4 when tied: logits against the (shared, vocab-parallel) word-embedding matrix."""
+    return mpu.parallel_lm_logits(x, embedding.word_embeddings_weight, parallel_output)

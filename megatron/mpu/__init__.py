@@ -1,7 +1,11 @@
-"""Tensor-parallel layers and process-group helpers (plain layers at model-parallel size 1)."""
+"""Tensor parallelism: process groups (DeepSpeed's grid), the region collectives, the parallel layers, the
+vocabulary-parallel cross entropy and the model-parallel random stream (docs/internals.md, "Tensor parallelism")."""
+from .cross_entropy import vocab_parallel_cross_entropy  # noqa: F401
+from .grads import ClipGroups  # noqa: F401
 from .initialize import (  # noqa: F401
     check_model_parallel_size,
     destroy_model_parallel,
+    divide,
     get_data_parallel_group,
     get_data_parallel_rank,
     get_data_parallel_world_size,
@@ -16,4 +20,16 @@ from .initialize import (  # noqa: F401
     initialize_model_parallel,
     model_parallel_is_initialized,
 )
-from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding  # noqa: F401
+from .layers import (  # noqa: F401
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    parallel_lm_logits,
+)
+from .mappings import (  # noqa: F401
+    copy_to_model_parallel_region,
+    gather_from_model_parallel_region,
+    reduce_from_model_parallel_region,
+    scatter_to_model_parallel_region,
+)
+from .random import get_rng_tracker, model_parallel_seed  # noqa: F401

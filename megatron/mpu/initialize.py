@@ -1,4 +1,4 @@
-"""Model/data/pipeline-parallel group bookkeeping.
+"""Model/data/pipeline-parallel group bookkeeping (the one topology of a run, read by every layer).
 
 The only state kept here is the DeepSpeed ``PipelineParallelGrid`` built from the run's process topology, which
 DeepSpeed itself needs (it is handed to ``deepspeed.initialize(mpu=...)``). Before
@@ -96,8 +96,20 @@ def get_pipe_parallel_rank() -> int:
     return _GRID.get_pipe_parallel_rank() if _GRID is not None else 0
 
 
+def divide(numerator: int, denominator: int, what: str = "") -> int:
+    """``numerator / denominator`` for sizes that must split evenly across ranks."""
+    if numerator % denominator != 0:
+        raise ValueError(f"{what or numerator} ({numerator}) is not divisible by the model-parallel size "
+                         f"{denominator}")
+    return numerator // denominator
+
+
 def check_model_parallel_size(size: Optional[int]) -> None:
-    """Stops with a clear message for a tensor-parallel degree this build cannot run."""
-    if size is not None and int(size) > 1:
-        raise ValueError(f"model_parallel_size={size}: tensor parallelism is not available in this build "
-                         f"(the mpu layers are plain layers); set model-parallel-size: 1")
+    """The configured tensor-parallel size must be the one the process groups were built with: a layer built
+    with another size would hold the wrong shard (or the whole matrix) without any error later."""
+    built = get_model_parallel_world_size()
+    if size is not None and int(size) != built:
+        where = ("initialize_model_parallel has not run (one model-parallel rank)" if _GRID is None
+                 else f"the process groups have {built} model-parallel rank(s)")
+        raise ValueError(f"model_parallel_size={size} but {where}; tensor-parallel layers are built after "
+                         f"megatron.initialize.initialize_megatron")

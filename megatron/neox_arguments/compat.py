@@ -3,7 +3,7 @@
 Two kinds:
 
 * ``NO_OP_KEYS``: switches whose job is done here by other means with the same result (fused CUDA kernels
-  that SDPA, FlexAttention or torch.compile replace; tensor-parallel options at model-parallel size 1).
+  that SDPA, FlexAttention or torch.compile replace; DeepSpeed's activation partitioning).
   GPT-NeoX's own configs set them (Pythia sets ``bias-gelu-fusion``, ``partition-activations``,
   ``synchronize-each-layer``), so they load; ``deepy.py`` says once at launch that they change nothing.
 * ``REFUSED_VALUES``: keys whose default is what the project does, and whose other values ask for behaviour
@@ -16,8 +16,7 @@ from typing import Dict, List, Tuple
 
 _FUSED_SOFTMAX = ("Megatron's fused CUDA softmax; attention here runs through SDPA, FlexAttention or the "
                   "Sep-Attention kernel, which fuse the masked softmax themselves")
-_DS_CHECKPOINTING = ("activation checkpointing here is torch.utils.checkpoint (non-reentrant) at "
-                     "model_parallel_size 1")
+_DS_CHECKPOINTING = "activation checkpointing here is torch.utils.checkpoint (non-reentrant)"
 
 NO_OP_KEYS: Dict[str, str] = {
     "scaled_upper_triang_masked_softmax_fusion": _FUSED_SOFTMAX,
@@ -30,11 +29,12 @@ NO_OP_KEYS: Dict[str, str] = {
                                       "here accumulates in fp32"),
     "attention_softmax_in_fp32": ("the attention softmax already accumulates in fp32 (SDPA's kernels, "
                                   "FlexAttention, the Sep-Attention kernel; Self-Adjusting softmax in fp32)"),
-    "partition_activations": "splits checkpointed activations over model-parallel ranks; model_parallel_size is 1",
+    "partition_activations": ("splits the activations DeepSpeed's checkpointing keeps over the model-parallel "
+                              "ranks (a memory saving); " + _DS_CHECKPOINTING + ", which keeps each rank's "
+                              "whole layer input"),
     "synchronize_each_layer": "a device sync around each checkpointed layer in DeepSpeed's checkpointing; "
                               + _DS_CHECKPOINTING,
     "deepspeed_activation_checkpointing": _DS_CHECKPOINTING,
-    "output_layer_parallelism": "how the output layer splits under tensor parallelism; model_parallel_size is 1",
     "deepspeed": "DeepSpeed is always used",
     "prefill_k": "deprecated in the SepLLM reference and never read there",
     "generate_k": "deprecated in the SepLLM reference and never read there",
@@ -48,6 +48,8 @@ REFUSED_VALUES: Dict[str, Tuple[object, str]] = {
     "checkpoint_in_cpu": (False, "activation checkpoints stay on the device: " + _DS_CHECKPOINTING),
     "activation_checkpointing": (None, "DeepSpeed's activation-checkpointing section is not read: "
                                  + _DS_CHECKPOINTING + "; use checkpoint_activations / checkpoint_num_layers"),
+    "output_layer_parallelism": ("column", "the output layer splits the vocabulary over the model-parallel ranks "
+                                 "(column), the one value GPT-NeoX has"),
     "checkpoint_validation_with_forward_pass": (False, "saving a forward pass with the checkpoint for a check "
                                                 "after loading is not implemented; resumes are tested bitwise"),
 }

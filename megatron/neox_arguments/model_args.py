@@ -92,7 +92,8 @@ class ModelArgs:
               "sa_softmax (USE_SA_SOFTMAX / USE_SA_SOFTMAX_NO_DENO), sep_kernel (USE_SEP_ATTN_KERNEL_ACCELERATOR), else sepllm_mask.",
         role="derived", choices=ATTENTION_VARIANT_NAMES)
     output_layer_parallelism: str = arg(
-        "column", "How the output layer would be split under tensor parallelism (GPT-NeoX key).",
+        "column", "How the output layer is split under tensor parallelism: column, by vocabulary (GPT-NeoX's one "
+                  "value; row is refused).",
         choices=("row", "column"))
     hidden_dropout: float = arg(0.1, "Dropout on the residual branches.")
     attention_dropout: float = arg(0.1, "Dropout on the attention probabilities.")
@@ -118,8 +119,8 @@ class ModelArgs:
     checkpoint_activations: bool = arg(False, "Recompute transformer layers in backward (activation checkpointing).")
     checkpoint_num_layers: int = arg(1, "Layers per activation-checkpoint chunk.")
     partition_activations: bool = arg(
-        False, "Partition checkpointed activations across model-parallel ranks (DeepSpeed); no effect at "
-               "model_parallel_size 1.")
+        False, "Partition checkpointed activations across model-parallel ranks (DeepSpeed's memory saving). No "
+               "effect here: activation checkpointing is torch.utils.checkpoint.")
     synchronize_each_layer: bool = arg(
         False, "DeepSpeed checkpointing's device sync around each checkpointed layer (a debugging aid). No effect "
                "here (torch.utils.checkpoint).")

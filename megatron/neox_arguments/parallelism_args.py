@@ -11,7 +11,9 @@ class ParallelismArgs:
 
     pipe_parallel_size: int = arg(
         0, "Pipeline stages. 0: plain sequential model; >= 1: DeepSpeed PipelineModule with that many stages.")
-    model_parallel_size: int = arg(1, "Tensor-parallel size (this project supports 1).")
+    model_parallel_size: int = arg(
+        1, "Tensor-parallel size: attention heads, MLP and vocabulary split over this many ranks (Megatron-style "
+           "layers, megatron/mpu); heads, kv heads, hidden and MLP sizes must divide by it.")
     pipe_stages: Optional[int] = arg(
         None, "Pipeline stages of the process grid: max(pipe_parallel_size, 1) (0, the sequential model, is one "
               "stage).", role="derived")

@@ -76,15 +76,32 @@ def validate_llama_keys(args):
 def validate_parallelism(args):
     if args.pipe_parallel_size < 0:
         raise ConfigError(f"key 'pipe_parallel_size' must be >= 0, got {args.pipe_parallel_size}")
-    if args.model_parallel_size != 1:
-        raise ConfigError(f"key 'model_parallel_size' is {args.model_parallel_size}; this project runs "
-                          f"tensor-parallel size 1 only (use pipe_parallel_size and data parallelism)")
+    if args.model_parallel_size < 1:
+        raise ConfigError(f"key 'model_parallel_size' must be >= 1, got {args.model_parallel_size}")
+    validate_tensor_parallel(args)
     if args.pipe_parallel_size > args.num_layers:
         raise ConfigError(f"pipe_parallel_size={args.pipe_parallel_size} exceeds num_layers={args.num_layers}")
     if args.is_pipe_parallel and args.zero_stage >= 2:
         raise ConfigError(f"zero_optimization.stage={args.zero_stage} cannot be used with pipe_parallel_size="
                           f"{args.pipe_parallel_size} (DeepSpeed's pipeline engine supports ZeRO stage 0 and 1); "
                           f"set pipe_parallel_size: 0 for ZeRO 2/3")
+
+
+def validate_tensor_parallel(args):
+    """Every size split over the tensor-parallel ranks must split evenly (whole heads per rank), and the ZeRO
+    stage must be one DeepSpeed combines with Megatron-style tensor parallelism here."""
+    tp = args.model_parallel_size
+    if tp == 1:
+        return
+    for key in ("num_attention_heads", "num_kv_heads", "hidden_size", "mlp_inner_size", "padded_vocab_size"):
+        value = getattr(args, key)
+        if value is not None and value % tp:
+            raise ConfigError(f"key '{key}' is {value}, which is not divisible by model_parallel_size={tp} (each "
+                              f"tensor-parallel rank holds an equal share)")
+    if args.zero_stage >= 3:
+        raise ConfigError(f"zero_optimization.stage={args.zero_stage} cannot be combined with model_parallel_size="
+                          f"{tp}: ZeRO-3 gathers and re-partitions every parameter itself, which DeepSpeed does not "
+                          f"do for the shards of Megatron-style tensor-parallel layers; use stage 0, 1 or 2")
 
 
 def validate_schedule(args):

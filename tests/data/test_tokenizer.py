@@ -38,7 +38,7 @@ def test_pythia_hf_tokenizer(pythia_tokenizer_path):
 
 def test_vocab_padding():
     tensor_parallel = _args(tokenizer_type="CharLevelTokenizer")
-    tensor_parallel.model_parallel_size = 2  # GPT-NeoX's formula; this project's config refuses size 2
+    tensor_parallel.model_parallel_size = 2  # GPT-NeoX's formula: a multiple of 128 x 2
     assert _vocab_size_with_padding(50277, tensor_parallel) == 50432
     assert _vocab_size_with_padding(512, _args(tokenizer_type="CharLevelTokenizer")) == 512
     assert _vocab_size_with_padding(513, _args(tokenizer_type="CharLevelTokenizer", make_vocab_size_divisible_by=8)) \

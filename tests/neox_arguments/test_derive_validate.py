@@ -69,8 +69,8 @@ def test_model_errors():
         NeoXArgs.from_dict(small(seq_length=64, max_position_embeddings=32), env=cpu())
     with pytest.raises(ConfigError, match="'rotary_pct' must be in"):
         NeoXArgs.from_dict(small(pos_emb="rotary", rotary_pct=1.5), env=cpu())
-    with pytest.raises(ConfigError, match="'model_parallel_size' is 2"):
-        NeoXArgs.from_dict(small(model_parallel_size=2), env=gpus(2))
+    with pytest.raises(ConfigError, match="'num_attention_heads' is 4, which is not divisible by model_parallel_size=3"):
+        NeoXArgs.from_dict(small(model_parallel_size=3), env=gpus(3))
     with pytest.raises(ConfigError, match="'attention_config' describes 3 layers but num_layers is 2"):
         NeoXArgs.from_dict(small(attention_config=[[["global"], 3]]), env=cpu())
     with pytest.raises(ConfigError, match="attention_config type 'sparse_fixed'.*DeepSpeed sparse attention"):

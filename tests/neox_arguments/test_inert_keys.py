@@ -50,7 +50,8 @@ def test_listed_keys_are_fields_and_not_also_implemented():
 
 @pytest.mark.parametrize("key", sorted(REFUSED_VALUES))
 def test_refused_values_stop_validation_naming_the_key(key):
-    value = {"activation_checkpointing": {"partition_activations": False}}.get(key, True)
+    value = {"activation_checkpointing": {"partition_activations": False},
+             "output_layer_parallelism": "row"}.get(key, True)
     with pytest.raises(ConfigError, match=f"key '{key}' is .*not supported"):
         NeoXArgs.from_dict(small(**{key: value}), env=cpu())
 

@@ -4,8 +4,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron.model.positional_embeddings import alibi_bias, alibi_slopes
+from megatron import mpu
+from megatron.model.positional_embeddings import alibi_bias
 from megatron.model.sepllm import rule
+from megatron.model.sepllm.settings import local_alibi_slopes
 
 # The window mask depends on the shapes only: one copy for every layer (the newest is kept).
 _WINDOW_MASK: dict = {}
@@ -38,9 +40,10 @@ class FullAttention(nn.Module):
         self.use_alibi = neox_args.pos_emb == "alibi"
         self.sliding_window = neox_args.sliding_window_width
         if self.use_alibi:
-            self.register_buffer("alibi_slopes",
-                                 torch.tensor(alibi_slopes(int(neox_args.num_attention_heads))),
-                                 persistent=False)
+            heads = int(neox_args.num_attention_heads)
+            local = mpu.divide(heads, mpu.get_model_parallel_world_size(), "num_attention_heads")
+            # This rank's heads' slopes (all of them at one model-parallel rank).
+            self.register_buffer("alibi_slopes", local_alibi_slopes(heads, local, "cpu"), persistent=False)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta) -> torch.Tensor:
         dropout_p = self.dropout_p if self.training else 0.0
