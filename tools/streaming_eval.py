@@ -167,51 +167,106 @@ def kv_slots_and_bytes(cache) -> (int, int):
 
 
 # ---------------------------------------------------------------------------------------------- the stream
+class _Records:
+    """Per-``chunk`` records of a stream: NLL values stay on the device and are written once per record (one
+    host sync per record, not per token)."""
+
+    def __init__(self, cache, device, chunk: int, log=None, nll_file=None, bar=None):
+        self.cache, self.device, self.chunk, self.log, self.nll_file, self.bar = cache, device, chunk, log, \
+            nll_file, bar
+        self.records: List[Dict] = []
+        self.pending: List[torch.Tensor] = []  # 0-d or 1-d NLL tensors
+        self.pending_count = 0
+        self.total_nll, self.total, self.peak = 0.0, 0, 0
+        self.t0 = self.t_last = time.time()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def room(self) -> int:
+        """Tokens until the next record."""
+        return self.chunk - self.pending_count
+
+    def add(self, nll: torch.Tensor) -> None:
+        self.pending.append(nll)
+        self.pending_count += nll.numel()
+        if self.bar is not None:
+            self.bar.update(nll.numel())
+        if self.pending_count >= self.chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        values = torch.cat([v.reshape(-1) for v in self.pending]).double().cpu()
+        self.pending, self.pending_count = [], 0
+        if self.nll_file is not None:
+            self.nll_file.write("".join(f"{v}\n" for v in values.tolist()))
+            self.nll_file.flush()
+        chunk_ppl = math.exp(values.mean().item())
+        self.total_nll += values.sum().item()
+        self.total += values.numel()
+        slots, kv_bytes = kv_slots_and_bytes(self.cache)
+        now = time.time()
+        seconds = now - self.t0
+        rec = {"tokens": self.total, "ppl": chunk_ppl, "running_ppl": math.exp(self.total_nll / self.total),
+               "kv_slots": slots, "kv_bytes": kv_bytes, "seconds": round(seconds, 2),
+               "tokens_per_s": round(self.total / seconds, 2),
+               "chunk_tokens_per_s": round(values.numel() / max(now - self.t_last, 1e-9), 2)}
+        self.t_last = now
+        if self.device.type == "cuda":
+            chunk_peak = torch.cuda.max_memory_allocated(self.device)
+            self.peak = max(self.peak, chunk_peak)
+            rec["peak_mem_bytes"] = self.peak  # since the stream began
+            rec["chunk_peak_mem_bytes"] = chunk_peak  # within this record's tokens
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.records.append(rec)
+        if self.log:
+            self.log(json.dumps(rec))
+        if self.bar is not None:
+            self.bar.set_postfix(ppl=f"{rec['running_ppl']:.2f}", kv=slots, refresh=False)
+
+    def final(self, extra: Optional[Dict] = None) -> List[Dict]:
+        self.flush()
+        if self.bar is not None:
+            self.bar.close()
+        if self.total == 0:
+            raise BadInput("the stream has no token to predict (every text is shorter than 2 tokens)")
+        slots, kv_bytes = kv_slots_and_bytes(self.cache)
+        seconds = time.time() - self.t0
+        final = {"final": True, "tokens": self.total, "ppl": math.exp(self.total_nll / self.total),
+                 "kv_slots": slots, "kv_bytes": kv_bytes, "seconds": round(seconds, 2),
+                 "tokens_per_s": round(self.total / seconds, 2)}
+        if self.device.type == "cuda":
+            final["peak_mem_bytes"] = max(self.peak, torch.cuda.max_memory_allocated(self.device))
+        if getattr(self.cache, "is_sep_cache", False):
+            final["compressions"] = self.cache.layers[0].compressions
+            final["kv_ratio"] = self.cache.kv_ratio()
+        final.update(extra or {})
+        self.records.append(final)
+        return self.records
+
+
 @torch.no_grad()
 def stream_perplexity(model, tokens, cache, chunk: int = 1024, log=None, nll_file=None,
-                      num_eval_tokens: Optional[int] = None, progress: bool = False) -> List[Dict]:
-    """Feeds every sequence of ``tokens`` (one ``[N]`` int64 tensor or an iterable of them) one token at a
-    time through ``cache``, which persists across sequences; returns one record per chunk of predicted tokens
-    and a final record ``{"final": True, "tokens", "ppl", ...}``.
+                      num_eval_tokens: Optional[int] = None, progress: bool = False,
+                      chunk_tokens: int = 1) -> List[Dict]:
+    """Feeds every sequence of ``tokens`` (one ``[N]`` int64 tensor or an iterable of them) through ``cache``,
+    which persists across sequences; returns one record per chunk of predicted tokens and a final record
+    ``{"final": True, "tokens", "ppl", ...}``.
 
-    ``nll_file``: a text file receiving one NLL a line (the reference's log.txt). Values stay on the device
-    and are written once per chunk: one host sync per chunk, not per token.
+    ``chunk_tokens`` 1 (the reference): one forward per token. More: up to that many tokens per forward
+    (``megatron.hf.streaming_fast``), with the same per-token NLL (to float tolerance), the same kept KVs and
+    the same records; forwards also end at record boundaries, so every record sees the same cache state.
+    ``nll_file``: a text file receiving one NLL a line (the reference's log.txt).
     """
     device = next(model.parameters()).device
     books = [tokens] if isinstance(tokens, torch.Tensor) else tokens
+    rec = _Records(cache, device, chunk, log, nll_file, _progress(num_eval_tokens) if progress else None)
+    if chunk_tokens > 1:
+        return _stream_chunked(model, books, cache, rec, num_eval_tokens, chunk_tokens)
     stock_shift = getattr(cache, "is_sep_cache", False) and cache.APPLY_PE_SHIFT and \
         getattr(model.config, "model_type", "") != "sepllm_gpt_neox"
-    bar = _progress(num_eval_tokens) if progress else None
-    records: List[Dict] = []
-    pending: List[torch.Tensor] = []
-    total_nll, total, t0, done = 0.0, 0, time.time(), False
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    def flush(final: bool = False):
-        nonlocal total_nll, total, pending
-        if not pending:
-            return
-        values = torch.stack(pending).double().cpu()
-        pending = []
-        if nll_file is not None:
-            nll_file.write("".join(f"{v}\n" for v in values.tolist()))
-            nll_file.flush()
-        chunk_ppl = math.exp(values.mean().item())
-        total_nll += values.sum().item()
-        total += values.numel()
-        slots, kv_bytes = kv_slots_and_bytes(cache)
-        seconds = time.time() - t0
-        rec = {"tokens": total, "ppl": chunk_ppl, "running_ppl": math.exp(total_nll / total), "kv_slots": slots,
-               "kv_bytes": kv_bytes, "seconds": round(seconds, 2), "tokens_per_s": round(total / seconds, 2)}
-        if device.type == "cuda":
-            rec["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device)
-        records.append(rec)
-        if log:
-            log(json.dumps(rec))
-        if bar is not None:
-            bar.set_postfix(ppl=f"{rec['running_ppl']:.2f}", kv=slots, refresh=False)
-
+    done = False
     for book in books:
         book = book.to(device)
         if book.numel() < 2:
@@ -223,30 +278,35 @@ def stream_perplexity(model, tokens, cache, chunk: int = 1024, log=None, nll_fil
                 cache.prepare_step(ids)
                 kwargs["position_ids"] = cache.step_positions(0)
             out = model(input_ids=ids, past_key_values=cache, use_cache=True, **kwargs)
-            pending.append(F.cross_entropy(out.logits[0, -1:].float(), book[i + 1:i + 2]))
-            if bar is not None:
-                bar.update(1)
-            if len(pending) == chunk:
-                flush()
-            if num_eval_tokens is not None and total + len(pending) >= num_eval_tokens:
+            rec.add(F.cross_entropy(out.logits[0, -1:].float(), book[i + 1:i + 2]))
+            if num_eval_tokens is not None and rec.total + rec.pending_count >= num_eval_tokens:
                 done = True
                 break
         if done:
             break
-    flush()
-    if bar is not None:
-        bar.close()
-    if total == 0:
-        raise BadInput("the stream has no token to predict (every text is shorter than 2 tokens)")
-    slots, kv_bytes = kv_slots_and_bytes(cache)
-    seconds = time.time() - t0
-    final = {"final": True, "tokens": total, "ppl": math.exp(total_nll / total), "kv_slots": slots,
-             "kv_bytes": kv_bytes, "seconds": round(seconds, 2), "tokens_per_s": round(total / seconds, 2)}
-    if getattr(cache, "is_sep_cache", False):
-        final["compressions"] = cache.layers[0].compressions
-        final["kv_ratio"] = cache.kv_ratio()
-    records.append(final)
-    return records
+    return rec.final()
+
+
+def _stream_chunked(model, books, cache, rec: "_Records", num_eval_tokens: Optional[int], chunk_tokens: int):
+    from megatron.hf.streaming_fast import ChunkedStepper, step_summary
+
+    stepper = ChunkedStepper(model, cache, chunk_tokens)
+    device = rec.device
+    for book in books:
+        book = book.to(device)
+        i, end = 0, book.numel() - 1
+        while i < end:
+            left = None if num_eval_tokens is None else num_eval_tokens - rec.total - rec.pending_count
+            if left is not None and left <= 0:
+                break
+            budget = min(end - i, rec.room(), *(() if left is None else (left,)))
+            q = stepper.plan(budget)
+            logits = stepper.forward(book[i:i + q].view(1, q))
+            rec.add(F.cross_entropy(logits[0].float(), book[i + 1:i + q + 1], reduction="none"))
+            i += q
+        if num_eval_tokens is not None and rec.total + rec.pending_count >= num_eval_tokens:
+            break
+    return rec.final(step_summary(stepper))
 
 
 def _progress(total: Optional[int]):
@@ -357,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     own.add_argument("--separator_token_ids", type=lambda s: [int(t) for t in s.split(",") if t.strip()],
                      default=None, help="comma-separated ids (default: trained, preset, or the tokenizer's)")
     own.add_argument("--chunk", type=int, default=1024, help="tokens per summary record")
+    own.add_argument("--chunk_tokens", type=int, default=1,
+                     help="most tokens per forward: 1 streams token by token (the reference); more runs the "
+                          "chunked path (megatron/hf/streaming_fast.py), equal per-token NLL and kept KVs")
     own.add_argument("--dtype", default=None, choices=(None, "fp32", "bf16", "fp16"),
                      help="model dtype (default: the model's own)")
     own.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -375,6 +438,8 @@ def main(argv=None) -> int:
             raise BadInput(f"--task {args.task}: only 'default' (the PG19 configuration) exists")
         if args.chunk < 1:
             raise BadInput(f"--chunk must be >= 1, got {args.chunk}")
+        if args.chunk_tokens < 1:
+            raise BadInput(f"--chunk_tokens must be >= 1, got {args.chunk_tokens}")
         kind = resolve_cache_kind(args)
         check_sizes(kind, args.init_cache_size, args.sep_cache_size, args.local_size, args.cache_size)
         files = dataset_files(args.dataset_name, args.split, args.pg19_dir) if args.dataset_name else None
@@ -414,7 +479,8 @@ def main(argv=None) -> int:
         nll_file = open(log_path + ".tmp", "w")
     try:
         records = stream_perplexity(model, tokens, cache, args.chunk, log=print, nll_file=nll_file,
-                                    num_eval_tokens=args.num_eval_tokens, progress=not args.no_progress)
+                                    num_eval_tokens=args.num_eval_tokens, progress=not args.no_progress,
+                                    chunk_tokens=args.chunk_tokens)
     except BadInput as err:
         print(f"streaming_eval.py: error: {err}", file=sys.stderr)
         return 2

@@ -482,12 +482,7 @@ class SepCache(Cache):
             self._next_text_pos = torch.zeros(bsz, dtype=torch.long, device=device)
         if model_positions is not None:
             model_positions = model_positions.to(device=device, dtype=torch.long).expand(bsz, q)
-        compressed = []
-        if not prefill:
-            for i, layer in enumerate(self.layers):
-                if layer.length() + q >= layer.cache_size:
-                    self._compress(layer, q)
-                    compressed.append(i)
+        compressed = [] if prefill else self._compress_due_layers(q)
         text_pos = (self._next_text_pos.unsqueeze(-1) + torch.cumsum(valid.long(), -1) - 1).clamp(min=0)
         text_pos = torch.where(valid, text_pos, torch.ones_like(text_pos))
         self._next_text_pos = self._next_text_pos + valid.long().sum(-1)
@@ -498,6 +493,44 @@ class SepCache(Cache):
         if self.APPLY_PE_SHIFT:
             for i in compressed:
                 self._shift_keys(self.layers[i], self._pe_offset(i))
+
+    def _compress_due_layers(self, incoming: int) -> List[int]:
+        """Compresses every layer that a step of ``incoming`` tokens finds full (``cached + q >= c``); returns
+        their indices (their keys are not re-rotated yet)."""
+        compressed = []
+        for i, layer in enumerate(self.layers):
+            if layer.length() + incoming >= layer.cache_size:
+                self._compress(layer, incoming)
+                compressed.append(i)
+        return compressed
+
+    def compress_due(self, incoming: int = 1) -> List[int]:
+        """Does now, outside a step, the compression a step of ``incoming`` tokens would do on arrival (the
+        same layers, the same kept slots); PE-shifted keys move to their new slots, as for a caller that
+        rotates at :meth:`step_positions`. The chunked streaming path calls it so that the following
+        multi-token step fits without compressing. Returns the compressed layers."""
+        if self._pending is not None:
+            raise ValueError("SepCache.compress_due: a step is in progress (prepare_step was called)")
+        compressed = self._compress_due_layers(int(incoming)) if self._seen > 0 else []
+        if self.APPLY_PE_SHIFT:
+            for i in compressed:
+                self._shift_keys(self.layers[i], torch.zeros(1, 1, dtype=torch.long))
+        return compressed
+
+    def compress_all(self) -> None:
+        """Compresses every holding layer now, with no token arriving: initial slots, separators and the newest
+        ``local_size`` slots stay (PE-shifted keys move to their new slots). This is the state a cache that
+        evicts after every step (StreamingLLM's) holds between steps; ``compressions`` is not counted."""
+        if self._pending is not None:
+            raise ValueError("SepCache.compress_all: a step is in progress (prepare_step was called)")
+        for layer in self.layers:
+            if layer.length() == 0:
+                continue
+            count = layer.compressions
+            self._compress(layer, 0)
+            layer.compressions = count
+            if self.APPLY_PE_SHIFT:
+                self._shift_keys(layer, torch.zeros(1, 1, dtype=torch.long))
 
     def _pe_offset(self, layer_idx: int) -> torch.Tensor:
         """``[B, 1]``: text position minus slot of this step's first new token, where a stock model rotates
