@@ -96,16 +96,9 @@ def default_resolved_path(args) -> str:
 DEFAULT_MULTI_NODE_PORT = 29500
 
 
-def free_local_port() -> int:
-    """A TCP port nothing listens on right now (the OS picks it)."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def master_port(args) -> int:
+    from megatron.net_ports import free_local_port
+
     if args.master_port is not None:
         return args.master_port
     return DEFAULT_MULTI_NODE_PORT if args.hostfile else free_local_port()

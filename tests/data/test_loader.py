@@ -1,6 +1,5 @@
 """Sampler and data iterators: GPT-NeoX order, data-parallel slices, exact resume, rank-0 index build."""
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -9,6 +8,7 @@ import torch
 from megatron.data.data_utils import build_train_valid_test_data_iterators
 from corpus_utils import data_config, write_corpus as _write_corpus
 from megatron.data.samplers import DistributedBatchSampler
+from megatron.net_ports import free_local_port
 
 
 def write_corpus(prefix, n_docs, seed, max_len=80):
@@ -91,12 +91,6 @@ def test_no_iterations_means_no_iterator(tmp_path):
     assert train is not None and valid is None and test is None
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _build_on_two_ranks(rank, port, prefixes, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
@@ -124,7 +118,7 @@ def test_only_the_builder_rank_builds(tmp_path):
     prefixes = [write_corpus(tmp_path / f"corpus{i}", 100, seed=3) for i in range(2)]
     # fork: the children reuse this process's imports (spawn would re-import torch in each, ~6 s).
     torch.multiprocessing.start_processes(
-        _build_on_two_ranks, args=(_free_port(), prefixes, str(tmp_path)), nprocs=2, join=True,
+        _build_on_two_ranks, args=(free_local_port(), prefixes, str(tmp_path)), nprocs=2, join=True,
         start_method="fork",
     )
     for shared in (1, 0):

@@ -2,12 +2,12 @@
 rank information is Slurm's variables. With `deepspeed_slurm: true` they form one 2-rank group and train as
 `deepy.py --num_gpus 2` does, bit for bit."""
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from megatron.net_ports import free_local_port
 from multinode_runs import HALF, REPO, common_keys, deepy, launch_env, local_baseline, tb_losses
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.slow]
@@ -15,9 +15,7 @@ pytestmark = [pytest.mark.deepspeed, pytest.mark.slow]
 
 def test_srun_style_ranks_train_like_a_local_launch(tmp_path, tmp_path_factory):
     corpus, local = local_baseline(tmp_path_factory)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_local_port()
     run_dir = tmp_path / "srun"
     # deepy.py validates and writes the resolved config; the "srun" below starts the ranks.
     deepy(run_dir, dict(common_keys(corpus), train_iters=HALF, deepspeed_slurm=True, master_port=port),

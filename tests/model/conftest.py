@@ -1,14 +1,9 @@
 """Fixtures of the model tests: a one-process DeepSpeed/gloo group."""
 import os
-import socket
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron.net_ports import free_local_port
 
 
 @pytest.fixture(scope="session")
@@ -18,7 +13,7 @@ def ds_dist():
     import deepspeed.comm as dist
 
     if not dist.is_initialized():
-        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
+        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_local_port())), ("RANK", "0"),
                            ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
             os.environ.setdefault(key, value)
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
