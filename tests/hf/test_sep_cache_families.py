@@ -5,33 +5,20 @@ import warnings
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, FalconConfig, GPTNeoXConfig, LlamaConfig, MistralConfig,
-                          Qwen2Config)
 
 from megatron.hf.sep_cache import SepCache, apply_rotary, rope_cos_sin, rope_inv_freq
+from tests.hf import training_free_models as models
 
 SEPS = [3, 5, 7]
 VOCAB = 40
 
 
 def family_config(name: str, layers: int = 2):
-    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                  max_position_embeddings=256)
-    if name == "llama":
-        return LlamaConfig(num_key_value_heads=2, intermediate_size=48, **common)
-    if name == "mistral":
-        return MistralConfig(num_key_value_heads=2, intermediate_size=48, sliding_window=None, **common)
-    if name == "qwen2":
-        return Qwen2Config(num_key_value_heads=2, intermediate_size=48, **common)
-    if name == "gpt_neox":
-        return GPTNeoXConfig(intermediate_size=48, **common)
-    return FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                        new_decoder_architecture=False, multi_query=True, alibi=False, bias=False)
+    return models.family_config(name, layers, vocab=VOCAB)
 
 
 def tiny_model(name: str, impl: str = "eager", layers: int = 2):
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(family_config(name, layers), attn_implementation=impl).eval()
+    return models.tiny_model(name, impl, layers, vocab=VOCAB)
 
 
 def ids_with_seps(bsz, seq, seed):
@@ -202,7 +189,7 @@ def test_from_model_config_for_families_without_a_preset(family):
     assert cache.layer_num == 2 and cache.pe_dim == 8 and cache.base == 10000.0
     with pytest.raises(ValueError, match=f"no separator preset for model_type '{family}'; pass separator_token_ids"):
         SepCache.from_model_config(config)
-    model = AutoModelForCausalLM.from_config(config)
+    model = tiny_model(family)
     with pytest.raises(ValueError, match="inputs_embeds only"), torch.no_grad():
         model(inputs_embeds=torch.zeros(1, 3, 32), past_key_values=cache)
     with pytest.raises(ValueError, match="'llama' separator preset is for another tokenizer"):
