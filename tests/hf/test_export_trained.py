@@ -1,8 +1,6 @@
 """A run trained through deepy.py with its own tokenizer exports, with the README's command, the separators and
 padding id that training derived, and a model whose logits equal the trainer's (issue 10's done-when test)."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,7 +8,8 @@ import torch
 import yaml
 
 from tests.hf.helpers import trainer_logits
-from tests.training.launch_utils import FIXTURES, REPO, WORDS, launch_env, run_deepy
+from tests.hf.trained_runs import export_as_readme, train_tiny, trainer_from_step
+from tests.training.launch_utils import FIXTURES, WORDS
 
 pytestmark = [pytest.mark.slow, pytest.mark.deepspeed]
 
@@ -41,49 +40,26 @@ def _corpus(tmp, tokenizer_path):
 def test_own_tokenizer_run_exports_what_training_resolved(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from megatron.checkpoint_io import CheckpointReader
-    from megatron.model import build_sequential_model
-    from megatron.neox_arguments import NeoXArgs
-    from megatron.neox_arguments.environment import Environment
-
     tokenizer = tmp_path / "tokenizer.json"
     corpus = _corpus(tmp_path, tokenizer)
     model_keys = yaml.safe_load((FIXTURES / "tiny_model.yml").read_text())
     model_keys.update(tokenizer_type="HFTokenizer", vocab_file=str(tokenizer), USE_ORIGINAL_FULL_ATTEN=False,
                       USE_SEP_ATTN_KERNEL_ACCELERATOR=False, prefill_local_window_size=8,
                       generate_local_window_size=8, init_tok_max_idx=2)
-    (tmp_path / "model.yml").write_text(yaml.safe_dump(model_keys))  # no separator_token_ids: derived
-    (tmp_path / "run.yml").write_text(yaml.safe_dump(dict(
-        data_path=corpus, train_iters=2, checkpoint_factor=2, pipe_parallel_size=1, zero_optimization={"stage": 0},
-        train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1, save=str(tmp_path / "save"))))
-    configs = [tmp_path / "model.yml", FIXTURES / "tiny_train.yml", tmp_path / "run.yml"]
-    rc, log = run_deepy(configs, 1, log_path=tmp_path / "train.log")
-    assert rc == 0, log[-4000:]
-    step = tmp_path / "save" / "global_step2"
+    configs, log, step = train_tiny(tmp_path, model_keys, corpus, iters=2)  # no separator_token_ids: derived
     resolved = yaml.safe_load((step / "configs" / "resolved_config.yml").read_text())
     derived = [line for line in log.splitlines() if "separator_token_ids derived from" in line]
     assert derived and derived[0].endswith(str(resolved["separator_token_ids"])), derived
     assert resolved["separator_token_ids"] != PYTHIA_SEPARATORS  # own tokenizer: space/tab/newline ids differ
 
     out = tmp_path / "export"
-    readme = [sys.executable, str(REPO / "tools" / "ckpts" / "convert_neox_to_hf.py"), "--input_dir", str(step),
-              "--config_file", *map(str, configs), "--output_dir", str(out), "--precision", "auto",
-              "--architecture", "sepllm_gpt_neox"]
-    proc = subprocess.run(readme, cwd=tmp_path, env=launch_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    export_as_readme(step, out, "sepllm_gpt_neox", configs)
     exported = json.loads((out / "config.json").read_text())
     assert exported["separator_token_ids"] == resolved["separator_token_ids"]
     assert exported["PADDING_ID"] == resolved["PADDING_ID"]
     assert exported["vocab_size"] == resolved["padded_vocab_size"]
 
-    args = NeoXArgs.from_resolved(str(step / "configs" / "resolved_config.yml"),
-                                  env=Environment(0, {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}))
-    trainer = build_sequential_model(args).eval()
-    reader = CheckpointReader(str(step), args.num_layers)
-    prefix = next(iter(trainer.state_dict())).split(".")[0]
-    state = {f"{prefix}.{idx}.{name}": value for idx in reader.layer_indices()
-             for name, value in reader.layer(idx)[0].items()}
-    trainer.load_state_dict(state)
+    trainer = trainer_from_step(step)
     hf = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
     from transformers import AutoTokenizer
 
