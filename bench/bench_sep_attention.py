@@ -16,9 +16,17 @@ Two timing methods, the same for every path:
              events, no synchronise in between (mean per call); host work overlaps the GPU's.
 ``host us`` is the CPU time to issue one kernel fwd+bwd (and SDPA's), measured around the back-to-back loop.
 
+The first table's kernel columns use the first backward of ``--backward``. A second table compares, on the same
+inputs, every backward of ``--backward`` (``split``: dQ + two dK/dV kernels; ``fused``: one pass, dQ by atomics;
+config key ``sep_attn_kernel_backward``), eager (b2b as above) and, with ``--graphs``, captured once as a CUDA
+graph of the whole fwd+bwd and replayed back to back (``graph``: no host work per call; SDPA graphed the same
+way), each as a ratio to SDPA eager b2b and (graphed) to SDPA graphed. ``--blocks`` takes the tile table of
+``python -m megatron.model.sepllm.kernel.tune --json`` (the format of the key ``sep_attn_kernel_blocks``).
+
     python bench/bench_sep_attention.py --prepare-text data/sep_bench/tokens.npy \
         --tokenizer ../shared/data/20B_tokenizer.json /usr/share/common-licenses/*      # on a CPU machine
     python bench/bench_sep_attention.py --tokens data/sep_bench/tokens.npy               # on the GPU machine
+    python bench/bench_sep_attention.py --no-flex --graphs --backward split,fused        # old vs new backward
 """
 from __future__ import annotations
 
@@ -35,7 +43,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron.model.sepllm.kernel import build_sep_metadata, dense_sep_mask, sep_attention  # noqa: E402
+from megatron.model.sepllm.kernel import build_sep_metadata, dense_sep_mask, sep_attention, settings  # noqa: E402
+from megatron.neox_arguments.kernel_knobs import BACKWARD_MODES, parse_blocks  # noqa: E402
 
 PYTHIA_SEPARATOR_IDS = (15, 13, 32, 2, 28, 27, 209, 186, 187)
 N_INIT = 3
@@ -140,6 +149,35 @@ def host_profile(fn, title: str, calls: int = 50, top: int = 18) -> None:
     print(f"## host profile, {title}: {calls} fwd+bwd calls\n{text.getvalue()}", flush=True)
 
 
+def time_graphed_b2b_ms(fn, iters: int) -> float:
+    """GPU ms per call of ``fn`` captured once as a CUDA graph and replayed ``iters`` times back to back."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles, fills caches) outside the capture, as torch documents
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    del graph
+    return start.elapsed_time(end) / iters
+
+
+def with_backward(mode: str, blocks: dict):
+    """Makes ``mode`` the kernel's backward (and ``blocks`` its tile overrides) for the launches that follow."""
+    settings.configure(settings.KernelSettings(blocks=blocks, backward=mode))
+
+
 def fwd_bwd(attn, q, k, v, dout):
     def run():
         out = attn(q, k, v)
@@ -174,12 +212,32 @@ def bench_case(case, flags, label, args, flex) -> dict:
     row["sdpa_b2b"], row["sdpa_host_us"] = time_b2b_ms(sdpa_run, args.warmup, args.b2b_iters)
 
     kernel = lambda a, b, c: sep_attention(a, b, c, flags, init_start, N_INIT, window, meta=meta)  # noqa: E731
+    if args.graphs:
+        row["sdpa_graph"] = time_graphed_b2b_ms(sdpa_run, args.b2b_iters)
+    grads = {}
+    for mode in args.backward:
+        with_backward(mode, args.blocks)
+        run = fwd_bwd(kernel, q, k, v, dout)
+        row[f"{mode}_b2b"], row[f"{mode}_host_us"] = time_b2b_ms(run, args.warmup, args.b2b_iters)
+        if args.graphs:
+            row[f"{mode}_graph"] = time_graphed_b2b_ms(run, args.b2b_iters)
+        out = kernel(q, k, v)
+        grads[mode] = (out.detach(),) + torch.autograd.grad(out, (q, k, v), dout)
+    first = args.backward[0]
+    for mode in args.backward[1:]:  # each backward against the first: same forward, gradients to bf16 rounding
+        row[f"{mode}_vs_{first}"] = max(((a.float() - b.float()).norm() / b.float().norm()).item()
+                                        for a, b in zip(grads[mode], grads[first]))
+    del grads
+    with_backward(first, args.blocks)  # the first table's kernel columns
     row["kernel"] = time_ms(fwd_bwd(kernel, q, k, v, dout), args.warmup, args.iters)
     row["kernel_b2b"], row["kernel_host_us"] = time_b2b_ms(fwd_bwd(kernel, q, k, v, dout), args.warmup,
                                                            args.b2b_iters)
     if args.host_profile and not _PROFILED:
         _PROFILED.append(row["case"])
-        host_profile(fwd_bwd(kernel, q, k, v, dout), f"kernel {row['case']} {label}")
+        for mode in args.backward:
+            with_backward(mode, args.blocks)
+            host_profile(fwd_bwd(kernel, q, k, v, dout), f"kernel ({mode} backward) {row['case']} {label}")
+        with_backward(first, args.blocks)
         host_profile(sdpa_run, f"sdpa {row['case']} {label}")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -249,7 +307,23 @@ def main() -> None:
     parser.add_argument("--no-flex", action="store_true", help="skip the FlexAttention reference design")
     parser.add_argument("--no-check", dest="check", action="store_false", help="skip the kernel-vs-mask check")
     parser.add_argument("--cases", default="all", help="comma-separated case indices (0-3) or 'all'")
+    parser.add_argument("--backward", default="split,fused",
+                        help=f"kernel backwards to compare, comma-separated ({', '.join(BACKWARD_MODES)}); the first "
+                             "one fills the first table")
+    parser.add_argument("--graphs", action="store_true", help="also time fwd+bwd captured as a CUDA graph")
+    parser.add_argument("--blocks", help="tile overrides: JSON text or a file (tune --json output)")
     args = parser.parse_args()
+    args.backward = args.backward.split(",")
+    bad = [m for m in args.backward if m not in BACKWARD_MODES]
+    if bad or not args.backward:
+        raise SystemExit(f"--backward: {bad or args.backward} not in {', '.join(BACKWARD_MODES)}")
+    if args.blocks and os.path.exists(args.blocks):
+        with open(args.blocks) as f:
+            args.blocks = f.read()
+    try:
+        args.blocks = parse_blocks(args.blocks, "--blocks")
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
 
     if args.prepare_text:
         prepare_text(args.prepare_text, args.tokenizer, args.text_files)
@@ -265,11 +339,12 @@ def main() -> None:
 
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} bf16 fwd+bwd; per-call: medians of "
           f"{args.iters} synchronised calls (flex: {max(3, args.iters // 2)}); b2b: mean of {args.b2b_iters} "
-          f"back-to-back calls; n_init={N_INIT}, E=1")
+          f"back-to-back calls; n_init={N_INIT}, E=1; kernel columns: {args.backward[0]} backward")
     header = ("case", "flags", "sep%", "kept", "sdpa ms", "mask ms", "flex128 ms", "kernel ms", "kernel/sdpa",
               "mask/sdpa", "flex/sdpa", "sdpa b2b ms", "mask b2b ms", "kernel b2b ms", "kernel/sdpa b2b",
               "host us sdpa", "host us kernel", "meta ms", "kern MB", "rel err")
     print(" | ".join(header))
+    rows = []
     for case in cases:
         bsz, _, seq, _, _ = case
         for label in ("text", "random"):
@@ -284,6 +359,31 @@ def main() -> None:
                      f"{r['sdpa_host_us']:.0f}", f"{r['kernel_host_us']:.0f}", f"{r['meta_ms']:.3f}",
                      f"{r['kernel_mem_mb']:.0f}", f"{r.get('rel_err', math.nan):.1e}")
             print(" | ".join(cells), flush=True)
+            rows.append(r)
+    print_backward_table(rows, args)
+
+
+def print_backward_table(rows: list, args) -> None:
+    """Old vs new backward, eager vs graphed: kernel fwd+bwd per call and its ratio to SDPA, same inputs."""
+    modes, first = args.backward, args.backward[0]
+    print(f"\n# backward and CUDA graphs: b2b = eager back-to-back ({args.b2b_iters} calls); graph = one capture of "
+          f"fwd+bwd replayed {args.b2b_iters} times; ratios over SDPA eager b2b, and graph over SDPA graph; "
+          f"tiles {args.blocks or 'default table'}")
+    header = ["case", "flags", "sdpa b2b ms"] + (["sdpa graph ms"] if args.graphs else [])
+    for m in modes:
+        header += [f"{m} b2b ms", f"{m}/sdpa b2b", f"{m} host us"]
+        if args.graphs:
+            header += [f"{m} graph ms", f"{m}/sdpa graph"]
+    header += [f"{m} vs {first} err" for m in modes[1:]]
+    print(" | ".join(header))
+    for r in rows:
+        cells = [r["case"], r["flags"], f"{r['sdpa_b2b']:.3f}"] + ([f"{r['sdpa_graph']:.3f}"] if args.graphs else [])
+        for m in modes:
+            cells += [f"{r[m + '_b2b']:.3f}", f"{r[m + '_b2b'] / r['sdpa_b2b']:.3f}", f"{r[m + '_host_us']:.0f}"]
+            if args.graphs:
+                cells += [f"{r[m + '_graph']:.3f}", f"{r[m + '_graph'] / r['sdpa_graph']:.3f}"]
+        cells += [f"{r[m + '_vs_' + first]:.1e}" for m in modes[1:]]
+        print(" | ".join(cells), flush=True)
 
 if __name__ == "__main__":
     main()

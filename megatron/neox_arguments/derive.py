@@ -12,7 +12,7 @@ import os
 from .deepspeed_args import BF16_KEYS, FP16_KEYS, FP16_TYPES, PRECISION_ALIASES, PRECISIONS
 from .errors import ConfigError
 from .hostfile import parse_hostfile, select_resources
-from .kernel_knobs import ENV_KEYS, env_overrides, parse_blocks
+from .kernel_knobs import BACKWARD_MODES, ENV_KEYS, env_overrides, parse_blocks
 from .loading import suggest_key
 from .model_args import ATTENTION_TYPES, GATED_ACTIVATIONS
 from .optimizer_args import OPTIMIZER_TYPES
@@ -407,7 +407,7 @@ def derive_backend(args, env):
 
 
 def derive_kernel_settings(args, env, on_rank):
-    """$SEP_ATTN_BLOCKS / $SEP_ATTN_GATHER / $SEP_ATTN_FAST_LAUNCH override the kernel keys (experiments). They
+    """$SEP_ATTN_BLOCKS / $SEP_ATTN_GATHER / $SEP_ATTN_FAST_LAUNCH / $SEP_ATTN_BACKWARD override the kernel keys (experiments). They
     are read once, where the configuration is resolved (the launcher): a rank takes the values its resolved
     config records, with the variables that set them. The tile table is checked here."""
     overrides = {} if on_rank else env_overrides(env.environ)
@@ -418,6 +418,9 @@ def derive_kernel_settings(args, env, on_rank):
     if args.sep_attn_kernel_gather not in ("auto", "on", "off"):
         raise ConfigError(f"key 'sep_attn_kernel_gather' must be auto, on or off, got {args.sep_attn_kernel_gather!r}"
                           + (" (from $SEP_ATTN_GATHER: auto, 1 or 0)" if "sep_attn_kernel_gather" in overrides else ""))
+    if args.sep_attn_kernel_backward not in BACKWARD_MODES:
+        raise ConfigError(f"key 'sep_attn_kernel_backward' must be split or fused, got {args.sep_attn_kernel_backward!r}"
+                          + (" (from $SEP_ATTN_BACKWARD)" if "sep_attn_kernel_backward" in overrides else ""))
     if not isinstance(args.sep_attn_kernel_fast_launch, bool):
         raise ConfigError(f"$SEP_ATTN_FAST_LAUNCH must be 0 or 1, got {args.sep_attn_kernel_fast_launch!r}")
     try:

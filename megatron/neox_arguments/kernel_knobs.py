@@ -5,9 +5,10 @@ import json
 from typing import Dict, Tuple
 
 GATHER_MODES = ("auto", "on", "off")
-BLOCK_KERNELS = ("fwd", "dq", "dkdv_c", "dkdv_b")
+BACKWARD_MODES = ("split", "fused")
+BLOCK_KERNELS = ("fwd", "dq", "dkdv_c", "dkdv_b", "fused_b", "fused_c")
 ENV_KEYS = {"SEP_ATTN_BLOCKS": "sep_attn_kernel_blocks", "SEP_ATTN_GATHER": "sep_attn_kernel_gather",
-            "SEP_ATTN_FAST_LAUNCH": "sep_attn_kernel_fast_launch"}
+            "SEP_ATTN_FAST_LAUNCH": "sep_attn_kernel_fast_launch", "SEP_ATTN_BACKWARD": "sep_attn_kernel_backward"}
 
 
 def parse_blocks(value, where: str) -> Dict[int, Dict[str, Tuple[int, int, int, int]]]:
@@ -48,6 +49,8 @@ def env_overrides(environ) -> Dict[str, object]:
     if environ.get("SEP_ATTN_FAST_LAUNCH"):
         raw = environ["SEP_ATTN_FAST_LAUNCH"]
         out["sep_attn_kernel_fast_launch"] = {"1": True, "0": False}.get(raw, raw)
+    if environ.get("SEP_ATTN_BACKWARD"):
+        out["sep_attn_kernel_backward"] = environ["SEP_ATTN_BACKWARD"]
     return out
 
 

@@ -61,13 +61,14 @@ class AdjustSoftmaxArgs:
 
 @dataclass
 class SepKernelArgs:
-    """Launch settings of the Sep-Attention GPU kernel (project keys; they change speed, never results).
-    The experiment variables $SEP_ATTN_BLOCKS, $SEP_ATTN_GATHER and $SEP_ATTN_FAST_LAUNCH override them at
-    launch, with a notice, and the values used are what the resolved config records."""
+    """Launch settings of the Sep-Attention GPU kernel (project keys; they change speed, not the results beyond
+    float32 summation order). The experiment variables $SEP_ATTN_BLOCKS, $SEP_ATTN_GATHER, $SEP_ATTN_FAST_LAUNCH
+    and $SEP_ATTN_BACKWARD override them at launch, with a notice, and the values used are what the resolved
+    config records."""
 
     sep_attn_kernel_blocks: Optional[dict] = arg(
         None, "Tile sizes overriding the kernel's tuned table, per head-dim class: {64: {fwd: [BLOCK_M, BLOCK_N, "
-              "warps, stages], dq: [...], dkdv_c: [...], dkdv_b: [...]}, 128: {...}} "
+              "warps, stages], dq: [...], dkdv_c: [...], dkdv_b: [...], fused_b: [...], fused_c: [...]}, 128: {...}} "
               "(`python -m megatron.model.sepllm.kernel.tune --json FILE` writes one).")
     sep_attn_kernel_gather: str = arg(
         "auto", "Copy the listed (initial and separator) K/V rows into contiguous buffers before the compact loops: "
@@ -75,5 +76,9 @@ class SepKernelArgs:
     sep_attn_kernel_fast_launch: bool = arg(
         True, "Call the compiled kernels directly after triton's first launch of each specialisation (less host "
               "time per call); a failed direct launch falls back to triton's path with a warning.")
+    sep_attn_kernel_backward: str = arg(
+        "split", "Backward kernels: split (a dQ kernel and two dK/dV kernels; 7 matmuls per kept tile pair, "
+                 "deterministic) or fused (one visit per kept tile pair, 5 matmuls, dQ summed in float32 by atomics: "
+                 "dQ's rounding varies from run to run).", choices=("split", "fused"))
     sep_attn_kernel_env: Optional[list] = arg(
         None, "The $SEP_ATTN_* variables that overrode the keys above at launch.", role="derived")

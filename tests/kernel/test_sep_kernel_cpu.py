@@ -148,23 +148,55 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         (1, 1, 60, 16, 70, True, 3, 0.15, "fn"),  # window >= S
         (1, 1, 400, 16, 8, True, 3, 0.3, "fn"),  # long enough for the unmasked compact tiles of every kernel
     ]
-    from megatron.model.sepllm.kernel import settings
+    # The fused backward (one pass, dQ by atomics) on its own edge cases: grouped K/V heads (the op repeats them
+    # before the kernels; gradients flow back through the repeat), lengths one past / one short of the tiles
+    # (D 16/32 tiles: fwd 64x32, fused band 32x64, fused compact 64x64), a one-token window, no initial tokens,
+    # every token a separator.
+    fused_cases = [  # (B, H, H_kv, S, D, W, E, n_init, separator probability)
+        (1, 4, 2, 129, 16, 8, True, 3, 0.2),
+        (2, 2, 1, 65, 32, 1, True, 0, 0.3),
+        (1, 2, 2, 127, 16, 33, False, 2, 0.15),
+        (1, 1, 1, 96, 16, 4, True, 3, 1.0),
+    ]
+    from megatron.model.sepllm.kernel import op, settings
+    from megatron.model.sepllm.kernel.reference import expand_kv_heads
 
-    for gather in ("off", "on"):  # indirect row loads / listed K/V gathered into contiguous buffers
-        settings.configure(settings.KernelSettings(gather=gather))
+    worst_by = {}
+
+    def check(label, q, k, v, flags, start, n_init, W, E, run):
+        out = run()
+        g = torch.randn_like(out)
+        got = (out,) + torch.autograd.grad(out, (q, k, v), g)
+        ref = sep_attention_reference(q, k, v, flags, start, n_init, W, E, compute_dtype=torch.float64)
+        exp = (ref,) + torch.autograd.grad(ref, (q, k, v), g)
+        for name, a, e in zip(("out", "dq", "dk", "dv"), got, exp):
+            err = float((a.detach().double() - e.detach().double()).norm() / e.double().norm())
+            worst_by[f"{label} {name}"] = max(worst_by.get(f"{label} {name}", 0.0), err)
+
+    for gather, backward in (("off", "split"), ("on", "split"), ("on", "fused")):
+        # indirect row loads / listed K/V gathered into contiguous buffers; split / fused backward
+        settings.configure(settings.KernelSettings(gather=gather, backward=backward))
         for (B, H, S, D, W, E, n_init, p, path) in cases:
             q, k, v = (torch.randn(B, H, S, D, requires_grad=True) for _ in range(3))
             flags = torch.rand(B, S) < p
             start = torch.randint(0, 5, (B,))
             meta = build_sep_metadata(flags, start, n_init)
             args = (q, k, v, meta.positions, meta.cum, W - int(E), D ** -0.5)
-            out = _SepAttentionFn.apply(*args) if path == "fn" else sep_attn_fwd_op(*args)[0]
-            g = torch.randn_like(out)
-            got = (out,) + torch.autograd.grad(out, (q, k, v), g)
-            ref = sep_attention_reference(q, k, v, flags, start, n_init, W, E, compute_dtype=torch.float64)
-            exp = (ref,) + torch.autograd.grad(ref, (q, k, v), g)
-            for a, e in zip(got, exp):
-                worst = max(worst, float((a.detach().double() - e.detach().double()).norm() / e.double().norm()))
+            run = (lambda: _SepAttentionFn.apply(*args)) if path == "fn" else (lambda: sep_attn_fwd_op(*args)[0])
+            check(f"{backward}/gather {gather} S{S}", q, k, v, flags, start, n_init, W, E, run)
+    settings.configure(settings.KernelSettings(backward="fused"))
+    for (B, H, H_kv, S, D, W, E, n_init, p) in fused_cases:
+        q = torch.randn(B, H, S, D, requires_grad=True)
+        k, v = (torch.randn(B, H_kv, S, D, requires_grad=True) for _ in range(2))
+        flags = torch.rand(B, S) < p
+        start = torch.randint(0, 5, (B,))
+        meta = build_sep_metadata(flags, start, n_init)
+        run = lambda: _SepAttentionFn.apply(q, expand_kv_heads(k, H), expand_kv_heads(v, H), meta.positions,
+                                            meta.cum, W - int(E), D ** -0.5)
+        check(f"fused S{S} H{H}/{H_kv} W{W}", q, k, v, flags, start, n_init, W, E, run)
+    assert op._FUSED_B.fn is not None and op._FUSED_C.fn is not None, "the fused kernels never ran"
+    settings.configure(None)
+    worst = max(worst_by.values())
     # torch.compile with the flags-taking op: every call must use its own micro-batch's separators (no metadata
     # baked into the trace), forward and backward.
     from megatron.model.sepllm.kernel.op import sep_attn_fwd_flags_op
@@ -181,6 +213,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         exp = (ref,) + torch.autograd.grad(ref, (q, k, v), g)
         for a, e in zip(got, exp):
             worst = max(worst, float((a.detach().double() - e.detach().double()).norm() / e.double().norm()))
+    print("BY CASE", {key: f"{val:.1e}" for key, val in worst_by.items() if val >= 1e-5})
     print("WORST", worst)
     """
 )
@@ -198,7 +231,8 @@ def test_triton_kernels_in_interpreter_mode():
         pytest.skip("triton's interpreter cannot run with this numpy (scalar __index__ of a 1-element array)")
     assert proc.returncode == 0, proc.stderr[-3000:]
     worst = float(proc.stdout.split("WORST")[-1])
-    assert worst < 1e-5, f"interpreted kernel differs from the reference: relative error {worst}"
+    assert worst < 1e-5, f"interpreted kernel differs from the reference: relative error {worst}; " \
+                         f"{proc.stdout.split('BY CASE')[-1].split('WORST')[0].strip()}"
 
 
 def test_custom_op_fake_shapes_follow_the_inputs():
@@ -263,11 +297,11 @@ def test_kernel_launcher_caches_per_specialisation(monkeypatch):
     launcher.fn = _FakeJit()
     buf = torch.zeros(64, dtype=torch.float16)
     a, b = buf[:16], buf[4:20]  # 16-byte aligned / misaligned (8-byte offset) views
-    launcher((2, 3, 1), [a, 5, 0.5, True], 4, 2)
-    launcher((2, 3, 1), [buf[16:32], 5, 0.5, True], 4, 2)  # another tensor, same dtype and alignment
-    launcher((4, 3, 1), [b, 5, 0.5, True], 4, 2)  # other alignment: triton compiles again
-    launcher((4, 3, 1), [a, 6, 0.5, True], 4, 2)  # other integer argument
-    launcher((4, 3, 1), [a, 5, 0.5, True], 8, 2)  # other launch option
+    launcher((2, 3, 1), (a,), (5, 0.5, True), 4, 2)
+    launcher((2, 3, 1), (buf[16:32],), (5, 0.5, True), 4, 2)  # another tensor, same dtype and alignment
+    launcher((4, 3, 1), (b,), (5, 0.5, True), 4, 2)  # other alignment: triton compiles again
+    launcher((4, 3, 1), (a,), (6, 0.5, True), 4, 2)  # other integer argument
+    launcher((4, 3, 1), (a,), (5, 0.5, True), 8, 2)  # other launch option
     kinds = [entry[0] for entry in launcher.fn.log]
     assert kinds == ["jit", "direct", "jit", "jit", "jit"], kinds
     assert launcher.fn.log[1][1] == (2, 3, 1) and launcher.fn.log[1][2][0].data_ptr() == buf[16:].data_ptr()
@@ -278,10 +312,10 @@ def test_kernel_launcher_caches_per_specialisation(monkeypatch):
     for compiled in launcher.compiled.values():
         monkeypatch.setattr(compiled, "run", broken_run)
     with pytest.warns(UserWarning, match="direct launch"):
-        launcher((2, 3, 1), [a, 5, 0.5, True], 4, 2)  # falls back to triton's path and stays there
+        launcher((2, 3, 1), (a,), (5, 0.5, True), 4, 2)  # falls back to triton's path and stays there
     assert op.KernelLauncher.failed is True
     assert launcher.fn.log[-1][0] == "jit"
-    launcher((2, 3, 1), [a, 5, 0.5, True], 4, 2)
+    launcher((2, 3, 1), (a,), (5, 0.5, True), 4, 2)
     assert launcher.fn.log[-1][0] == "jit"  # stays on triton's path, without a second warning
 
     from megatron.model.sepllm.kernel import settings
@@ -291,8 +325,8 @@ def test_kernel_launcher_caches_per_specialisation(monkeypatch):
     fresh.fn = _FakeJit()
     settings.configure(settings.KernelSettings(fast_launch=False))
     try:
-        fresh((2, 3, 1), [a, 5, 0.5, True], 4, 2)
-        fresh((2, 3, 1), [a, 5, 0.5, True], 4, 2)
+        fresh((2, 3, 1), (a,), (5, 0.5, True), 4, 2)
+        fresh((2, 3, 1), (a,), (5, 0.5, True), 4, 2)
     finally:
         settings.configure(None)
     assert [entry[0] for entry in fresh.fn.log] == ["jit", "jit"]  # sep_attn_kernel_fast_launch: false
@@ -310,23 +344,33 @@ def test_kernel_settings_from_config_and_environment():
     def resolve(environ=None, **keys):
         return NeoXArgs.from_dict({**base, **keys}, env=Environment(cuda_device_count=0, environ=environ or {}))
 
-    args = resolve(sep_attn_kernel_gather="off", sep_attn_kernel_blocks={"64": {"fwd": [32, 16, 2, 2]}})
+    args = resolve(sep_attn_kernel_gather="off", sep_attn_kernel_blocks={"64": {"fwd": [32, 16, 2, 2]}},
+                   sep_attn_kernel_backward="fused")
     assert args.sep_attn_kernel_env is None
     try:
         settings.configure(settings.KernelSettings.from_args(args))
+        assert settings.ACTIVE.backward == "fused"
         assert not op._gather_compact(10 ** 6)
         assert op._block_config(64)["fwd"] == (32, 16, 2, 2) and op._block_config(64)["dq"] == op._DEFAULT_BLOCKS[64]["dq"]
         assert op._block_config(128) == op._DEFAULT_BLOCKS[128]
         settings.configure(None)
+        assert settings.ACTIVE.backward == "split"  # the default
         assert op._gather_compact(op._GATHER_MIN_SEQ) and not op._gather_compact(op._GATHER_MIN_SEQ - 1)
         assert op._block_config(64)["fwd"] == op._DEFAULT_BLOCKS[64]["fwd"]
     finally:
         settings.configure(None)
     env = resolve({"SEP_ATTN_GATHER": "1", "SEP_ATTN_FAST_LAUNCH": "0",
-                   "SEP_ATTN_BLOCKS": '{"128": {"dq": [64, 32, 4, 2]}}'}, sep_attn_kernel_gather="off")
+                   "SEP_ATTN_BLOCKS": '{"128": {"fused_c": [64, 32, 4, 2]}}', "SEP_ATTN_BACKWARD": "fused"},
+                  sep_attn_kernel_gather="off")
     assert (env.sep_attn_kernel_gather, env.sep_attn_kernel_fast_launch) == ("on", False)
-    assert env.sep_attn_kernel_blocks == {"128": {"dq": [64, 32, 4, 2]}}
-    assert env.sep_attn_kernel_env == ["SEP_ATTN_BLOCKS", "SEP_ATTN_FAST_LAUNCH", "SEP_ATTN_GATHER"]
+    assert env.sep_attn_kernel_backward == "fused"
+    assert env.sep_attn_kernel_blocks == {"128": {"fused_c": [64, 32, 4, 2]}}
+    assert env.sep_attn_kernel_env == ["SEP_ATTN_BACKWARD", "SEP_ATTN_BLOCKS", "SEP_ATTN_FAST_LAUNCH",
+                                       "SEP_ATTN_GATHER"]
+    with pytest.raises(ConfigError, match=r"sep_attn_kernel_backward.*atomic.*SEP_ATTN_BACKWARD"):
+        resolve({"SEP_ATTN_BACKWARD": "atomic"})
+    with pytest.raises(ConfigError, match=r"sep_attn_kernel_backward"):
+        resolve(sep_attn_kernel_backward="both")
     with pytest.raises(ConfigError, match=r"sep_attn_kernel_gather.*yes.*SEP_ATTN_GATHER"):
         resolve({"SEP_ATTN_GATHER": "yes"})
     with pytest.raises(ConfigError, match=r"key 'sep_attn_kernel_blocks'.*four positive integers"):

@@ -24,9 +24,14 @@ _SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 # ``python -m megatron.model.sepllm.kernel.tune`` on an H100 (docs/sep_attention_kernel.md; head dim 128 re-tuned
 # with the gathered compact K/V at S = 32768). The backward kernels keep one tile side small so the float32
 # accumulators fit in registers.
+# The fused backward's tiles (fused_b, fused_c) are not timed on a GPU yet: they are the largest tiles that
+# compile for sm_90 without register spills (ptxas resource usage, compiled on a CPU machine; at D 128 only 32x32
+# tiles do; the split kernels' D 128 tiles spill 96-200 bytes). ``tune --kernels fused_b,fused_c`` picks on a GPU.
 _DEFAULT_BLOCKS = {
-    64: dict(fwd=(64, 32, 4, 4), dq=(64, 32, 4, 3), dkdv_c=(64, 64, 4, 3), dkdv_b=(32, 64, 4, 2)),
-    128: dict(fwd=(64, 64, 4, 3), dq=(128, 64, 8, 3), dkdv_c=(64, 128, 8, 3), dkdv_b=(32, 64, 4, 3)),
+    64: dict(fwd=(64, 32, 4, 4), dq=(64, 32, 4, 3), dkdv_c=(64, 64, 4, 3), dkdv_b=(32, 64, 4, 2),
+             fused_b=(32, 64, 8, 2), fused_c=(64, 64, 8, 3)),
+    128: dict(fwd=(64, 64, 4, 3), dq=(128, 64, 8, 3), dkdv_c=(64, 128, 8, 3), dkdv_b=(32, 64, 4, 3),
+              fused_b=(32, 32, 4, 2), fused_c=(32, 32, 4, 3)),
 }
 # Per settings object and head-dim class: the table merged with the config's overrides (one dict lookup per call).
 _BLOCK_CACHE: dict = {}
@@ -80,6 +85,10 @@ def _gather_compact(seq: int) -> bool:
 class KernelLauncher:
     """Launches one ``@triton.jit`` kernel of :mod:`.triton_sep` with the least host work.
 
+    Every kernel takes its tensors first, then the rest (scale, strides, sizes, constexprs): a launch is
+    ``(grid, tensors, tail)``, and the op keeps ``grid`` and ``tail`` per call signature (:func:`_plan`), so a
+    repeated call only allocates its outputs and passes the tensors.
+
     The first launch of a specialisation goes through triton's ``kernel[grid](...)`` (argument binding,
     specialisation, compile or cache lookup: tens of microseconds of Python). The compiled kernel is then kept under
     a key that covers everything triton specialises on (dtypes, 16-byte alignment of every pointer, the exact
@@ -95,19 +104,17 @@ class KernelLauncher:
         self.name = name
         self.fn = None
         self.compiled: dict = {}
-        self.tensor_idx = self.other_idx = None  # argument layout, fixed per kernel, learnt on the first call
 
-    def _key(self, args, num_warps: int, num_stages: int) -> tuple:
+    @staticmethod
+    def _key(tensors, tail, num_warps: int, num_stages: int) -> tuple:
         """Everything triton specialises on: tensors by dtype and 16-byte alignment, other arguments by value."""
-        if self.tensor_idx is None:
-            self.tensor_idx = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
-            self.other_idx = tuple(i for i, a in enumerate(args) if not isinstance(a, torch.Tensor))
-        return (args[self.tensor_idx[0]].device, num_warps, num_stages, tuple([args[i] for i in self.other_idx]),
-                tuple([(args[i].dtype, args[i].data_ptr() & 15) for i in self.tensor_idx]))
+        return (tensors[0].device, num_warps, num_stages, tuple(tail),
+                tuple([(t.dtype, t.data_ptr() & 15) for t in tensors]))
 
-    def __call__(self, grid: tuple, args: list, num_warps: int, num_stages: int, key=None) -> None:
-        """Launches ``fn[grid](*args)``. ``key``, when given, must determine everything :meth:`_key` would read
-        (the op passes one signature per call, computed once for all its launches)."""
+    def __call__(self, grid: tuple, tensors: tuple, tail: tuple, num_warps: int, num_stages: int,
+                 key=None) -> None:
+        """Launches ``fn[grid](*tensors, *tail)``. ``key``, when given, must determine everything :meth:`_key`
+        would read (the op passes one signature per call, computed once for all its launches)."""
         if self.fn is None:
             from . import triton_sep
 
@@ -115,23 +122,24 @@ class KernelLauncher:
         if KernelLauncher.failed or not kernel_settings.ACTIVE.fast_launch:
             key = None
         elif key is None:
-            key = self._key(args, num_warps, num_stages)
+            key = self._key(tensors, tail, num_warps, num_stages)
         else:
             key = (key, num_warps, num_stages)
         kernel = self.compiled.get(key) if key is not None else None
         if kernel is not None:
             try:
-                knobs = _triton_knobs()
-                stream = _current_raw_stream(args[0].device.index)
-                meta = kernel.launch_metadata(grid, stream, *args)
+                hooks = _triton_knobs().runtime
+                stream = _current_raw_stream(tensors[0].device.index)
+                enter = hooks.launch_enter_hook
+                meta = None if enter is None else kernel.launch_metadata(grid, stream, *tensors, *tail)
                 kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, meta,
-                           knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *args)
+                           enter, hooks.launch_exit_hook, *tensors, *tail)
                 return
             except (TypeError, AttributeError, ValueError, ImportError) as err:
                 warnings.warn(f"sep_attention: direct launch of {self.name} failed ({type(err).__name__}: {err}); "
                               "using triton's launch path from now on")
                 KernelLauncher.failed = True
-        kernel = self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages)
+        kernel = self.fn[grid](*tensors, *tail, num_warps=num_warps, num_stages=num_stages)
         if hasattr(kernel, "result"):  # asynchronous compile mode
             kernel = kernel.result()
         if key is not None and all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
@@ -155,6 +163,25 @@ _DQ = KernelLauncher("_sep_bwd_dq_kernel")
 _DKDV_C = KernelLauncher("_sep_bwd_dkdv_compact_kernel")
 _DKDV_B = KernelLauncher("_sep_bwd_dkdv_band_kernel")
 _GATHER = KernelLauncher("_sep_gather_kernel")
+_FUSED_B = KernelLauncher("_sep_bwd_fused_band_kernel")
+_FUSED_C = KernelLauncher("_sep_bwd_fused_compact_kernel")
+
+# (call signature, launch, its options) -> (grid, tail): what a launch passes besides its tensors. Everything in
+# it follows from the signature (the buffers a launch allocates are shaped and strided from its inputs).
+_PLANS: dict = {}
+_PLANS_MAX = 512
+
+
+def _plan(key, build):
+    """``build()``'s ``(grid, tail)``, kept under ``key`` (None: built afresh, for callers without a signature)."""
+    if key is None:
+        return build()
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        plan = _PLANS[key] = build()
+    return plan
 
 
 def _strides(t: torch.Tensor):
@@ -179,9 +206,10 @@ def launch_gather(k, v, positions, cum, sig=None):
     bsz, heads, seq, dim = k.shape
     kc = torch.empty((bsz, heads, seq, dim), device=k.device, dtype=k.dtype)
     vc = torch.empty_like(kc)
-    _GATHER((bsz * heads, _cdiv(seq, _GATHER_BLOCK), 1),
-            [k, v, kc, vc, positions, cum, *_strides(k), *_strides(v), heads, seq, dim, _GATHER_BLOCK], 4, 1,
-            None if sig is None else (sig, "gather"))
+    key = None if sig is None else (sig, "gather")
+    grid, tail = _plan(key, lambda: ((bsz * heads, _cdiv(seq, _GATHER_BLOCK), 1),
+                                     (*_strides(k), *_strides(v), heads, seq, dim, _GATHER_BLOCK)))
+    _GATHER(grid, (k, v, kc, vc, positions, cum), tail, 4, 1, key)
     return kc, vc
 
 
@@ -212,11 +240,11 @@ def launch_forward(q, k, v, positions, cum, lo_off: int, scale: float, cfg: tupl
     out = _like(q)
     lse = torch.empty((bsz, heads, seq), device=q.device, dtype=torch.float32)
     bm, bn, warps, stages = cfg
-    _FWD((bsz * heads, _cdiv(seq, bm), 1),
-         [q, k, v, kc, vc, out, lse, positions, cum, scale,
-          *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-          heads, seq, lo_off, dim, bm, bn, has_compact, gathered], warps, stages,
-         None if sig is None else (sig, "fwd", cfg, gathered))
+    key = None if sig is None else (sig, "fwd", cfg, gathered)
+    grid, tail = _plan(key, lambda: ((bsz * heads, _cdiv(seq, bm), 1),
+                                     (scale, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+                                      heads, seq, lo_off, dim, bm, bn, has_compact, gathered)))
+    _FWD(grid, (q, k, v, kc, vc, out, lse, positions, cum), tail, warps, stages, key)
     return out, lse
 
 
@@ -228,11 +256,12 @@ def launch_backward_dq(q, k, v, out, dout, lse, positions, cum, lo_off: int, sca
     dq = _like(q)
     delta = torch.empty_like(lse)
     bm, bn, warps, stages = cfg
-    _DQ((bsz * heads, _cdiv(seq, bm), 1),
-        [q, k, v, kc, vc, out, dout, dq, lse, delta, positions, cum, scale,
-         *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(dout), *_strides(dq),
-         heads, seq, lo_off, dim, bm, bn, has_compact, gathered], warps, stages,
-        None if sig is None else (sig, "dq", cfg, gathered))
+    key = None if sig is None else (sig, "dq", cfg, gathered)
+    grid, tail = _plan(key, lambda: ((bsz * heads, _cdiv(seq, bm), 1),
+                                     (scale, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+                                      *_strides(dout), *_strides(dq), heads, seq, lo_off, dim, bm, bn, has_compact,
+                                      gathered)))
+    _DQ(grid, (q, k, v, kc, vc, out, dout, dq, lse, delta, positions, cum), tail, warps, stages, key)
     return dq, delta
 
 
@@ -243,10 +272,11 @@ def launch_backward_dkdv_compact(q, k, v, dout, lse, delta, positions, cum, lo_o
     dkc = torch.empty((bsz, heads, seq, dim), device=q.device, dtype=torch.float32)
     dvc = torch.empty_like(dkc)
     bm, bn, warps, stages = cfg
-    _DKDV_C((bsz * heads, _cdiv(seq, bn), 1),
-            [q, k, v, dout, dkc, dvc, lse, delta, positions, cum, scale,
-             *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
-             heads, seq, lo_off, dim, bm, bn], warps, stages, None if sig is None else (sig, "dkdv_c", cfg))
+    key = None if sig is None else (sig, "dkdv_c", cfg)
+    grid, tail = _plan(key, lambda: ((bsz * heads, _cdiv(seq, bn), 1),
+                                     (scale, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
+                                      heads, seq, lo_off, dim, bm, bn)))
+    _DKDV_C(grid, (q, k, v, dout, dkc, dvc, lse, delta, positions, cum), tail, warps, stages, key)
     return dkc, dvc
 
 
@@ -260,24 +290,62 @@ def launch_backward_dkdv_band(q, k, v, dout, lse, delta, dkc, dvc, cum, lo_off: 
     if not has_compact:
         dkc = dvc = lse  # never read: HAS_COMPACT=False compiles the compact share out
     bm, bn, warps, stages = cfg
-    _DKDV_B((_cdiv(seq, bn), bsz * heads, 1),
-            [q, k, v, dout, dk, dv, dkc, dvc, lse, delta, cum, scale,
-             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
-             heads, seq, lo_off, dim, bm, bn, has_compact], warps, stages,
-            None if sig is None else (sig, "dkdv_b", cfg, has_compact))
+    key = None if sig is None else (sig, "dkdv_b", cfg, has_compact)
+    grid, tail = _plan(key, lambda: ((_cdiv(seq, bn), bsz * heads, 1),
+                                     (scale, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
+                                      *_strides(dk), *_strides(dv), heads, seq, lo_off, dim, bm, bn, has_compact)))
+    _DKDV_B(grid, (q, k, v, dout, dk, dv, dkc, dvc, lse, delta, cum), tail, warps, stages, key)
     return dk, dv
 
 
-def _signature(lo_off: int, scale: float, *tensors) -> tuple:
+def launch_backward_fused(q, k, v, out, dout, lse, positions, cum, lo_off: int, scale: float, cfg_band: tuple,
+                          cfg_compact: tuple, sig=None):
+    """``(dq, dk, dv)`` from the fused backward (two launches; dQ summed in float32 by atomics, then rounded)."""
+    bsz, heads, seq, dim = q.shape
+    has_compact = lo_off < seq - 1
+    dqa = torch.zeros((bsz, heads, seq, dim), device=q.device, dtype=torch.float32)
+    # The band share of the listed keys' dK (first half) and dV (second half), float32, slot = cum[b, k].
+    dkvc = torch.empty((2, bsz, heads, seq, dim), device=q.device, dtype=torch.float32) if has_compact else lse
+    delta = torch.empty_like(lse)
+    dk = _like(k)
+    dv = _like(v)
+    bm, bn, warps, stages = cfg_band
+    key = None if sig is None else (sig, "fused_b", cfg_band, has_compact)
+    grid, tail = _plan(key, lambda: ((_cdiv(seq, bn), bsz * heads, 1),
+                                     (scale, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+                                      *_strides(dout), *_strides(dk), *_strides(dv), heads, seq, lo_off, dim, bm, bn,
+                                      has_compact)))
+    _FUSED_B(grid, (q, k, v, out, dout, dk, dv, dqa, dkvc, lse, delta, cum), tail, warps, stages, key)
+    if has_compact:
+        bm, bn, warps, stages = cfg_compact
+        key = None if sig is None else (sig, "fused_c", cfg_compact)
+        grid, tail = _plan(key, lambda: ((bsz * heads, _cdiv(seq, bn), 1),
+                                         (scale, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
+                                          *_strides(dk), *_strides(dv), heads, seq, lo_off, dim, bm, bn)))
+        _FUSED_C(grid, (q, k, v, dout, dk, dv, dqa, dkvc, lse, delta, positions, cum), tail, warps, stages, key)
+    dq = _like(q)
+    dq.copy_(dqa)
+    return dq, dk, dv
+
+
+_SIGNATURES: dict = {}
+
+
+def _signature(lo_off: int, scale: float, *tensors) -> int:
     """What the launches of one op call specialise on, read once: device, dtype and shape of the first input
     (q; the others' shapes follow from it, their dtypes are fixed by the op), every input's strides, which
     inputs are 16-byte aligned, ``lo_off`` and ``scale``. Buffers the launches allocate are fresh (aligned) and
-    shaped/strided from these inputs, so this determines every launch's triton specialisation."""
+    shaped/strided from these inputs, so this determines every launch's triton specialisation. Returned as a
+    small integer (one per distinct signature), so the launches' own lookups hash an int, not this tuple."""
     q = tensors[0]
     aligned = 0
     for t in tensors:
         aligned = (aligned << 1) | (t.data_ptr() & 15 == 0)
-    return (q.device, q.dtype, q.shape, lo_off, scale, aligned, tuple([t.stride() for t in tensors]))
+    full = (q.device, q.dtype, q.shape, lo_off, scale, aligned, tuple([t.stride() for t in tensors]))
+    sig = _SIGNATURES.get(full)
+    if sig is None:
+        sig = _SIGNATURES[full] = len(_SIGNATURES)
+    return sig
 
 
 def sep_forward(q, k, v, positions, cum, lo_off: int, scale: float):
@@ -288,10 +356,14 @@ def sep_forward(q, k, v, positions, cum, lo_off: int, scale: float):
 
 
 def sep_backward(dout, q, k, v, out, lse, positions, cum, lo_off: int, scale: float):
-    """Backward of the kernel path: ``(dq, dk, dv)`` (three launches, four with the gathered compact K/V)."""
+    """Backward of the kernel path: ``(dq, dk, dv)``. Split (``sep_attn_kernel_backward: split``): three
+    launches, four with the gathered compact K/V; fused: two launches (:func:`launch_backward_fused`)."""
     q, k, v, out, dout = (_unit_last(t) for t in (q, k, v, out, dout))
     sig = _signature(lo_off, scale, q, k, v, out, dout, lse, positions, cum)
     cfg = _block_config(q.shape[-1])
+    if kernel_settings.ACTIVE.backward == "fused":
+        return launch_backward_fused(q, k, v, out, dout, lse, positions, cum, lo_off, scale, cfg["fused_b"],
+                                     cfg["fused_c"], sig=sig)
     dq, delta = launch_backward_dq(q, k, v, out, dout, lse, positions, cum, lo_off, scale, cfg["dq"], sig=sig)
     dkc = dvc = None
     if lo_off < q.shape[2] - 1:

@@ -388,3 +388,175 @@ def _sep_gather_kernel(
         c_off = bh.to(tl.int64) * S * HEAD_DIM + offs[:, None] * HEAD_DIM + offs_d[None, :]
         tl.store(KC + c_off, k, mask=ok[:, None])
         tl.store(VC + c_off, v, mask=ok[:, None])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused backward (sep_attn_kernel_backward: fused). Each kept (query block, key tile) pair is visited once, with
+# 5 matmuls (S, dP, dV, dK, dQ) instead of the split backward's 7 (its dQ kernel recomputes P a second time), as
+# FlashAttention-2 does: dK/dV accumulate in registers of the key-tile program, dQ is added in float32 to DQA by
+# atomics. Two launches, band first:
+#   1. _sep_bwd_fused_band_kernel: key blocks x their window's queries; it also computes delta = rowsum(dO * O)
+#      of every query block it visits (each query block is visited by the key block holding its first row; all
+#      visitors write the same value), and leaves the band share of a listed key's dK/dV in DKVC (float32, slot
+#      cum[k]); other keys' dK/dV are final.
+#   2. _sep_bwd_fused_compact_kernel: list tiles x the queries that see them outside their window; it adds the
+#      band share from DKVC and writes the listed keys' dK/dV once (one rounding per gradient, as the split path).
+# No gathered K/V is needed: a compact program loads its own list tile once.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sep_bwd_fused_band_kernel(
+    Q, K, V, O, DO, DK, DV, DQA, DKVC, LSE, DELTA, CUM,
+    sm_scale,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os,
+    stride_dob, stride_doh, stride_dos,
+    stride_dkb, stride_dkh, stride_dks,
+    stride_dvb, stride_dvh, stride_dvs,
+    H, S, lo_off,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_COMPACT: tl.constexpr,
+):
+    start_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < S
+    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    dqa_base = DQA + bh.to(tl.int64) * S * HEAD_DIM
+    k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    lo = ((start_n * BLOCK_N) // BLOCK_M) * BLOCK_M
+    hi = tl.minimum(start_n * BLOCK_N + BLOCK_N + lo_off, S)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < S
+        q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        o = tl.load(o_base + offs_m[:, None] * stride_os + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        lse = tl.load(LSE + bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        tl.store(DELTA + bh.to(tl.int64) * S + offs_m, delta, mask=row_ok)
+        s_t = tl.dot(k, tl.trans(q)) * qk_scale
+        vis = (offs_n[:, None] <= offs_m[None, :]) & (offs_n[:, None] >= (offs_m - lo_off)[None, :]) & row_ok[None, :]
+        p_t = tl.where(vis, tl.math.exp2(s_t - lse[None, :]), 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk += tl.dot(ds_t, q)
+        dq = tl.dot(tl.trans(ds_t), k) * sm_scale
+        tl.atomic_add(dqa_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=row_ok[:, None],
+                      sem="relaxed")
+
+    final = col_ok
+    if HAS_COMPACT:
+        c_lo = tl.load(CUM + b * (S + 1) + offs_n, mask=col_ok, other=0)
+        c_hi = tl.load(CUM + b * (S + 1) + offs_n + 1, mask=col_ok, other=0)
+        listed = c_hi > c_lo
+        c_off = bh.to(tl.int64) * S * HEAD_DIM + c_lo[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(DKVC + c_off, dk, mask=listed[:, None])
+        tl.store(DKVC + tl.num_programs(1).to(tl.int64) * S * HEAD_DIM + c_off, dv, mask=listed[:, None])
+        final = col_ok & (c_hi == c_lo)
+    dk_base = DK + b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh
+    dv_base = DV + b.to(tl.int64) * stride_dvb + h.to(tl.int64) * stride_dvh
+    tl.store(dk_base + offs_n[:, None] * stride_dks + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=final[:, None])
+    tl.store(dv_base + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=final[:, None])
+
+
+@triton.jit
+def _sep_bwd_fused_compact_kernel(
+    Q, K, V, DO, DK, DV, DQA, DKVC, LSE, DELTA, POS, CUM,
+    sm_scale,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_dob, stride_doh, stride_dos,
+    stride_dkb, stride_dkh, stride_dks,
+    stride_dvb, stride_dvh, stride_dvs,
+    H, S, lo_off,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    start_j = tl.program_id(1)  # early list entries (seen by the most queries) first
+    b = bh // H
+    h = bh % H
+    n_c = tl.load(CUM + b * (S + 1) + S)
+    if start_j * BLOCK_N < n_c:
+        offs_j = start_j * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        ok_j = offs_j < n_c
+        # Padding slots get position S, which no query sees through the compact part.
+        kpos = tl.load(POS + b * S + offs_j, mask=ok_j, other=S)
+        k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        dqa_base = DQA + bh.to(tl.int64) * S * HEAD_DIM
+        k = tl.load(k_base + kpos[:, None] * stride_ks + offs_d[None, :], mask=ok_j[:, None], other=0.0)
+        v = tl.load(v_base + kpos[:, None] * stride_vs + offs_d[None, :], mask=ok_j[:, None], other=0.0)
+        qk_scale = sm_scale * 1.4426950408889634
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        first_q = tl.min(kpos, 0) + lo_off + 1
+        lo = (first_q // BLOCK_M) * BLOCK_M
+        last_k = tl.max(tl.where(ok_j, kpos, 0), 0)
+        mid = tl.minimum(((last_k + lo_off + 1 + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, S)
+        mid = tl.maximum(mid, lo)
+        for start_m in range(lo, mid, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < S
+            q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            lse = tl.load(LSE + bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0)
+            s_t = tl.dot(k, tl.trans(q)) * qk_scale  # [BLOCK_N, BLOCK_M]
+            vis = (kpos[:, None] < (offs_m - lo_off)[None, :]) & row_ok[None, :]
+            p_t = tl.where(vis, tl.math.exp2(s_t - lse[None, :]), 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do)
+            dp_t = tl.dot(v, tl.trans(do))
+            ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+            dk += tl.dot(ds_t, q)
+            dq = tl.dot(tl.trans(ds_t), k) * sm_scale
+            tl.atomic_add(dqa_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=row_ok[:, None],
+                          sem="relaxed")
+        # Every query from `mid` on sees every entry of the tile. Padding entries (k = v = 0) are masked anyway:
+        # their exp2(0 - lse) can overflow for a row whose scores are all very negative, and inf * 0 in the dQ
+        # product would be NaN. Rows past S have q = dO = 0 and lse = delta = 0 (finite, and never stored).
+        for start_m in range(mid, S, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < S
+            q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            lse = tl.load(LSE + bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0)
+            s_t = tl.dot(k, tl.trans(q)) * qk_scale
+            p_t = tl.where(ok_j[:, None], tl.math.exp2(s_t - lse[None, :]), 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do)
+            dp_t = tl.dot(v, tl.trans(do))
+            ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+            dk += tl.dot(ds_t, q)
+            dq = tl.dot(tl.trans(ds_t), k) * sm_scale
+            tl.atomic_add(dqa_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=row_ok[:, None],
+                          sem="relaxed")
+        # Add the band share the band kernel left in slot j, then write each listed key's gradient once.
+        c_off = bh.to(tl.int64) * S * HEAD_DIM + offs_j[:, None] * HEAD_DIM + offs_d[None, :]
+        dk += tl.load(DKVC + c_off, mask=ok_j[:, None], other=0.0)
+        dv += tl.load(DKVC + tl.num_programs(0).to(tl.int64) * S * HEAD_DIM + c_off, mask=ok_j[:, None], other=0.0)
+        dk_base = DK + b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh
+        dv_base = DV + b.to(tl.int64) * stride_dvb + h.to(tl.int64) * stride_dvh
+        tl.store(dk_base + kpos[:, None] * stride_dks + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+                 mask=ok_j[:, None])
+        tl.store(dv_base + kpos[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty),
+                 mask=ok_j[:, None])

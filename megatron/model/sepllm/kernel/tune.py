@@ -3,8 +3,10 @@
     python -m megatron.model.sepllm.kernel.tune [--json OUT.json] [--dims 128] [--kernels fwd,dq]
     python -m megatron.model.sepllm.kernel.tune --profile-only
 
-Times each of the four kernels (forward, dQ, compact dK/dV, band dK/dV) for every candidate launch
-configuration on the benchmark shapes, prints the times and the per-kernel split of the best configuration
+Times each of the four kernels (forward, dQ, compact dK/dV, band dK/dV) and the fused backward (``fused_b``:
+its band tiles, ``fused_c``: its compact tiles, each timed as the whole fused backward with the other part at its
+current tiles, zeroing and dQ conversion included) for every candidate launch configuration on the benchmark
+shapes, prints the times and the per-kernel split of the best configuration
 next to SDPA's forward and backward, and writes the best table as the JSON that the config key
 ``sep_attn_kernel_blocks`` (or, for an experiment, $SEP_ATTN_BLOCKS) accepts.
 The compact K/V gather (on from S = 8192, see ``op._gather_compact``) is timed on its own and not included in
@@ -27,6 +29,7 @@ from .op import (
     launch_backward_dkdv_band,
     launch_backward_dkdv_compact,
     launch_backward_dq,
+    launch_backward_fused,
     launch_forward,
     launch_gather,
 )
@@ -44,6 +47,10 @@ CANDIDATES = {
                (64, 128, 8, 2), (32, 64, 4, 2)],
     "dkdv_b": [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 8, 3), (16, 128, 4, 3),
                (64, 64, 4, 2), (32, 64, 4, 2)],
+    # The fused kernels hold dK, dV and a dQ product at once: candidates that compile for sm_90 without (or with
+    # few) register spills.
+    "fused_b": [(32, 64, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2), (32, 64, 4, 2), (64, 64, 8, 3)],
+    "fused_c": [(64, 64, 8, 3), (32, 64, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3), (64, 64, 8, 2)],
 }
 
 # Head dim 128 (long sequences, compact loops dominate): a shorter list around the FlashAttention-style tiles.
@@ -53,6 +60,8 @@ CANDIDATES_BY_DIM = {
         "dq": [(64, 64, 4, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)],
         "dkdv_c": [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2)],
         "dkdv_b": [(32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 8, 3)],
+        "fused_b": [(32, 32, 4, 2), (32, 64, 8, 2), (64, 32, 4, 2), (32, 64, 8, 3)],
+        "fused_c": [(32, 32, 4, 3), (64, 32, 4, 3), (32, 64, 8, 3), (64, 64, 8, 3), (64, 128, 8, 3), (32, 32, 4, 2)],
     },
 }
 
@@ -87,6 +96,10 @@ def tune_shape(dim: int, bsz: int, heads: int, seq: int, window: int, candidates
         "dq": lambda c: launch_backward_dq(q, k, v, out, dout, lse, pos, cum, lo_off, scale, c, **kw),
         "dkdv_c": lambda c: launch_backward_dkdv_compact(q, k, v, dout, lse, delta, pos, cum, lo_off, scale, c),
         "dkdv_b": lambda c: launch_backward_dkdv_band(q, k, v, dout, lse, delta, dkc, dvc, cum, lo_off, scale, c),
+        "fused_b": lambda c: launch_backward_fused(q, k, v, out, dout, lse, pos, cum, lo_off, scale, c,
+                                                   cfg0["fused_c"]),
+        "fused_c": lambda c: launch_backward_fused(q, k, v, out, dout, lse, pos, cum, lo_off, scale,
+                                                   cfg0["fused_b"], c),
     }
     gather_ms = _bench(lambda: launch_gather(k, v, pos, cum)) if gathered else 0.0
     times = {}
@@ -100,10 +113,13 @@ def tune_shape(dim: int, bsz: int, heads: int, seq: int, window: int, candidates
     o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
     sdpa_bwd = _bench(lambda: torch.autograd.grad(o, (qs, ks, vs), dout, retain_graph=True))
     best = {n: min(t.values()) for n, t in times.items()}
-    total = sum(best.values()) + (2 * gather_ms if gathered else 0.0)  # gathered: once in forward, once in backward
+    sdpa = sdpa_fwd + sdpa_bwd
+    # gathered: once in forward, once in the split backward (the fused backward reads list tiles directly)
+    split = sum(best[n] for n in ("fwd", "dq", "dkdv_c", "dkdv_b")) + (2 * gather_ms if gathered else 0.0)
+    fused = best["fwd"] + min(best["fused_b"], best["fused_c"]) + (gather_ms if gathered else 0.0)
     print(f"  split of the best: {', '.join(f'{n} {t:.3f}' for n, t in best.items())}, gather {gather_ms:.3f} "
-          f"(x2) | kernels total {total:.3f} | SDPA fwd {sdpa_fwd:.3f} bwd {sdpa_bwd:.3f} = {sdpa_fwd + sdpa_bwd:.3f}"
-          f" | ratio {total / (sdpa_fwd + sdpa_bwd):.3f} ms", flush=True)
+          f"| kernels total, split backward {split:.3f} (ratio {split / sdpa:.3f}), fused backward {fused:.3f} "
+          f"(ratio {fused / sdpa:.3f}) | SDPA fwd {sdpa_fwd:.3f} bwd {sdpa_bwd:.3f} = {sdpa:.3f} ms", flush=True)
     return times
 
 
