@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.decode_options import add_decode_options, apply_sdpa_policy, sepcache_sizes  # noqa: E402
 
 SHAPES = {  # Pythia shapes: layers, hidden, heads
     "160m": (12, 768, 12),
@@ -116,15 +117,12 @@ def main(argv=None) -> int:
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--chunk", type=int, default=4096)
-    parser.add_argument("--sizes", default="4,64,256,512", help="SepCache a,s,w,c")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     parser.add_argument("--profile", type=int, default=0, help="profile N decode steps of each cache")
-    parser.add_argument("--allow_cudnn_sdpa", action="store_true",
-                        help="keep PyTorch's cuDNN SDPA backend (it plans per KV length: ~4 ms CPU per call "
-                             "when the cache grows every step)")
+    add_decode_options(parser, "SepCache a,s,w,c", "~4 ms CPU per call")
     args = parser.parse_args(argv)
-    if torch.cuda.is_available() and not args.allow_cudnn_sdpa:
-        torch.backends.cuda.enable_cudnn_sdp(False)  # flash / memory-efficient kernels need no per-shape plan
+    a, s, w, c = sepcache_sizes(parser, args.sizes)
+    apply_sdpa_policy(args)
     from transformers.cache_utils import DynamicCache
 
     from megatron.hf.sep_cache import SepCache
@@ -133,7 +131,6 @@ def main(argv=None) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     model = build_model(args, device, dtype)
     ids = context_ids(args.batch, args.context, device)
-    a, s, w, c = (int(v) for v in args.sizes.split(","))
     floor = step_floor(model, ids[:, :1])
     full = run(model, DynamicCache(), ids, args.new_tokens, args.chunk, profile_steps=args.profile)
     torch.cuda.empty_cache() if device.type == "cuda" else None

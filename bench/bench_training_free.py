@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.decode_options import add_decode_options, apply_sdpa_policy, sepcache_sizes  # noqa: E402
 
 SHAPES = {  # layers, hidden, heads, kv heads, intermediate, vocab
     "small": (4, 256, 4, 2, 688, 8192),
@@ -115,21 +116,15 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", default="small", choices=sorted(SHAPES))
     parser.add_argument("--prompt", type=int, default=4096, help="prompt tokens")
     parser.add_argument("--new_tokens", type=int, default=256)
-    parser.add_argument("--sizes", default="4,64,256,512", help="SepCache a,s,w,c (the mask path uses a and w)")
     parser.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"),
                         help="default: fp32 on CPU, bf16 on CUDA")
     parser.add_argument("--repeats", type=int, default=2, help="runs per method; the fastest counts")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--allow_cudnn_sdpa", action="store_true",
-                        help="keep PyTorch's cuDNN SDPA backend (it plans per KV length: ~9 ms CPU per call "
-                             "measured on an H200 when the cache length changes every step)")
+    add_decode_options(parser, "SepCache a,s,w,c (the mask path uses a and w)",
+                       "~9 ms CPU per call measured on an H200")
     args = parser.parse_args(argv)
-    if torch.cuda.is_available() and not args.allow_cudnn_sdpa:
-        torch.backends.cuda.enable_cudnn_sdp(False)  # flash / memory-efficient kernels need no per-shape plan
-    sizes = tuple(int(v) for v in args.sizes.split(","))
-    if len(sizes) != 4 or sizes[0] + sizes[1] + sizes[2] >= sizes[3]:
-        print(f"bench_training_free.py: error: --sizes {args.sizes}: want a,s,w,c with a + s + w < c", file=sys.stderr)
-        return 2
+    sizes = sepcache_sizes(parser, args.sizes)
+    apply_sdpa_policy(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import __version__ as hf_version
