@@ -17,23 +17,27 @@ kind                      tensors
                           ``mlp.linear1`` (``[up | gate]``, a rank holds ``[up_r | gate_r]``)
 ``row`` (dim 1)           ``attention.dense.weight``, ``mlp.dense_4h_to_h.weight``, ``mlp.linear2.weight``
 ``vocab`` (dim 0)         ``word_embeddings.weight``, ``final_linear.weight`` (the padded vocabulary)
-``summed``                the row-parallel biases with the parallel (GPT-J) residual: every rank adds its copy
-                          before the one all-reduce of the block (GPT-NeoX's ``gpt_j_residual``), so the
+``summed``                the row-parallel biases of a checkpoint GPT-NeoX wrote with the parallel (GPT-J)
+                          residual: its block adds every rank's copy before the one all-reduce, so its
                           model's bias is the sum over ranks; merged by summing, split by dividing
-``replicated``            the norms, the row-parallel biases with the sequential residual (added once, after
-                          the all-reduce), ``position_embeddings``
+``replicated``            the norms, ``position_embeddings``, the row-parallel biases of this trainer's
+                          checkpoints (its ``RowParallelLinear`` adds the bias once, after the all-reduce, with
+                          either residual: megatron/mpu/layers.py) and of GPT-NeoX's with the sequential residual
 ========================  ===============================================================================
 
 GPT-NeoX's ``tools/ckpts/convert_neox_to_hf.py`` (ea7aefd8) merges the same way except that it sums the
-row-parallel biases with both residuals (``ROW_PARALLEL_BIAS_KEYS``); with the sequential residual its
+row-parallel biases with both residuals (``ROW_PARALLEL_BIAS_KEYS``); with the sequential residual GPT-NeoX's
 ``RowParallelLinear`` returns the bias for ``bias_dropout_add`` to add once after the all-reduce, so the sum is
-``tp`` times the bias the model adds: the rule here takes it once. Replicated copies are taken from rank 0 when
-every rank holds the same bits, and averaged (GPT-NeoX's rule for norms) when they differ.
+``tp`` times the bias its model adds: the rule here takes it once. Which implementation wrote a checkpoint is
+told by its ``configs/resolved_config.yml`` (only this trainer writes one: :func:`written_by_gpt_neox`); the
+split always writes this trainer's form. Replicated copies are taken from rank 0 when every rank holds the same
+bits, and averaged (GPT-NeoX's rule for norms) when they differ.
 
 A merge followed by a split into the same size gives back the same bits for power-of-two sizes (``summed``
 multiplies and divides by the size). Vocabulary padding (``make_vocab_size_divisible_by`` x TP) is changed by
 :func:`resize_vocab`: rows past the new size are dropped, new rows are zeros.
 """
+import os
 import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -65,9 +69,16 @@ class Rule:
         return PARTITION_DIM.get(self.kind)
 
 
-def tensor_rule(name: str, args, rows: Optional[int] = None) -> Rule:
-    """The rule of tensor ``name`` of a pipeline layer for the model ``args`` describes (a resolved config).
-    ``rows``: the full tensor's dim 0, for the gated ``linear1`` (its halves). An unknown name is refused."""
+def written_by_gpt_neox(ckpt_dir: str) -> bool:
+    """A checkpoint without this trainer's resolved config is GPT-NeoX's (megatron/checkpoint_neox.py)."""
+    from megatron.checkpoint_layout import RESOLVED_CONFIG
+
+    return not os.path.isfile(os.path.join(ckpt_dir, RESOLVED_CONFIG))
+
+
+def tensor_rule(name: str, args, gpt_neox: bool = False) -> Rule:
+    """The rule of tensor ``name`` of a pipeline layer for the model ``args`` describes (a resolved config), in a
+    checkpoint this trainer wrote, or GPT-NeoX (``gpt_neox``). An unknown name is refused."""
     if _NORM.match(name) or name == "position_embeddings.weight":
         return Rule(REPLICATED)
     if name in _VOCAB:
@@ -75,7 +86,7 @@ def tensor_rule(name: str, args, rows: Optional[int] = None) -> Rule:
     if name in _ROW_WEIGHTS:
         return Rule(ROW)
     if name in _ROW_BIASES:
-        return Rule(SUMMED if args.gpt_j_residual else REPLICATED)
+        return Rule(SUMMED if gpt_neox and args.gpt_j_residual else REPLICATED)
     if name in _COLUMN:
         return Rule(COLUMN)
     if name in _QKV:
@@ -152,8 +163,10 @@ def resize_vocab(full: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([full, full.new_zeros(rows - full.shape[0], *full.shape[1:])], dim=0)
 
 
-def merge_layer(states: List[Dict[str, torch.Tensor]], args, where: str = "") -> Dict[str, torch.Tensor]:
-    """One pipeline layer's full state dict from its TP shards' (module names; every shard has the same keys)."""
+def merge_layer(states: List[Dict[str, torch.Tensor]], args, where: str = "", gpt_neox: bool = False
+                ) -> Dict[str, torch.Tensor]:
+    """One pipeline layer's full state dict from its TP shards' (module names; every shard has the same keys);
+    ``gpt_neox``: the shards are GPT-NeoX's (:func:`tensor_rule`)."""
     keys = set(states[0])
     for rank, state in enumerate(states[1:], start=1):
         if set(state) != keys:
@@ -161,7 +174,7 @@ def merge_layer(states: List[Dict[str, torch.Tensor]], args, where: str = "") ->
             raise CheckpointError(f"{where}: tensor-parallel rank {rank} holds other tensors than rank 0 ({odd[:4]})")
     out = {}
     for name in states[0]:
-        rule = tensor_rule(name, args)
+        rule = tensor_rule(name, args, gpt_neox)
         try:
             out[name] = merge([s[name] for s in states], rule, name)
         except CheckpointError as err:

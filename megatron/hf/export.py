@@ -52,9 +52,9 @@ def _take(states: List[Dict], key: str, where: str) -> List[torch.Tensor]:
 def merge_block(reader: CheckpointReader, idx: int, args) -> Dict[str, torch.Tensor]:
     """Pipeline layer ``idx`` merged across TP ranks (:mod:`megatron.checkpoint_partition`); a block's names are
     HF GPT-NeoX's within a layer."""
-    from megatron.checkpoint_partition import merge_layer
+    from megatron.checkpoint_partition import merge_layer, written_by_gpt_neox
 
-    return merge_layer(reader.layer(idx), args, reader.source(idx))
+    return merge_layer(reader.layer(idx), args, reader.source(idx), written_by_gpt_neox(reader.input_dir))
 
 
 def zero_biases(sd: Dict[str, torch.Tensor], args) -> None:
