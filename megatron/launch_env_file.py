@@ -14,8 +14,8 @@ so the user's files are read, never written.
 import collections
 import os
 import re
-import tempfile
 
+from megatron.atomic_files import atomic_write_text
 from megatron.neox_arguments.errors import ConfigError
 
 DEFAULT_NAME = ".deepspeed_env"
@@ -96,21 +96,11 @@ def merged_entries(user_files, ours) -> tuple:
 
 def write_env_file(path: str, entries) -> str:
     """Write KEY=VALUE lines atomically, readable by the owner only (it may hold WANDB_API_KEY)."""
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".env", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for key, value in entries.items():
-                if "\n" in value:
-                    raise ConfigError(f"environment entry {key} holds a newline, which {DEFAULT_NAME} cannot carry")
-                f.write(f"{key}={value}\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    for key, value in entries.items():
+        if "\n" in value:
+            raise ConfigError(f"environment entry {key} holds a newline, which {DEFAULT_NAME} cannot carry")
+    # atomic_write_text's temporary file is created 0600 and keeps that mode through the rename.
+    return atomic_write_text(path, "".join(f"{key}={value}\n" for key, value in entries.items()), suffix=".env")
 
 
 def env_file_path(resolved_path: str) -> str:

@@ -4,11 +4,12 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import typing
 from dataclasses import dataclass
 
 import yaml
+
+from megatron.atomic_files import atomic_write_text
 
 from .coerce import coerce_value
 from .data_args import DataArgs
@@ -193,18 +194,8 @@ class NeoXArgs(RuntimeArgs, TextGenArgs, LauncherArgs, SepKernelArgs, AdjustSoft
 
     def save_resolved(self, path: str) -> str:
         """Write the resolved config as YAML atomically (tmp file + os.replace); return the absolute path."""
-        path = os.path.abspath(path)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".yml", dir=os.path.dirname(path))
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                yaml.safe_dump(_plain(self.to_dict()), f, sort_keys=False, default_flow_style=None)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        text = yaml.safe_dump(_plain(self.to_dict()), sort_keys=False, default_flow_style=None)
+        return atomic_write_text(path, text, suffix=".yml")
 
     def summary(self) -> str:
         """Human-readable `key: value` lines of the non-default values, for the launch log."""
