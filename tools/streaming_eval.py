@@ -171,9 +171,11 @@ class _Records:
     """Per-``chunk`` records of a stream: NLL values stay on the device and are written once per record (one
     host sync per record, not per token)."""
 
-    def __init__(self, cache, device, chunk: int, log=None, nll_file=None, bar=None):
+    def __init__(self, cache, device, chunk: int, log=None, nll_file=None, bar=None,
+                 time_limit_s: Optional[float] = None):
         self.cache, self.device, self.chunk, self.log, self.nll_file, self.bar = cache, device, chunk, log, \
             nll_file, bar
+        self.time_limit_s, self.timed_out = time_limit_s, False
         self.records: List[Dict] = []
         self.pending: List[torch.Tensor] = []  # 0-d or 1-d NLL tensors
         self.pending_count = 0
@@ -181,6 +183,13 @@ class _Records:
         self.t0 = self.t_last = time.time()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+
+    def out_of_time(self) -> bool:
+        """True once a record closes after the time limit (the stream then stops at a record boundary)."""
+        if self.time_limit_s is not None and self.pending_count == 0 and self.records and \
+                time.time() - self.t0 > self.time_limit_s:
+            self.timed_out = True
+        return self.timed_out
 
     def room(self) -> int:
         """Tokens until the next record."""
@@ -238,6 +247,8 @@ class _Records:
                  "tokens_per_s": round(self.total / seconds, 2)}
         if self.device.type == "cuda":
             final["peak_mem_bytes"] = max(self.peak, torch.cuda.max_memory_allocated(self.device))
+        if self.timed_out:
+            final["stopped_at_time_limit_s"] = self.time_limit_s
         if getattr(self.cache, "is_sep_cache", False):
             final["compressions"] = self.cache.layers[0].compressions
             final["kv_ratio"] = self.cache.kv_ratio()
@@ -249,7 +260,7 @@ class _Records:
 @torch.no_grad()
 def stream_perplexity(model, tokens, cache, chunk: int = 1024, log=None, nll_file=None,
                       num_eval_tokens: Optional[int] = None, progress: bool = False,
-                      chunk_tokens: int = 1) -> List[Dict]:
+                      chunk_tokens: int = 1, time_limit_s: Optional[float] = None) -> List[Dict]:
     """Feeds every sequence of ``tokens`` (one ``[N]`` int64 tensor or an iterable of them) through ``cache``,
     which persists across sequences; returns one record per chunk of predicted tokens and a final record
     ``{"final": True, "tokens", "ppl", ...}``.
@@ -257,11 +268,13 @@ def stream_perplexity(model, tokens, cache, chunk: int = 1024, log=None, nll_fil
     ``chunk_tokens`` 1 (the reference): one forward per token. More: up to that many tokens per forward
     (``megatron.hf.streaming_fast``), with the same per-token NLL (to float tolerance), the same kept KVs and
     the same records; forwards also end at record boundaries, so every record sees the same cache state.
-    ``nll_file``: a text file receiving one NLL a line (the reference's log.txt).
+    ``nll_file``: a text file receiving one NLL a line (the reference's log.txt). ``time_limit_s``: stop at the
+    first record boundary past that many seconds (the final record says so).
     """
     device = next(model.parameters()).device
     books = [tokens] if isinstance(tokens, torch.Tensor) else tokens
-    rec = _Records(cache, device, chunk, log, nll_file, _progress(num_eval_tokens) if progress else None)
+    rec = _Records(cache, device, chunk, log, nll_file, _progress(num_eval_tokens) if progress else None,
+                   time_limit_s)
     if chunk_tokens > 1:
         return _stream_chunked(model, books, cache, rec, num_eval_tokens, chunk_tokens)
     stock_shift = getattr(cache, "is_sep_cache", False) and cache.APPLY_PE_SHIFT and \
@@ -279,7 +292,8 @@ def stream_perplexity(model, tokens, cache, chunk: int = 1024, log=None, nll_fil
                 kwargs["position_ids"] = cache.step_positions(0)
             out = model(input_ids=ids, past_key_values=cache, use_cache=True, **kwargs)
             rec.add(F.cross_entropy(out.logits[0, -1:].float(), book[i + 1:i + 2]))
-            if num_eval_tokens is not None and rec.total + rec.pending_count >= num_eval_tokens:
+            if num_eval_tokens is not None and rec.total + rec.pending_count >= num_eval_tokens or \
+                    rec.out_of_time():
                 done = True
                 break
         if done:
@@ -297,14 +311,14 @@ def _stream_chunked(model, books, cache, rec: "_Records", num_eval_tokens: Optio
         i, end = 0, book.numel() - 1
         while i < end:
             left = None if num_eval_tokens is None else num_eval_tokens - rec.total - rec.pending_count
-            if left is not None and left <= 0:
+            if left is not None and left <= 0 or rec.out_of_time():
                 break
             budget = min(end - i, rec.room(), *(() if left is None else (left,)))
             q = stepper.plan(budget)
             logits = stepper.forward(book[i:i + q].view(1, q))
             rec.add(F.cross_entropy(logits[0].float(), book[i + 1:i + q + 1], reduction="none"))
             i += q
-        if num_eval_tokens is not None and rec.total + rec.pending_count >= num_eval_tokens:
+        if num_eval_tokens is not None and rec.total + rec.pending_count >= num_eval_tokens or rec.timed_out:
             break
     return rec.final(step_summary(stepper))
 

@@ -120,3 +120,32 @@ def test_chunks_really_are_chunks_and_bad_size_is_refused():
     assert max(sizes) == 28 and len(sizes) < 10
     with pytest.raises(ValueError, match="chunk_tokens must be >= 1"):
         ChunkedStepper(model, cache, 0)
+
+
+def test_cli_chunk_tokens_writes_the_reference_outputs(sepllm_export, tmp_path, capsys):
+    from tests.hf.test_streaming_and_cli import _book
+    from tools.streaming_eval import main
+
+    book = _book(tmp_path / "book.txt")
+    ref = ["--model_name_or_path", sepllm_export, "--init_cache_size", "2", "--sep_cache_size", "4", "--local_size",
+           "8", "--cache_size", "20", "--enable_kv_cache_manager", "True", "--enable_SepLLM", "True",
+           "--enable_StreamingLLM", "False", "--enable_pos_shift", "True", "--num_eval_tokens", "70",
+           "--dataset_name", str(book), "--no_progress", "--chunk", "32"]
+    logs = []
+    for extra in ([], ["--chunk_tokens", "64"]):
+        out = tmp_path / f"out{len(logs)}"
+        assert main(ref + extra + ["--output_dir", str(out)]) == 0
+        logs.append(torch.tensor([float(v) for v in (out / "log.txt").read_text().split()]))
+    assert len(logs[0]) == 70
+    torch.testing.assert_close(logs[1], logs[0], rtol=1e-4, atol=1e-5)
+    capsys.readouterr()
+    assert main(ref + ["--chunk_tokens", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--chunk_tokens must be >= 1, got 0" in err[0]
+
+
+def test_time_limit_stops_at_a_record_boundary():
+    model = tf.tiny_model("gpt_neox", "sdpa", vocab=tf.VOCAB)
+    cache = make_cache(model, "full")
+    records = stream_perplexity(model, books(2), cache, chunk=10, chunk_tokens=8, time_limit_s=0.0)
+    assert records[-1]["tokens"] == 10 and records[-1]["stopped_at_time_limit_s"] == 0.0
