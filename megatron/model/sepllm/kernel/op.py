@@ -457,13 +457,23 @@ class MetadataCache:
 _META_CACHE = MetadataCache()
 
 
+def _metadata(sep_flags: torch.Tensor, init_start: torch.Tensor, n_init: int) -> SepMetadata:
+    """The metadata of the op's ``meta=None`` paths: from ``_META_CACHE``, except while a CUDA graph is captured.
+    The cache would return an entry built before the capture (same flag tensor, same version), and the graph
+    would read those tensors on every replay instead of the flags copied in for it; so a capture builds the
+    metadata inside the graph (once per call: pass ``meta`` built once in the captured region to share it)."""
+    if sep_flags.is_cuda and torch.cuda.is_current_stream_capturing():
+        return build_sep_metadata(sep_flags, init_start, n_init)
+    return _META_CACHE.get(sep_flags, init_start, n_init)
+
+
 # Variants that take the flags instead of the metadata (what ``sep_attention(meta=None)`` records under
 # torch.compile): the metadata comes from ``_META_CACHE`` when the op runs, in forward and in backward.
 @torch.library.custom_op("sepllm_kernel::sep_attn_fwd_flags", mutates_args=())
 def sep_attn_fwd_flags_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sep_flags: torch.Tensor,
                           init_start: torch.Tensor, n_init: int, lo_off: int,
                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    meta = _META_CACHE.get(sep_flags, init_start, n_init)
+    meta = _metadata(sep_flags, init_start, n_init)
     return sep_forward(q, k, v, meta.positions, meta.cum, lo_off, scale)
 
 
@@ -476,7 +486,7 @@ def _sep_attn_fwd_flags_fake(q, k, v, sep_flags, init_start, n_init, lo_off, sca
 def sep_attn_bwd_flags_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           out: torch.Tensor, lse: torch.Tensor, sep_flags: torch.Tensor, init_start: torch.Tensor,
                           n_init: int, lo_off: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    meta = _META_CACHE.get(sep_flags, init_start, n_init)
+    meta = _metadata(sep_flags, init_start, n_init)
     return sep_backward(dout, q, k, v, out, lse, meta.positions, meta.cum, lo_off, scale)
 
 
@@ -569,6 +579,6 @@ def sep_attention(
             return sep_attn_fwd_flags_op(q, k, v, sep_flags, init_start, n_init, lo_off, scale)[0]
         return sep_attn_fwd_op(q, k, v, meta.positions, meta.cum, lo_off, scale)[0]
     if meta is None:
-        meta = _META_CACHE.get(sep_flags, init_start, n_init)
+        meta = _metadata(sep_flags, init_start, n_init)
     return _SepAttentionFn.apply(q, k, v, meta.positions, meta.cum, lo_off, scale)
 
