@@ -102,10 +102,13 @@ def tensor_rule(name: str, args, gpt_neox: bool = False) -> Rule:
                           "a parameter the table does not know cannot be merged or split")
 
 
-def _divides(size: int, tp: int, name: str, what: str) -> int:
-    if size % tp:
-        raise CheckpointError(f"tensor '{name}': {what} {size} is not divisible by the tensor-parallel size {tp}")
-    return size // tp
+def _segments(rule: Rule, size: int, name: str) -> Tuple[int, ...]:
+    if rule.kind != FUSED:
+        return (size,)
+    if sum(rule.parts) != size:
+        raise CheckpointError(f"tensor '{name}' has {size} rows, the config implies {sum(rule.parts)} "
+                              f"({' + '.join(map(str, rule.parts))})")
+    return rule.parts
 
 
 def _identical(parts: Sequence[torch.Tensor]) -> bool:
@@ -113,7 +116,10 @@ def _identical(parts: Sequence[torch.Tensor]) -> bool:
 
 
 def merge(parts: Sequence[torch.Tensor], rule: Rule, name: str) -> torch.Tensor:
-    """The full tensor from its TP shards (``parts`` in rank order)."""
+    """The full tensor from its TP shards (``parts`` in rank order). The segment arithmetic is the mpu layers'
+    own (megatron/mpu/partition.py), so a checkpoint is cut exactly as the layers cut their weights."""
+    from megatron.mpu import partition
+
     tp = len(parts)
     shapes = {tuple(p.shape) for p in parts}
     if len(shapes) != 1:
@@ -125,18 +131,18 @@ def merge(parts: Sequence[torch.Tensor], rule: Rule, name: str) -> torch.Tensor:
         return parts[0] if _identical(parts) else sum(p.double() for p in parts).div(tp).to(parts[0].dtype)
     if rule.kind == SUMMED:
         return parts[0] * tp if _identical(parts) else sum(parts[1:], parts[0])
-    if rule.kind == FUSED:
-        sizes = [_divides(s, tp, name, "sub-tensor size") for s in rule.parts]
-        if sum(sizes) != parts[0].shape[0]:
-            raise CheckpointError(f"tensor '{name}': a shard has {parts[0].shape[0]} rows, the config implies "
-                                  f"{sum(sizes)} ({' + '.join(map(str, sizes))} per rank)")
-        pieces = [p.split(sizes, dim=0) for p in parts]
-        return torch.cat([torch.cat([piece[j] for piece in pieces], dim=0) for j in range(len(sizes))], dim=0)
-    return torch.cat(list(parts), dim=rule.partition_dim)
+    dim = rule.partition_dim
+    segments = _segments(rule, parts[0].shape[dim] * tp, name)
+    try:
+        return partition.merge(list(parts), dim, segments)
+    except ValueError as err:
+        raise CheckpointError(f"tensor '{name}': {err}") from None
 
 
 def split(full: torch.Tensor, rule: Rule, tp: int, name: str) -> List[torch.Tensor]:
     """The ``tp`` shards of ``full`` (rank order); the inverse of :func:`merge`."""
+    from megatron.mpu import partition
+
     if tp == 1:
         return [full]
     if rule.kind == REPLICATED:
@@ -144,16 +150,12 @@ def split(full: torch.Tensor, rule: Rule, tp: int, name: str) -> List[torch.Tens
     if rule.kind == SUMMED:
         share = full / tp
         return [share.clone() for _ in range(tp)]
-    if rule.kind == FUSED:
-        if sum(rule.parts) != full.shape[0]:
-            raise CheckpointError(f"tensor '{name}' has {full.shape[0]} rows, the config implies {sum(rule.parts)} "
-                                  f"({' + '.join(map(str, rule.parts))})")
-        chunks = [sub.split(_divides(sub.shape[0], tp, name, "sub-tensor size"), dim=0)
-                  for sub in full.split(list(rule.parts), dim=0)]
-        return [torch.cat([c[r] for c in chunks], dim=0).contiguous() for r in range(tp)]
     dim = rule.partition_dim
-    size = _divides(full.shape[dim], tp, name, f"dim {dim}")
-    return [piece.contiguous() for piece in full.split(size, dim=dim)]
+    segments = _segments(rule, full.shape[dim], name)
+    try:
+        return [partition.shard(full, dim, segments, tp, rank) for rank in range(tp)]
+    except ValueError as err:
+        raise CheckpointError(f"tensor '{name}': {err}") from None
 
 
 def resize_vocab(full: torch.Tensor, rows: int) -> torch.Tensor:
