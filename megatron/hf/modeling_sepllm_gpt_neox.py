@@ -28,8 +28,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .attention_math import alibi_slopes, sa_probabilities
 from .configuration_sepllm_gpt_neox import SepLLMGPTNeoXConfig
-from .rule import adaptive_init_start, bipe_next_offsets, bipe_positions, dense_mask, fixed_interval_flags, \
-    is_initial, layer_windows, num_initial_tokens, separator_flags, visible
+from .rule import adaptive_init_start, attention_mode, bipe_next_offsets, bipe_positions, dense_mask, \
+    fixed_interval_flags, is_initial, keeps_separators, layer_windows, num_initial_tokens, separator_flags, visible
 from .sep_cache import SepCache, apply_rotary, rope_cos_sin, rope_inv_freq
 
 # transformers renamed the cache field of model outputs (past_key_values -> cache) during 5.x.
@@ -317,8 +317,8 @@ class SepLLMGPTNeoXModel(SepLLMGPTNeoXPreTrainedModel):
         if cfg.USE_BiPE:
             intra, inter = bipe if bipe is not None else bipe_positions(ids_all, cfg.BiPE_seps)
             pos_all, rope_new, intra_new = inter, inter[:, -q:], intra[:, -q:]
-        sepllm = not cfg.USE_ORIGINAL_FULL_ATTEN and not cfg.streamingLLM
-        flags = separator_flags(ids_all, cfg.separator_token_ids) if sepllm else \
+        # FixLLM's layers put fixed-interval flags in place of these (the mask's ``interval`` key).
+        flags = separator_flags(ids_all, cfg.separator_token_ids) if keeps_separators(attention_mode(cfg)) else \
             torch.zeros_like(ids_all, dtype=torch.bool)
         return StepMeta(q, past, rope_new, pos_all, flags, valid_all, state["init_start"], state["init_limit"],
                         "prefill" if past == 0 else "generate", sep_cache, intra_new)

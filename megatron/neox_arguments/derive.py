@@ -207,20 +207,15 @@ def derive_model(args, given):
 
 
 def attention_variant(args) -> str:
-    """The core attention the SepLLM mode flags select. The checker (run in validation) refuses more than one
-    of the other mode flags and turns the kernel flag off beside them; this priority gives the same answer
-    before and after its rewrites."""
-    if args.USE_ORIGINAL_FULL_ATTEN:
-        return "full"
-    if args.streamingLLM:
-        return "streamingllm"
-    if args.USE_FIXED_SEP_INTERVALs:
-        return "fixllm"
-    if args.USE_SA_SOFTMAX or args.USE_SA_SOFTMAX_NO_DENO:
-        return "sa_softmax"
-    if args.USE_SEP_ATTN_KERNEL_ACCELERATOR:
+    """The core attention: the rule the mode flags select (``rule.attention_mode``), with the SepLLM mask run by
+    the Sep-Attention kernel (``sep_kernel``) when ``USE_SEP_ATTN_KERNEL_ACCELERATOR`` is set; the checker turns
+    the kernel flag off beside the other modes."""
+    from megatron.model.sepllm.rule import attention_mode  # torch is imported by validation anyway
+
+    mode = attention_mode(args)
+    if mode == "sepllm_mask" and args.USE_SEP_ATTN_KERNEL_ACCELERATOR:
         return "sep_kernel"
-    return "sepllm_mask"
+    return mode
 
 
 def _set_derived(args, given, key, value):

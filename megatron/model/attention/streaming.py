@@ -5,9 +5,10 @@ separator flags as well, so the pattern holds even if metadata carried some), ev
 scalar ``prefill_local_window_size``; the computation is the mask-based path.
 """
 from megatron.model.attention.sepllm_mask import SepLLMMaskAttention
+from megatron.model.sepllm.rule import keeps_separators
 
 
 class StreamingLLMAttention(SepLLMMaskAttention):
     """``"streamingllm"``: ``allowed(q, k) = k <= q and (k < a or q - k <= W - E)``."""
 
-    use_separators = False
+    use_separators = keeps_separators("streamingllm")

@@ -7,7 +7,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from megatron.model.sepllm.rule import adaptive_init_start, bipe_positions, separator_flags
+from megatron.model.sepllm.rule import adaptive_init_start, bipe_positions, keeps_separators, separator_flags
 
 
 class AttnMeta(NamedTuple):
@@ -36,7 +36,7 @@ def build_attn_meta(input_ids: torch.Tensor, position_ids: Optional[torch.Tensor
     if neox_args.USE_BiPE:
         _, rope_pos = bipe_positions(input_ids, neox_args.BiPE_seps)
     variant = neox_args.attention_variant
-    if variant not in ("full", "streamingllm", "fixllm"):
+    if keeps_separators(variant):
         sep_flags = token_flags(input_ids, neox_args.separator_token_ids)
     else:
         sep_flags = torch.zeros_like(input_ids, dtype=torch.bool)

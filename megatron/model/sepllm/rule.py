@@ -136,6 +136,28 @@ def _as_column(value: IntOrTensor, bsz: int, device) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 # Per-token metadata
 # --------------------------------------------------------------------------------------------------
+def attention_mode(cfg) -> str:
+    """The attention rule that the reference's mode flags select, from an object with its key names (NeoXArgs or
+    an HF config): ``full``, ``streamingllm``, ``fixllm``, ``sa_softmax`` or ``sepllm_mask``. The checker refuses
+    more than one mode flag; this priority gives the same answer before and after its rewrites. (Training may run
+    ``sepllm_mask`` with the Sep-Attention kernel: derivation's ``attention_variant`` says so.)"""
+    if cfg.USE_ORIGINAL_FULL_ATTEN:
+        return "full"
+    if cfg.streamingLLM:
+        return "streamingllm"
+    if cfg.USE_FIXED_SEP_INTERVALs:
+        return "fixllm"
+    if cfg.USE_SA_SOFTMAX or cfg.USE_SA_SOFTMAX_NO_DENO:
+        return "sa_softmax"
+    return "sepllm_mask"
+
+
+def keeps_separators(variant: str) -> bool:
+    """Whether separator tokens are kept keys in ``variant`` (an :func:`attention_mode` or ``sep_kernel``): not in full attention (nothing to select), not in
+    StreamingLLM (initial tokens and the window only) and not in FixLLM (fixed-interval tokens take their place)."""
+    return variant not in ("full", "streamingllm", "fixllm")
+
+
 def separator_flags(input_ids: torch.Tensor, separator_ids: Optional[Sequence[int]]) -> torch.Tensor:
     """``[B, S]`` bool: the token is one of ``separator_ids`` (``None`` / ``[-1]`` = no separators)."""
     ids = [int(t) for t in (separator_ids or []) if int(t) >= 0]

@@ -83,7 +83,7 @@ class KVRatioTracker:
         self.interval = int(neox_args.print_ratio_intervals)
         if self.interval < 1:
             raise ValueError(f"print_ratio_intervals must be >= 1, got {self.interval}")
-        self.use_separators = mode not in ("streamingllm", "fixllm")
+        self.use_separators = rule.keeps_separators(mode)
         self.intervals = list(neox_args.fixed_sep_intervals_list) if mode == "fixllm" and self.enabled else None
         self.num_layers = int(neox_args.num_layers)
         self.windows = rule.layer_windows(neox_args, self.num_layers, "prefill") if self.enabled else []
