@@ -1,16 +1,11 @@
 """Per-rank start-up: the process group, the device, the parallel topology and the random seeds."""
 import os
 import random
-import socket
 
 import numpy as np
 import torch
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from megatron.net_ports import free_local_port
 
 
 def _default_single_process_env() -> bool:
@@ -24,7 +19,7 @@ def _default_single_process_env() -> bool:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" in os.environ:
         return False
-    os.environ["MASTER_PORT"] = str(_free_port())
+    os.environ["MASTER_PORT"] = str(free_local_port())
     return True
 
 
@@ -40,7 +35,7 @@ def _init_process_group(backend: str, own_port: bool, attempts: int = 5) -> None
         except torch.distributed.DistNetworkError as err:
             if not own_port or "EADDRINUSE" not in str(err) or attempt == attempts - 1:
                 raise
-            os.environ["MASTER_PORT"] = str(_free_port())
+            os.environ["MASTER_PORT"] = str(free_local_port())
 
 
 def build_topology(neox_args):
