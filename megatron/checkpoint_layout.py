@@ -16,8 +16,12 @@ What DeepSpeed can restore:
 
 Weights alone (``no_load_optim`` / ``finetune``) load into any layout: :func:`load_weights_any_layout` reads the
 checkpoint layer by layer through :class:`megatron.checkpoint_io.CheckpointReader` (pipeline layer files,
-the sequential ``mp_rank_00`` file or ZeRO-3 shards) and copies each tensor into this rank's part of the
-model, after checking its shape.
+the sequential ``mp_rank_XX`` files or ZeRO-3 shards), merges its tensor-parallel shards and cuts them again for
+this run's tensor-parallel size and padded vocabulary (:mod:`megatron.checkpoint_partition`), and copies each
+tensor into this rank's part of the model, after checking its shape. Another tensor-parallel size with the
+optimizer is refused before launch (naming both sizes, the weights-only keys and the ``reshard.py`` command),
+also through DeepSpeed's universal checkpoint, which would need per-parameter patterns this trainer does not
+write.
 """
 import json
 import os
@@ -137,18 +141,42 @@ def optimizer_state_refusal(saved: Layout, new: Layout) -> Optional[str]:
     return None
 
 
+def vocab_paddings_agree(saved_config: dict, args) -> bool:
+    """Could the two padded vocabularies come from one tokenizer, each padded to its run's multiple of
+    ``make_vocab_size_divisible_by x model_parallel_size``, the tensor-parallel size being all that changed?"""
+    keys = ("padded_vocab_size", "make_vocab_size_divisible_by", "model_parallel_size")
+    if any(saved_config.get(k) is None for k in keys) or args.padded_vocab_size is None:
+        return False
+    if int(saved_config["make_vocab_size_divisible_by"]) != int(args.make_vocab_size_divisible_by) \
+            or int(saved_config["model_parallel_size"]) == int(args.model_parallel_size):
+        return False
+    saved_rows, new_rows = int(saved_config["padded_vocab_size"]), int(args.padded_vocab_size)
+    saved_multiple = int(saved_config["make_vocab_size_divisible_by"]) * int(saved_config["model_parallel_size"])
+    new_multiple = int(args.make_vocab_size_divisible_by) * int(args.model_parallel_size)
+    # the unpadded size v satisfies rows - multiple < v <= rows for both
+    return max(saved_rows - saved_multiple, new_rows - new_multiple) < min(saved_rows, new_rows)
+
+
 def model_key_mismatch(args, saved_config: Optional[dict], ckpt_dir: str) -> Optional[str]:
     if saved_config is None:  # a GPT-NeoX checkpoint: its own record of the model keys, checked by its rule
         try:
             record = checkpoint_neox.read_client_state(ckpt_dir).get("args")
         except CheckpointError:
             return None  # no client-state file: check_files names it
+        if record and (args.no_load_optim or args.finetune) \
+                and record.get("model_parallel_size") not in (None, args.model_parallel_size):
+            # Weights alone are resharded on load; the padding may differ by what the size changes.
+            agree = vocab_paddings_agree(record, args)
+            record = {k: v for k, v in record.items()
+                      if k != "model_parallel_size" and (k != "padded_vocab_size" or not agree)}
         return checkpoint_neox.args_mismatch(args, record, ckpt_dir) if record else None
     for key in MODEL_KEYS:
         # padded_vocab_size is known only where the tokenizer could be built
         if saved_config is None or saved_config.get(key) is None or getattr(args, key) is None:
             continue
         if saved_config[key] != getattr(args, key):
+            if key == "padded_vocab_size" and vocab_paddings_agree(saved_config, args):
+                continue  # padded again for another tensor-parallel size: the rows are trimmed or added
             return (f"key '{key}' is {getattr(args, key)!r}, but checkpoint {ckpt_dir} was saved with "
                     f"{key}={saved_config[key]!r} (its {RESOLVED_CONFIG}); the weights cannot load into another shape")
     return None
@@ -166,22 +194,79 @@ def _loads_universal(args) -> bool:
     return bool((args.checkpoint or {}).get("load_universal"))
 
 
+def reshard_command(ckpt_dir: str, args) -> str:
+    """The reshard.py call that writes ``ckpt_dir`` for this run's tensor-parallel and pipeline sizes."""
+    ckpt_dir = os.path.normpath(ckpt_dir)
+    tp, pp = int(args.model_parallel_size), int(args.pipe_parallel_size)
+    target = f"{os.path.dirname(ckpt_dir)}_tp{tp}_pp{pp}"
+    return f"python tools/ckpts/reshard.py --input_dir {ckpt_dir} --output_dir {target} --tp {tp} --pp {pp}"
+
+
+def no_optimizer_note(ckpt_dir: str) -> Optional[str]:
+    """What the checkpoint says about its missing optimizer state (no_save_optim, an import, a reshard), or None."""
+    from megatron.checkpointing import NO_OPTIMIZER_MARKER
+
+    path = os.path.join(ckpt_dir, NO_OPTIMIZER_MARKER)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return " ".join(f.read().split()) or "it holds no optimizer state"
+
+
+def _gpt_neox_summed_biases(args, saved_config: Optional[dict], saved: Optional[Layout]) -> bool:
+    """A GPT-NeoX checkpoint whose ranks' row-parallel biases are summed by its model (megatron/checkpoint_partition.py):
+    its shards must be converted, not loaded as they are."""
+    return (saved_config is None and saved is not None and saved.model_parallel_size > 1 and bool(args.gpt_j_residual)
+            and bool(args.use_bias_in_attn_linear or args.use_bias_in_mlp))
+
+
 def resume_plan(args, ckpt_dir: str) -> Tuple[bool, Optional[Layout]]:
     """Checks a resume from ``ckpt_dir`` by ``args``; raises :class:`ConfigError` when it cannot work.
 
     Returns ``(same_layout, saved_layout)``: with a different layout only the weights are loaded.
     """
+    weights_only = bool(args.no_load_optim or args.finetune)
+    note = no_optimizer_note(ckpt_dir)
+    if note and not weights_only:
+        raise ConfigError(f"key 'load': checkpoint {ckpt_dir} holds no optimizer state ({note}); set "
+                          "'no_load_optim: true' (a fresh optimizer, same iteration) or 'finetune: true'")
     saved_config = read_saved_config(ckpt_dir)
     problem = model_key_mismatch(args, saved_config, ckpt_dir)
     if problem:
         raise ConfigError(problem)
     saved = read_layout(ckpt_dir, saved_config)
     new = layout_of(args)
+    tp_change = saved is not None and saved.model_parallel_size != new.model_parallel_size
     if _loads_universal(args):
+        if tp_change:
+            raise ConfigError(
+                f"key 'checkpoint.load_universal': checkpoint {ckpt_dir} was saved with model_parallel_size="
+                f"{saved.model_parallel_size} and this run has model_parallel_size={new.model_parallel_size}; "
+                "DeepSpeed's universal checkpoint splits the optimizer state into another tensor-parallel size only "
+                "with the per-parameter patterns (universal_checkpoint_info) that this trainer does not write, and "
+                "without them it would cut the row-parallel weights wrongly. Load the weights with 'no_load_optim: "
+                f"true' or 'finetune: true' (they are resharded on load), or reshard first: "
+                f"{reshard_command(ckpt_dir, args)}")
         if not os.path.isdir(os.path.join(ckpt_dir, "zero")):
             raise ConfigError(f"key 'checkpoint.load_universal' is true, but {ckpt_dir} is not a universal checkpoint "
                               f"(no zero/ folder); convert it: {universal_command(ckpt_dir)}")
         return True, saved  # DeepSpeed re-partitions the ZeRO state itself
+    if _gpt_neox_summed_biases(args, saved_config, saved):
+        if not weights_only:
+            raise ConfigError(
+                f"key 'load': checkpoint {ckpt_dir} is GPT-NeoX's, at model_parallel_size={saved.model_parallel_size} "
+                "with gpt_j_residual and row-parallel biases: GPT-NeoX adds every rank's copy of those biases before "
+                "the all-reduce, this trainer adds one copy after it, so the shards are converted when loaded, which "
+                "only the weights-only load does: set 'no_load_optim: true' or 'finetune: true'")
+        return False, saved
+    if tp_change and not weights_only:
+        raise ConfigError(
+            f"key 'model_parallel_size' is {new.model_parallel_size}, but checkpoint {ckpt_dir} was saved with "
+            f"model_parallel_size={saved.model_parallel_size} ({saved.describe()}; this run: {new.describe()}), and "
+            "DeepSpeed cannot split its optimizer state into another tensor-parallel size. Resume the weights with a "
+            "fresh optimizer ('no_load_optim: true' keeps the iteration count, 'finetune: true' restarts at 0; the "
+            f"weights are resharded on load), or reshard the checkpoint first: {reshard_command(ckpt_dir, args)} "
+            "(and load that with one of the two), or run at the saved size")
     if saved is None or saved == new:
         return True, saved
     refusal = optimizer_state_refusal(saved, new)
@@ -313,16 +398,31 @@ def _copy_layer(layer, idx: int, state: dict, source: str, saved_config: Optiona
 def load_weights_any_layout(engine, ckpt_dir: str, args) -> dict:
     """Copies the checkpoint's weights into this rank's part of ``engine.module`` whatever layout either has;
     the optimizer stays fresh (its fp32 master copies are refreshed from the weights). Returns the client state."""
+    from megatron import mpu
+    from megatron.checkpoint_partition import merge_layer, split_layer, written_by_gpt_neox
+
     saved_config = read_saved_config(ckpt_dir)
     reader = CheckpointReader(ckpt_dir, int(args.num_layers))
-    if reader.tp != 1:
-        raise CheckpointError(f"{ckpt_dir}: model-parallel checkpoints ({reader.tp} ranks) cannot be resharded")
+    tp, tp_rank = mpu.get_model_parallel_world_size(), mpu.get_model_parallel_rank()
+    gpt_neox = written_by_gpt_neox(ckpt_dir)
+    source_rules = args
+    if saved_config is not None and saved_config.get("gpt_j_residual") is not None \
+            and bool(saved_config["gpt_j_residual"]) != bool(args.gpt_j_residual):
+        import copy
+
+        source_rules = copy.copy(args)  # the saved model's residual decides how its shards merge
+        source_rules.gpt_j_residual = bool(saved_config["gpt_j_residual"])
     zero3 = int(args.zero_stage) == 3
     for idx, layer in _local_layers(engine.module):
         if not layer.state_dict():  # a parameter-free step of the layer list
             continue
         source = ckpt_dir if reader.sequential else os.path.join(ckpt_dir, f"layer_{idx:02d}-model_00-model_states.pt")
-        state = reader.layer(idx)[0]
+        shards = reader.layer(idx)
+        if reader.tp == 1 and tp == 1:
+            state = shards[0]  # one padding for one size (the model keys agree): the tensors as they are
+        else:  # merged and cut again for this run's size and padded vocabulary (megatron/checkpoint_partition.py)
+            full = merge_layer(shards, source_rules, source, gpt_neox)
+            state = split_layer(full, args, tp, vocab_rows=args.padded_vocab_size, where=source)[tp_rank]
         if zero3:
             import deepspeed
 

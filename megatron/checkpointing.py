@@ -462,9 +462,10 @@ def load_checkpoint(neox_args, engine, load_optimizer_states: bool = True, sched
 
     load_dir, tag = resolve_checkpoint(neox_args.load)
     ckpt_dir = os.path.join(load_dir, tag)
-    if load_optimizer_states and os.path.isfile(os.path.join(ckpt_dir, NO_OPTIMIZER_MARKER)):
-        raise CheckpointError(f"checkpoint {ckpt_dir} was saved without optimizer states (no_save_optim: true); "
-                              "resume it with no_load_optim: true (a fresh optimizer) or finetune: true")
+    note = checkpoint_layout.no_optimizer_note(ckpt_dir)
+    if load_optimizer_states and note:
+        raise CheckpointError(f"checkpoint {ckpt_dir} holds no optimizer state ({note}); resume it with "
+                              "no_load_optim: true (a fresh optimizer) or finetune: true")
     same_layout, _ = checkpoint_layout.resume_plan(neox_args, ckpt_dir)
     if same_layout:
         client_state = _deepspeed_load(engine, load_dir, tag, load_optimizer_states)
