@@ -519,7 +519,11 @@ def _pretrain(neox_args, stop: StopSignal) -> int:
 
     from megatron.data.data_utils import build_train_valid_test_data_iterators
 
+    # Starting a DataLoader iterator draws its base seed from the default stream, after a resume's RNG restore;
+    # the stream training (dropout) uses is the one the checkpoint saved, on a fresh run and a resumed one alike.
+    rng = checkpointing.get_rng_state()
     train_iter, valid_iter, test_iter = build_train_valid_test_data_iterators(neox_args)
+    checkpointing.set_rng_state(rng)
     # Every rank must take the same branch: a request seen by one rank only would leave the others waiting
     # in their first collective.
     if all_reduce_max([float(stop.requested)], device)[0]:

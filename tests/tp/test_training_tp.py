@@ -48,3 +48,32 @@ def test_tp2_pp2_equals_tp1_pp2(tmp_path):
     expected = train(tmp_path / "tp1", "sepllm_mask", 2, model_parallel_size=1, pipe_parallel_size=2)
     losses = train(tmp_path / "tp2", "sepllm_mask", 4, model_parallel_size=2, pipe_parallel_size=2)
     assert_close(losses, expected)
+
+
+def tb_scalars(tb_dir, tag: str) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = {}
+    for path in sorted(tb_dir.glob("events.*")):
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            out.update({int(e.step): float(e.value) for e in acc.Scalars(tag)})
+    return out
+
+
+def test_tp2_exact_resume_and_kv_statistics(tmp_path):
+    """TP=2 with ZeRO 1 and dropout on the residual branches: resuming at step 4 reproduces steps 5-8 bitwise;
+    the KV statistics logged at TP=2 are the TP=1 run's (each TP rank sees the same batch; rank 0 logs its own)."""
+    keys = dict(model_parallel_size=2, pipe_parallel_size=0, zero_optimization={"stage": 1}, hidden_dropout=0.1,
+                train_iters=8, lr_decay_iters=8, checkpoint_factor=4, PRINT_KV_RATIO=True, print_ratio_intervals=1)
+    full = train(tmp_path / "full", "sepllm_mask", 2, save=str(tmp_path / "full" / "ckpt"), **keys)
+    resumed = train(tmp_path / "resumed", "sepllm_mask", 2, load=str(tmp_path / "full" / "ckpt" / "global_step4"),
+                    **keys)
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert resumed == {i: full[i] for i in range(5, 9)}  # bitwise (float32 as logged)
+    one = dict(keys, model_parallel_size=1)
+    train(tmp_path / "tp1", "sepllm_mask", 1, **one)
+    tag = "sepllm/kv_ratio"
+    kv_tp1, kv_tp2 = tb_scalars(tmp_path / "tp1" / "tb", tag), tb_scalars(tmp_path / "full" / "tb", tag)
+    assert sorted(kv_tp2) == list(range(1, 9)) and kv_tp2 == kv_tp1, (kv_tp2, kv_tp1)
