@@ -11,6 +11,8 @@ from typing import Tuple
 
 import torch
 
+from megatron.model.attention_math import rotary_cos_sin, rotate_prefix
+
 try:
     import triton
     import triton.language as tl
@@ -29,15 +31,8 @@ def rotary_reference(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.T
 
     Angles and products in fp32, result in ``x.dtype`` (the kernel's numerics).
     """
-    rot = 2 * inv_freq.numel()
-    freqs = positions.unsqueeze(-1).float() * inv_freq.float()
-    emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(2)
-    cos, sin = emb.cos(), emb.sin()
-    xf = x.float()
-    x_rot = xf[..., :rot]
-    x1, x2 = x_rot[..., : rot // 2], x_rot[..., rot // 2:]
-    rotated = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
-    return torch.cat((rotated, xf[..., rot:]), dim=-1).to(x.dtype)
+    cos, sin = rotary_cos_sin(positions, inv_freq)
+    return rotate_prefix(x.float(), cos.unsqueeze(2), sin.unsqueeze(2)).to(x.dtype)
 
 
 if _HAVE_TRITON:

@@ -34,8 +34,8 @@ query's text position minus its slot, so query-key distances still equal slot di
 come from ``base``/``pe_dim`` inside the cache (``APPLY_PES_INSIDE``) or from ``cache_kwargs['cos'/'sin']``
 tables indexed by position.
 
-This file depends only on torch, transformers and the rule module beside it: the HF export copies both next
-to the modeling code.
+This file depends only on torch, transformers and the rule and attention_math modules beside it: the HF export
+copies them next to the modeling code.
 """
 import sys
 from typing import Dict, List, Optional, Sequence, Union
@@ -43,6 +43,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .attention_math import rotary_cos_sin, rotary_inv_freq, rotate_prefix
 from .rule import is_initial, separator_flags, visible
 
 IntOrList = Union[int, Sequence[int]]
@@ -68,31 +69,13 @@ MODEL_TYPE_PRESETS["gpt_neox"] = MODEL_TYPE_PRESETS["pythia"]
 MODEL_TYPE_PRESETS["sepllm_gpt_neox"] = MODEL_TYPE_PRESETS["pythia"]
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """GPT-NeoX / HF rotary convention: ``[x1, x2] -> [-x2, x1]`` over the last dim."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def rope_inv_freq(rot_dim: int, base: float, device=None) -> torch.Tensor:
-    """``inv_freq = base^(-2i/rot_dim)`` for ``i < rot_dim/2`` (fp32)."""
-    return 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=device) / rot_dim))
-
-
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
-    """cos/sin ``[..., rot_dim]`` for integer ``positions`` (any shape), in fp32."""
-    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+rope_inv_freq = rotary_inv_freq  # the names this module's callers (and the reference's users) know
+rope_cos_sin = rotary_cos_sin
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotates the first ``cos.shape[-1]`` dims of ``x [B, H, L, D]`` by ``cos/sin [B, L, r]``."""
-    rot = cos.shape[-1]
-    cos = cos.unsqueeze(1).to(x.dtype)
-    sin = sin.unsqueeze(1).to(x.dtype)
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+    return rotate_prefix(x, cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype))
 
 
 def _per_layer(name: str, value: IntOrList, num_layers: int) -> List[int]:

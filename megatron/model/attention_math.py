@@ -48,3 +48,35 @@ def sa_probabilities(scores: torch.Tensor, allowed: torch.Tensor, normalised: bo
     high = (tri.amax(dim=-1, keepdim=True) + denominator_bias).clamp(min=0.0) + denominator_bias
     adjusted = probs * (scores - low + numerator_bias) / (high - low)
     return adjusted.masked_fill(~lower, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------- rotary
+# GPT-NeoX / HF convention: inv_freq = base^(-2i/dim), the angle table duplicated (cat(freqs, freqs)) and
+# rotate_half on the first ``dim`` features of each head; angles from integer positions in fp32, so per-row and
+# shifted positions (BiPE, SepCache's PE shift) need no cached [max_pos, dim] table.
+def rotary_inv_freq(dim: int, base: float, device=None) -> torch.Tensor:
+    """``base^(-2i/dim)`` for ``i < dim/2``, fp32."""
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+
+
+def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
+    """fp32 ``cos, sin`` of shape ``positions.shape + [2 * len(inv_freq)]``."""
+    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq.to(torch.float32)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[x1, x2] -> [-x2, x1]`` over the last dim."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotate_prefix(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates the first ``cos.shape[-1]`` features of ``x`` by ``cos``/``sin`` (broadcastable to that slice, in
+    the dtype the products should have); the other features pass through."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)

@@ -10,11 +10,9 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from megatron.model.attention_math import alibi_slopes  # noqa: F401  (the one definition; re-exported)
-
-
-def rotary_inv_freq(dim: int, base: float) -> torch.Tensor:
-    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+# The one definition of each formula (exported verbatim with the HF model); re-exported here.
+from megatron.model.attention_math import alibi_slopes, rotary_cos_sin, rotary_inv_freq, rotate_half  # noqa: F401
+from megatron.model.attention_math import rotate_prefix as apply_rotary_pos_emb  # noqa: F401
 
 
 class RotaryEmbedding(nn.Module):
@@ -32,23 +30,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape ``[B, S, 1, dim]`` (broadcast over heads of a ``[B, S, H, D]`` tensor)."""
-        freqs = positions.unsqueeze(-1).float() * self.inv_freq.float()  # [B, S, dim/2], fp32 for exact angles
-        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(2)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates the first ``cos.shape[-1]`` features of ``x`` ([B, S, H, D]); the rest pass through."""
-    rot = cos.shape[-1]
-    if rot == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+        cos, sin = rotary_cos_sin(positions, self.inv_freq)
+        return cos.unsqueeze(2).to(dtype), sin.unsqueeze(2).to(dtype)
 
 
 def alibi_bias(positions: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
