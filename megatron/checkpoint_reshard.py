@@ -29,7 +29,6 @@ import torch
 from megatron.checkpoint_io import CheckpointError, CheckpointReader
 
 RESHARD_MARKER = ".reshard.json"
-_RUN_ONLY = ("load", "data_path", "train_data_paths", "valid_data_paths", "test_data_paths", "hostfile")
 
 
 def _inside(path: Path, parent: Path) -> bool:
@@ -66,7 +65,7 @@ def input_checkpoint(input_dir: str) -> str:
 def resharded_args(ckpt_dir: str, tp: int, pp: int, vocab_file: Optional[str] = None):
     """The checkpoint's resolved config re-derived for TP ``tp`` and ``pp`` pipeline stages (same data-parallel
     size), with the vocabulary padded again by the tokenizer."""
-    from megatron.hf.export_config import _environment, _quiet
+    from megatron.hf.export_config import _RUN_ONLY, _environment, _quiet
     from megatron.neox_arguments import NeoXArgs
     from megatron.neox_arguments.errors import ConfigError
     from megatron.checkpoint_layout import RESOLVED_CONFIG, read_saved_config
@@ -87,7 +86,9 @@ def resharded_args(ckpt_dir: str, tp: int, pp: int, vocab_file: Optional[str] = 
         raise CheckpointError(f"the run's tokenizer vocab_file {vocab} does not exist here: reshard.py pads the "
                               f"vocabulary to make_vocab_size_divisible_by x {tp} from it; give --vocab_file")
     world = int(saved.get("data_parallel_size") or 1) * tp * max(pp, 1)
-    overrides = {key: None for key in _RUN_ONLY}
+    # What the weights do not need and may be missing here (data, hostfile) is left out of the derivation, as the
+    # exporter does, then put back as the run had it: the record of what trained the weights.
+    overrides = dict(_RUN_ONLY)
     overrides.update(model_parallel_size=tp, pipe_parallel_size=pp, padded_vocab_size=None, vocab_file=vocab)
     try:
         args = _quiet(lambda: NeoXArgs.from_resolved(os.path.join(ckpt_dir, RESOLVED_CONFIG),
@@ -95,7 +96,7 @@ def resharded_args(ckpt_dir: str, tp: int, pp: int, vocab_file: Optional[str] = 
     except ConfigError as err:
         raise CheckpointError(f"--tp {tp} --pp {pp}: the checkpoint's config does not resolve for these sizes: "
                               f"{err}") from None
-    for key in _RUN_ONLY:  # kept as the run had them: the record of what trained the weights
+    for key in _RUN_ONLY:
         setattr(args, key, saved.get(key))
     if args.padded_vocab_size is None:
         raise CheckpointError(f"--tp {tp}: the vocabulary could not be padded (tokenizer {args.tokenizer_type}, "
