@@ -29,7 +29,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .attention_math import alibi_slopes, sa_probabilities
 from .configuration_sepllm_gpt_neox import SepLLMGPTNeoXConfig
 from .rule import adaptive_init_start, attention_mode, bipe_next_offsets, bipe_positions, dense_mask, \
-    fixed_interval_flags, is_initial, keeps_separators, layer_windows, num_initial_tokens, separator_flags, visible
+    fixed_interval_flags, is_initial, keeps_separators, kv_ratio_totals, layer_windows, num_initial_tokens, \
+    separator_flags, visible
+from .rule import ratio as kv_ratio
 from .sep_cache import SepCache, apply_rotary, rope_cos_sin, rope_inv_freq
 
 # transformers renamed the cache field of model outputs (past_key_values -> cache) during 5.x.
@@ -361,16 +363,15 @@ class SepLLMGPTNeoXModel(SepLLMGPTNeoXPreTrainedModel):
             if mask is None:
                 continue
             kept += int(mask[:, -1, :].sum())
-            total += mask.shape[0] * mask.shape[-1]
+            total += kv_ratio_totals(mask.shape[0], mask.shape[-1])[0]
         stats = getattr(self, "_kv_stats", {"kept": 0, "total": 0, "calls": 0})
         stats["kept"] += kept
         stats["total"] += total
         if phase == "prefill":
             stats["calls"] += 1
             if stats["calls"] % max(int(self.config.print_ratio_intervals), 1) == 0:
-                ratio = (stats["kept"] + 1e-6) / (stats["total"] + 1e-6)
                 print(f"[sepllm_gpt_neox] Kept/Total tokens for all the inputs: ({stats['kept']}, "
-                      f"{stats['total']}), ratio = {ratio:.4f}", flush=True)
+                      f"{stats['total']}), ratio = {kv_ratio(stats['kept'], stats['total']):.4f}", flush=True)
         self._kv_stats = stats
 
 

@@ -45,6 +45,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from .attention_math import rotary_cos_sin, rotary_inv_freq, rotate_prefix
 from .rule import is_initial, separator_flags, visible
+from .rule import ratio as smoothed_ratio
 
 IntOrList = Union[int, Sequence[int]]
 
@@ -398,7 +399,7 @@ class SepCache(Cache):
     def kv_ratio(self) -> float:
         kept = sum(k for k, _ in self.kept_and_seen())
         seen = self._seen * self.layer_num
-        return (kept + 1e-6) / (seen + 1e-6)
+        return smoothed_ratio(kept, seen)
 
     # ------------------------------------------------------------------ the step protocol
     def _begin_step_from_forward(self) -> bool:
