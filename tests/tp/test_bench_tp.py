@@ -1,0 +1,20 @@
+"""bench/bench_tp.py on CPU: one micro-batch's tensor-parallel traffic at TP=2 and 4 is exactly the formula (two
+all-reduces per layer forward and two backward of B*S*h, the embedding's and the output layer's input's, three
+B*S for the cross entropy, no all-gather)."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import bench_tp  # noqa: E402
+
+pytestmark = pytest.mark.deepspeed
+
+
+def test_cpu_traffic_matches_formula(capsys):
+    bench_tp.run_cpu(2)
+    out = capsys.readouterr().out
+    assert "traffic matches the formula" in out
+    assert "| 2 | 12 | 9 | 21 | 1180416 | 1180416 | 0 |" in out and "| 4 | 12 | 9 | 21 | 1180416 | 1180416 | 0 |" in out
+
