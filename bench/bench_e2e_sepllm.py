@@ -3,7 +3,7 @@ full attention, same script, same run.
 
 The model is the framework's own: ``NeoXArgs.from_dict`` + ``megatron.model.build_sequential_model`` (the layer
 list ``GPT2ModelPipe.to_sequential()`` runs, no DeepSpeed). SepLLM mode selects the ``sep_kernel`` attention
-variant (``megatron/model/attention/flex_sep.py``), which calls ``sep_attention`` on CUDA with per-micro-batch
+variant (``megatron/model/attention/sep_kernel_mode.py``), which calls ``sep_attention`` on CUDA with per-micro-batch
 metadata shared by all layers; full mode is ``USE_ORIGINAL_FULL_ATTEN`` (SDPA causal). One step = forward + float32
 cross entropy + backward + fused torch AdamW + zero_grad, bf16 parameters, real-text token windows (separator
 flags from the real Pythia separators). ``--compile on`` sets ``torch_compile: true`` (each transformer layer

@@ -161,7 +161,7 @@ def test_attention_registry_selection_and_errors():
     assert make_args().attention_variant == "full"
     assert variant(streamingLLM=True) == ("streamingllm", "StreamingLLMAttention")
     assert variant(USE_SA_SOFTMAX_NO_DENO=True) == ("sa_softmax", "SASoftmaxAttention")
-    assert variant(USE_SEP_ATTN_KERNEL_ACCELERATOR=True) == ("sep_kernel", "SepKernelAttention")
+    assert variant(USE_SEP_ATTN_KERNEL_ACCELERATOR=True) == ("sep_kernel", "SepKernelModeAttention")
     assert variant() == ("sepllm_mask", "SepLLMMaskAttention")
     with pytest.raises(ValueError, match="attention variant 'nope'"):
         get_attention_class("nope")

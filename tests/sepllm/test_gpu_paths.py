@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from megatron.model.attention.flex_sep import SepKernelAttention
+from megatron.model.attention.sep_kernel_mode import SepKernelModeAttention
 from megatron.model.sepllm.meta import build_attn_meta
 from tests.sepllm import brute
 
@@ -24,7 +24,7 @@ def test_kernel_mode_on_cuda_matches_float32_reference(pos_emb):
     windows = [512, 16, 16, 1]
     args, ids, meta, q, k, v = _setup(pos_emb, windows)
     for layer, window in enumerate(windows):
-        out = SepKernelAttention(args, layer)(q, k, v, meta)
+        out = SepKernelModeAttention(args, layer)(q, k, v, meta)
         out.float().sum().backward()
         grads = [t.grad.clone() for t in (q, k, v)]
         for t in (q, k, v):

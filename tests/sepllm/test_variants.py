@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from megatron.model.attention.flex_sep import SepKernelAttention
+from megatron.model.attention.sep_kernel_mode import SepKernelModeAttention
 from megatron.model.attention.sa_softmax import SASoftmaxAttention
 from megatron.model.attention.sepllm_mask import SepLLMMaskAttention
 from megatron.model.attention.streaming import StreamingLLMAttention
@@ -24,7 +24,7 @@ def _ids(seed, pads=None):
     return brute.random_ids(B, S, torch.Generator().manual_seed(seed), pad_left=pads)
 
 
-@pytest.mark.parametrize("cls", [SepLLMMaskAttention, SepKernelAttention])
+@pytest.mark.parametrize("cls", [SepLLMMaskAttention, SepKernelModeAttention])
 @pytest.mark.parametrize("num_init,window,excl,adaptive", [
     (0, 1, True, False), (3, 5, True, False), (3, 5, False, True), (3, 64, True, False)])
 def test_forward_matches_brute_force(cls, num_init, window, excl, adaptive):
@@ -38,7 +38,7 @@ def test_forward_matches_brute_force(cls, num_init, window, excl, adaptive):
     torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("cls", [SepLLMMaskAttention, SepKernelAttention])
+@pytest.mark.parametrize("cls", [SepLLMMaskAttention, SepKernelModeAttention])
 def test_per_layer_windows_with_repeats(cls):
     windows = [100, 4, 4, 1, 100]
     args = brute.args(num_layers=5, USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS=True, prefill_loc_win_size_list=windows)
@@ -78,14 +78,14 @@ def test_kernel_class_trains_on_cpu_through_mask_path(capsys):
     args = brute.args(prefill_local_window_size=5)
     ids = _ids(6)
     q, k, v = _qkv(5, grad=True)
-    out = SepKernelAttention(args, 0)(q, k, v, build_attn_meta(ids, None, args))
+    out = SepKernelModeAttention(args, 0)(q, k, v, build_attn_meta(ids, None, args))
     out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
     torch.testing.assert_close(out.detach().double(), brute.attention(q, k, v, brute.prefill_mask(ids, 3, 5)),
                                atol=2e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("cls", [SepLLMMaskAttention, SepKernelAttention])
+@pytest.mark.parametrize("cls", [SepLLMMaskAttention, SepKernelModeAttention])
 @pytest.mark.parametrize("use_bipe", [False, True])
 def test_alibi_plain_and_bipe(cls, use_bipe):
     args = brute.args(pos_emb="alibi", prefill_local_window_size=6, USE_BiPE=use_bipe,

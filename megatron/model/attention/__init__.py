@@ -19,7 +19,7 @@ _VARIANT_MODULES = {
     "fixllm": ("megatron.model.attention.fixllm", "FixLLMAttention", "USE_FIXED_SEP_INTERVALs"),
     "sa_softmax": ("megatron.model.attention.sa_softmax", "SASoftmaxAttention",
                    "USE_SA_SOFTMAX / USE_SA_SOFTMAX_NO_DENO"),
-    "sep_kernel": ("megatron.model.attention.flex_sep", "SepKernelAttention", "USE_SEP_ATTN_KERNEL_ACCELERATOR"),
+    "sep_kernel": ("megatron.model.attention.sep_kernel_mode", "SepKernelModeAttention", "USE_SEP_ATTN_KERNEL_ACCELERATOR"),
 }
 
 ATTENTION_VARIANTS = {"full": FullAttention}

@@ -1,4 +1,4 @@
-"""Sep-Attention kernel mode (``USE_SEP_ATTN_KERNEL_ACCELERATOR: True``), the FlexAttention path.
+"""The ``sep_kernel`` mode (``USE_SEP_ATTN_KERNEL_ACCELERATOR: True``): one SepLLM rule, four backends.
 
 The ``mask_mod`` evaluates the SepLLM rule from per-token separator flags and per-row initial positions
 (:func:`megatron.model.sepllm.rule.make_mask_mod`), with this layer's window bound when the BlockMask is
@@ -92,8 +92,9 @@ def make_alibi_score_mod(slopes: torch.Tensor, rope_pos: torch.Tensor):
     return score_mod
 
 
-class SepKernelAttention(SepLLMMaskAttention):
-    """``"sep_kernel"``: SepLLM with FlexAttention (or the fast kernel when it is available)."""
+class SepKernelModeAttention(SepLLMMaskAttention):
+    """``"sep_kernel"``: the SepLLM rule run by the fast kernel, compiled or eager FlexAttention, or the mask path
+    (the dispatch in the module docstring)."""
 
     def __init__(self, neox_args, layer_number: int):
         super().__init__(neox_args, layer_number)
