@@ -245,6 +245,14 @@ class SepLLMGPTNeoXPreTrainedModel(PreTrainedModel):
             module.bias.data.zero_()
 
 
+def _refuse_position_ids(kwargs) -> None:
+    """Positions follow from the padding mask and the SepCache's slots (forward has no ``position_ids``, so
+    ``generate`` builds none); explicit ones would be ignored, so they are refused."""
+    if kwargs.get("position_ids") is not None:
+        raise ValueError("sepllm_gpt_neox computes positions from attention_mask (left padding) and the SepCache's "
+                         "slots; do not pass position_ids")
+
+
 class SepLLMGPTNeoXModel(SepLLMGPTNeoXPreTrainedModel):
     def __init__(self, config: SepLLMGPTNeoXConfig):
         super().__init__(config)
@@ -263,7 +271,7 @@ class SepLLMGPTNeoXModel(SepLLMGPTNeoXPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_in = value
 
-    def _step_meta(self, input_ids, attention_mask, position_ids, cache) -> StepMeta:
+    def _step_meta(self, input_ids, attention_mask, cache) -> StepMeta:
         """Updates the stream state kept on the cache and returns this forward's metadata."""
         cfg = self.config
         bsz, q = input_ids.shape
@@ -309,7 +317,7 @@ class SepLLMGPTNeoXModel(SepLLMGPTNeoXPreTrainedModel):
             state["ids"], state["valid"] = ids_all, valid_all
             cache._sepllm_state = state
         # Positions come from the padding mask (left padding shifts a row's positions), as HF generate
-        # computes them; ``position_ids`` passed by callers are therefore not needed and not read.
+        # computes them, or from the SepCache's slots; forward therefore takes no ``position_ids``.
         if sep_cache is not None:
             pos_all = sep_cache.step_positions(0)
         else:
@@ -325,8 +333,9 @@ class SepLLMGPTNeoXModel(SepLLMGPTNeoXPreTrainedModel):
         return StepMeta(q, past, rope_new, pos_all, flags, valid_all, state["init_start"], state["init_limit"],
                         "prefill" if past == 0 else "generate", sep_cache, intra_new)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, use_cache=None,
-                past_key_values=None, inputs_embeds=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, cache=None, use_cache=None, past_key_values=None,
+                inputs_embeds=None, **kwargs):
+        _refuse_position_ids(kwargs)
         if input_ids is None:
             raise ValueError("sepllm_gpt_neox needs input_ids (separators are recognised by token id); "
                              "inputs_embeds alone are not supported")
@@ -336,7 +345,7 @@ class SepLLMGPTNeoXModel(SepLLMGPTNeoXPreTrainedModel):
             cache = DynamicCache()
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(f"sepllm_gpt_neox expects a 2D padding mask, got shape {tuple(attention_mask.shape)}")
-        meta = self._step_meta(input_ids, attention_mask, position_ids, cache)
+        meta = self._step_meta(input_ids, attention_mask, cache)
         hidden = self.embed_in(input_ids)
         if hasattr(self, "position_embeddings"):
             hidden = hidden + self.position_embeddings(meta.embed_pos) * self.config.mup_rp_embedding_mult
@@ -390,9 +399,10 @@ class SepLLMGPTNeoXForCausalLM(SepLLMGPTNeoXPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.embed_out = new_embeddings
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
-                labels=None, use_cache=None, logits_to_keep=0, inputs_embeds=None, return_dict=None, **kwargs):
-        hidden, cache = self.gpt_neox(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+    def forward(self, input_ids=None, attention_mask=None, cache=None, past_key_values=None, labels=None,
+                use_cache=None, logits_to_keep=0, inputs_embeds=None, return_dict=None, **kwargs):
+        _refuse_position_ids(kwargs)
+        hidden, cache = self.gpt_neox(input_ids, attention_mask=attention_mask,
                                       cache=cache if cache is not None else past_key_values,
                                       use_cache=use_cache, inputs_embeds=inputs_embeds)
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:

@@ -126,3 +126,15 @@ def test_sep_cache_on_a_trained_sepllm_export_keeps_the_trained_pattern(exports)
     with torch.no_grad():
         model.generate(ids, cache=small, **kwargs)
     assert small.layers[0].compressions >= 2 and all(layer.length() < 24 for layer in small.layers)
+
+
+def test_export_refuses_position_ids_it_would_not_read(exports):
+    """Positions come from the padding mask and the cache: explicit position_ids are refused by name, and
+    generate (which builds position_ids only for a forward that takes them) passes none."""
+    model = AutoModelForCausalLM.from_pretrained(exports["sepllm"], trust_remote_code=True).eval()
+    ids = random_ids(1, 8, seed=9)
+    with pytest.raises(ValueError, match="do not pass position_ids"), torch.no_grad():
+        model(ids, position_ids=torch.arange(8).unsqueeze(0) + 5)
+    with pytest.raises(ValueError, match="do not pass position_ids"), torch.no_grad():
+        model.gpt_neox(ids, position_ids=torch.arange(8).unsqueeze(0))
+    assert _greedy(model, ids, n=3).shape == (1, 11)
