@@ -106,10 +106,14 @@ class NonFiniteStepGuard:
     all-reduce spreads it), so all ranks reach the same decision without an extra collective.
     """
 
-    def __init__(self, optimizer):
+    def __init__(self, optimizer, group=None):
         self.optimizer = optimizer
         self._step = optimizer.step
         optimizer.step = self.step
+        # Ranks that hold different parameters (tensor-parallel shards, pipeline stages) decide together: a
+        # gradient that overflowed in one rank's shard only must stop the step on every rank, or the replicated
+        # parameters would be stepped on some ranks and not on others.
+        self.group = group
         self.skipped = False
         self.grad_norm: Optional[torch.Tensor] = None
         # Per-parameter statistics read inside the step (megatron/param_stats.py); None unless configured.
@@ -118,17 +122,30 @@ class NonFiniteStepGuard:
     def reset(self) -> None:
         self.skipped = False
 
+    def _flag_device(self):
+        for g in self.optimizer.param_groups:
+            for p in g["params"]:
+                return p.device
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
     @torch.no_grad()
     def step(self, *args, **kwargs):
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        finite = None
         if grads:
             # One multi-tensor kernel for all per-tensor norms, then their norm (fp32).
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
             self.grad_norm = norm
-            # One host sync per step: the decision to skip must be taken on the host.
-            if not bool(torch.isfinite(norm)):
-                self.skipped = True
-                return None
+            finite = torch.isfinite(norm)
+        if self.group is not None:
+            device = grads[0].device if grads else self._flag_device()
+            bad = torch.zeros((), dtype=torch.float32, device=device) if finite is None else (~finite).float()
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX, group=self.group)
+            finite = bad == 0
+        # One host sync per step: the decision to skip must be taken on the host.
+        if finite is not None and not bool(finite):
+            self.skipped = True
+            return None
         if self.stats is not None:
             self.stats.capture()
         return self._step(*args, **kwargs)
@@ -243,7 +260,10 @@ def setup_model_and_optimizer(neox_args, topology, device):
     _record_fp32_clip_norm(engine)
     _fast_bf16_overflow_check(engine)
     basic = engine.basic_optimizer if getattr(engine, "basic_optimizer", None) is not None else engine.optimizer
-    guard = NonFiniteStepGuard(basic)
+    grid = mpu.get_grid()
+    # The ranks of one data-parallel replica (pipe x tensor), when there are several.
+    group = grid.get_model_parallel_group() if grid is not None and grid.get_model_parallel_world_size() > 1 else None
+    guard = NonFiniteStepGuard(basic, group=group)
     stats = ParameterStatistics(engine.module, basic, neox_args)
     guard.stats = stats if stats.enabled else None
     scheduler = build_lr_scheduler(neox_args, basic)

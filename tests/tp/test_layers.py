@@ -220,3 +220,23 @@ def test_partition_round_trip_and_layout():
     assert torch.equal(q0, full[:4]) and torch.equal(k0, full[8:9]) and torch.equal(v0, full[10:11])
     with pytest.raises(ValueError, match="segment of 3 is not divisible"):
         partition.shard(torch.zeros(3, 1), 0, (3,), 2, 0)
+
+
+def _guard(rank, world):
+    from megatron import mpu
+    from megatron.training import NonFiniteStepGuard
+
+    h.init_grid(world)
+    for bad_rank in (None, 1):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = torch.optim.SGD([p], lr=0.1)
+        guard = NonFiniteStepGuard(opt, group=mpu.get_grid().get_model_parallel_group())
+        p.grad = torch.full((3,), float("nan") if rank == bad_rank else 1.0)
+        opt.step()
+        assert guard.skipped == (bad_rank is not None), (rank, bad_rank)
+        assert torch.equal(p.detach(), torch.ones(3) if bad_rank is not None else torch.full((3,), 0.9))
+
+
+def test_step_guard_decides_over_the_model_parallel_group():
+    """A gradient that is not finite in one tensor-parallel rank's shard only skips the step on every rank."""
+    h.run_ranks(_guard, 2)
