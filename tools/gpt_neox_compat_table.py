@@ -152,7 +152,8 @@ def describe(args) -> str:
     if args.num_kv_heads != args.num_attention_heads:
         extra += f", {args.num_kv_heads} KV heads"
     return (f"{args.num_layers} layers x {args.hidden_size}, {attention}{extra}, {args.precision}, ZeRO "
-            f"{args.zero_stage}, data parallel {args.data_parallel_size} x pipeline {args.pipe_stages}")
+            f"{args.zero_stage}, data parallel {args.data_parallel_size} x pipeline {args.pipe_stages}"
+            + (f" x tensor {args.model_parallel_size}" if args.model_parallel_size > 1 else ""))
 
 
 def load_row(folder: Path, config: Path, standins: StandIns) -> Row:
