@@ -19,9 +19,10 @@ checkpoint layer by layer through :class:`megatron.checkpoint_io.CheckpointReade
 the sequential ``mp_rank_XX`` files or ZeRO-3 shards), merges its tensor-parallel shards and cuts them again for
 this run's tensor-parallel size and padded vocabulary (:mod:`megatron.checkpoint_partition`), and copies each
 tensor into this rank's part of the model, after checking its shape. Another tensor-parallel size with the
-optimizer is refused before launch (naming both sizes, the weights-only keys and the ``reshard.py`` command),
-also through DeepSpeed's universal checkpoint, which would need per-parameter patterns this trainer does not
-write.
+optimizer goes through DeepSpeed's universal checkpoint (``ds_to_universal``, then ``load_universal``), which
+splits the ZeRO state by the tensor-parallel patterns every checkpoint records (``universal_checkpoint_info``,
+from :mod:`megatron.checkpoint_partition`), on the sequential model; otherwise it is refused before launch,
+naming both sizes, the weights-only keys and the ``reshard.py`` command.
 """
 import json
 import os
@@ -163,9 +164,10 @@ def model_key_mismatch(args, saved_config: Optional[dict], ckpt_dir: str) -> Opt
             record = checkpoint_neox.read_client_state(ckpt_dir).get("args")
         except CheckpointError:
             return None  # no client-state file: check_files names it
-        if record and (args.no_load_optim or args.finetune) \
+        if record and (args.no_load_optim or args.finetune or _loads_universal(args)) \
                 and record.get("model_parallel_size") not in (None, args.model_parallel_size):
-            # Weights alone are resharded on load; the padding may differ by what the size changes.
+            # Weights alone are resharded on load, a universal checkpoint by DeepSpeed (resume_plan checks it
+            # can); the padding may differ by what the size changes.
             agree = vocab_paddings_agree(record, args)
             record = {k: v for k, v in record.items()
                       if k != "model_parallel_size" and (k != "padded_vocab_size" or not agree)}
@@ -213,6 +215,30 @@ def no_optimizer_note(ckpt_dir: str) -> Optional[str]:
         return " ".join(f.read().split()) or "it holds no optimizer state"
 
 
+def universal_tp_problem(ckpt_dir: str, saved: Layout, new: Layout, args) -> Optional[str]:
+    """Why DeepSpeed's universal checkpoint cannot carry ``ckpt_dir`` into this run's tensor-parallel size (None: it
+    can). ds_to_universal merges the tensor-parallel fragments by the ``universal_checkpoint_info`` this trainer
+    records (megatron/checkpoint_partition.py); without it it would concatenate every tensor on dim 0."""
+    from deepspeed.checkpoint import constants as ds
+
+    try:
+        info = checkpoint_neox.read_client_state(ckpt_dir).get(ds.UNIVERSAL_CHECKPOINT_INFO) or {}
+    except CheckpointError:
+        info = {}
+    if ds.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS not in info:
+        return ("it records no tensor-parallel patterns (universal_checkpoint_info: a checkpoint of GPT-NeoX or of an "
+                "older version of this trainer), without which DeepSpeed would cut the row-parallel weights wrongly")
+    if saved.pipe_parallel_size != 0 or new.pipe_parallel_size != 0:
+        return ("DeepSpeed's universal checkpoint moves between tensor-parallel sizes here on the sequential model "
+                "only (pipe_parallel_size: 0 on both sides: ds_to_universal reads no pipeline folder without a "
+                "layer_01 file, which this model's parameter-free layer 1 does not write)")
+    rows = info.get(ds.ORIGINAL_VOCAB_SIZE)
+    if rows is not None and args.padded_vocab_size is not None and int(args.padded_vocab_size) < int(rows):
+        return (f"its vocabulary is padded to {rows} rows and this run pads to {args.padded_vocab_size}: DeepSpeed "
+                "adds padding rows, never drops them")
+    return None
+
+
 def _gpt_neox_summed_biases(args, saved_config: Optional[dict], saved: Optional[Layout]) -> bool:
     """A GPT-NeoX checkpoint whose ranks' row-parallel biases are summed by its model (megatron/checkpoint_partition.py):
     its shards must be converted, not loaded as they are."""
@@ -238,15 +264,13 @@ def resume_plan(args, ckpt_dir: str) -> Tuple[bool, Optional[Layout]]:
     new = layout_of(args)
     tp_change = saved is not None and saved.model_parallel_size != new.model_parallel_size
     if _loads_universal(args):
-        if tp_change:
+        problem = universal_tp_problem(ckpt_dir, saved, new, args) if tp_change else None
+        if problem:
             raise ConfigError(
                 f"key 'checkpoint.load_universal': checkpoint {ckpt_dir} was saved with model_parallel_size="
-                f"{saved.model_parallel_size} and this run has model_parallel_size={new.model_parallel_size}; "
-                "DeepSpeed's universal checkpoint splits the optimizer state into another tensor-parallel size only "
-                "with the per-parameter patterns (universal_checkpoint_info) that this trainer does not write, and "
-                "without them it would cut the row-parallel weights wrongly. Load the weights with 'no_load_optim: "
-                f"true' or 'finetune: true' (they are resharded on load), or reshard first: "
-                f"{reshard_command(ckpt_dir, args)}")
+                f"{saved.model_parallel_size} and this run has model_parallel_size={new.model_parallel_size}, but "
+                f"{problem}. Load the weights with 'no_load_optim: true' or 'finetune: true' (they are resharded on "
+                f"load), or reshard first: {reshard_command(ckpt_dir, args)}")
         if not os.path.isdir(os.path.join(ckpt_dir, "zero")):
             raise ConfigError(f"key 'checkpoint.load_universal' is true, but {ckpt_dir} is not a universal checkpoint "
                               f"(no zero/ folder); convert it: {universal_command(ckpt_dir)}")
@@ -348,8 +372,12 @@ def check_resume_before_launch(args) -> None:
         ckpt_dir = os.path.join(load_dir, tag)
         resume_plan(args, ckpt_dir)
         saved_config = read_saved_config(ckpt_dir)
-        check_files(ckpt_dir, read_layout(ckpt_dir, saved_config), saved_config)
-        if saved_config is None:  # GPT-NeoX's: nothing but its tensors says what model it holds
+        saved = read_layout(ckpt_dir, saved_config)
+        check_files(ckpt_dir, saved, saved_config)
+        same_tp = saved is None or saved.model_parallel_size == int(args.model_parallel_size)
+        # GPT-NeoX's: nothing but its tensors says what model it holds. Shards of another tensor-parallel size are
+        # checked on the ranks, after the merge (weights only) or by DeepSpeed (universal).
+        if saved_config is None and same_tp:
             problem = checkpoint_neox.first_tensor_mismatch(args, ckpt_dir)
             if problem:
                 raise CheckpointError(problem)

@@ -200,3 +200,43 @@ def split_layer(state: Dict[str, torch.Tensor], args, tp: int, vocab_rows: Optio
         for rank, shard in enumerate(shards):
             out[rank][name] = shard
     return out
+
+
+def _suffix_pattern(name: str) -> str:
+    """A regex for tensor ``name`` of any layer, under any prefix DeepSpeed's parameter names carry."""
+    return r"^(.*\.)?" + re.escape(name) + "$"
+
+
+def universal_checkpoint_info(args, param_names: Sequence[str]) -> dict:
+    """The table as DeepSpeed's universal checkpoint reads it (the ``universal_checkpoint_info`` client-state key that
+    ``deepspeed.checkpoint.ds_to_universal`` merges the ZeRO fragments by and ``load_universal`` splits them by, so
+    the optimizer state moves into another tensor-parallel size too). Column-parallel tensors are its default
+    (dim 0); the vocabulary keeps its padded rows (``original_vocab_size`` is the padded size: no row is
+    dropped, rows are added as zeros where the new size pads more). Only patterns that match one of
+    ``param_names`` (the engine's parameter names) are listed: the converter refuses unused ones."""
+    from deepspeed.checkpoint import constants as ds
+
+    tp = int(args.model_parallel_size)
+    norms = r"^(.*\.)?(input_layernorm|post_attention_layernorm|norm)\.(weight|bias|scale|offset)$"
+    replicated = [norms, _suffix_pattern("position_embeddings.weight")]
+    replicated += [_suffix_pattern(n) for n in _ROW_BIASES if tensor_rule(n, args).kind == REPLICATED]
+    subs, widths = [], {}
+    for name in _QKV + _GATED:
+        rule = tensor_rule(name, args)
+        if rule.kind != FUSED:
+            continue
+        pattern = _suffix_pattern(name)
+        shape = (tuple(rule.parts), int(args.hidden_size)) if name.endswith(".weight") else (tuple(rule.parts),)
+        subs.append({"patterns": [pattern], "shape": shape, "partition_dim": 0})
+        widths[pattern] = [[size // tp] * tp for size in rule.parts]
+    def used(patterns):
+        return [p for p in patterns if any(re.match(p, n) for n in param_names)]
+
+    subs = [s for s in subs if used(s["patterns"])]
+    return {ds.UNIVERSAL_CHECKPOINT_VERSION_KEY: ds.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+            ds.TP_REPLICATED_PARAMETER_PATTERNS: used(replicated),
+            ds.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: used([_suffix_pattern(n) for n in _ROW_WEIGHTS]),
+            ds.VOCABULARY_PARAMETER_PATTERNS: used([_suffix_pattern(n) for n in _VOCAB]),
+            ds.ORIGINAL_VOCAB_SIZE: int(args.padded_vocab_size),
+            ds.PARAMETER_WITH_SUB_PARAMS: subs,
+            ds.SUB_PARAM_SHARD_WIDTHS: {p: w for p, w in widths.items() if any(p in s["patterns"] for s in subs)}}

@@ -250,8 +250,13 @@ def save_checkpoint(neox_args, iteration: int, engine, consumed_train_samples: i
     from megatron import checkpoint_neox
 
     # GPT-NeoX's keys (iteration, args, its five RNG entries) make the checkpoint resumable there too.
+    from megatron.checkpoint_partition import universal_checkpoint_info
+
     state = {"iteration": int(iteration), "consumed_train_samples": int(consumed_train_samples),
-             "world_size": int(neox_args.world_size), "args": checkpoint_neox.args_record(neox_args)}
+             "world_size": int(neox_args.world_size), "args": checkpoint_neox.args_record(neox_args),
+             # how ds_to_universal merges the tensor-parallel shards, so the optimizer state can change TP size
+             "universal_checkpoint_info": universal_checkpoint_info(
+                 neox_args, [name for name, _ in engine.module.named_parameters()])}
     if not neox_args.no_save_rng:
         state.update(checkpoint_neox.rng_entries())
     state.update(client_state or {})

@@ -140,3 +140,30 @@ def _agree(rank, world):
 @pytest.mark.deepspeed
 def test_table_agrees_with_the_mpu_layers_and_their_forward():
     h.run_ranks(_agree, 2)
+
+
+def test_universal_checkpoint_info_classifies_every_parameter_as_the_table_does():
+    """DeepSpeed's converter takes a parameter matching no pattern for column-parallel (dim 0): every parameter
+    lands in the category of its rule, and no pattern matches nothing (the converter refuses unused ones)."""
+    import re
+
+    from deepspeed.checkpoint import constants as ds
+
+    for keys in CASES.values():
+        args = h.make_args(1, 1, **keys)
+        from megatron.model import build_sequential_model
+
+        names = [n for n, _ in build_sequential_model(args).named_parameters()]
+        info = cp.universal_checkpoint_info(args, names)
+        categories = {"replicated": info[ds.TP_REPLICATED_PARAMETER_PATTERNS],
+                      "row": info[ds.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS],
+                      "vocab": info[ds.VOCABULARY_PARAMETER_PATTERNS],
+                      "fused": [p for s in info[ds.PARAMETER_WITH_SUB_PARAMS] for p in s["patterns"]]}
+        for patterns in categories.values():
+            assert all(any(re.match(p, n) for n in names) for p in patterns), patterns
+        for name in names:
+            kind = cp.tensor_rule(name.split(".", 2)[2], args).kind
+            found = [c for c, patterns in categories.items() if any(re.match(p, name) for p in patterns)]
+            assert found == ([] if kind == cp.COLUMN else [kind]), (name, kind, found)
+        for sub in info[ds.PARAMETER_WITH_SUB_PARAMS]:
+            assert info[ds.SUB_PARAM_SHARD_WIDTHS][sub["patterns"][0]] == [[n] for n in sub["shape"][0]]

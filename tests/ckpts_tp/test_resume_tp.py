@@ -2,7 +2,8 @@
 shards and cuts them for this run (TP=1 checkpoint into a TP=2 model on 2 ranks, a TP=2 checkpoint into a TP=1
 model), with the vocabulary padded again (600 rows at TP=1, 800 at TP=2 for make_vocab_size_divisible_by 200), and
 gives the saved model's logits; the launcher refuses, naming both sizes, a TP change with the optimizer, through a
-universal checkpoint, and a checkpoint without optimizer state without no_load_optim / finetune; a GPT-NeoX TP=2
+universal checkpoint without tensor-parallel patterns, and a checkpoint without optimizer state without
+no_load_optim / finetune; a GPT-NeoX TP=2
 checkpoint with parallel-residual biases is converted (its ranks' biases summed)."""
 import os
 import shutil
@@ -80,7 +81,7 @@ def test_launcher_refuses_another_tp_size_by_name(tmp_path):
         in text
     os.mkdir(os.path.join(src, "zero"))
     with pytest.raises(ConfigError, match=r"'checkpoint.load_universal': .*model_parallel_size=1 and this run has "
-                                          r"model_parallel_size=2; .*universal_checkpoint_info"):
+                                          r"model_parallel_size=2, but it records no tensor-parallel patterns"):
         cl.resume_plan(run_args(2, checkpoint={"load_universal": True}), src)
     # A vocabulary that differs by more than the padding is still a model-key mismatch.
     with pytest.raises(ConfigError, match="key 'padded_vocab_size' is 1024"):
