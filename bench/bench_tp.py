@@ -4,10 +4,10 @@ for the Pythia-1.4B shape with the share of step time in TP collectives (GPU).
 CPU (gloo, no GPU needed): one forward + backward of the trainer's model and loss (vocab-parallel logits) at
 TP=2 and TP=4 on a small Pythia-shaped model, every collective of the tensor-parallel region counted (the
 functions of ``megatron/mpu/mappings.py``, through which all of them go) and compared with Megatron's count:
-per layer two all-reduces forward (attention and MLP outputs) and two backward (their inputs), each ``B*S*h``
-elements, plus the embedding's all-reduce forward and the output layer's input all-reduce backward (``B*S*h``
-each) and the vocab-parallel cross entropy's three ``B*S`` all-reduces (max, target logit, sum of exps). No
-all-gather: the logits are never gathered.
+per layer two all-reduces forward (attention and MLP outputs; one for both with the parallel residual, as
+GPT-NeoX's) and two backward (their inputs), each ``B*S*h`` elements, plus the embedding's all-reduce forward
+and the output layer's input all-reduce backward (``B*S*h`` each) and the vocab-parallel cross entropy's three
+``B*S`` all-reduces (max, target logit, sum of exps). No all-gather: the logits are never gathered.
 
     python bench/bench_tp.py --device cpu
 
@@ -37,12 +37,13 @@ CPU_SHAPE = dict(num_layers=4, hidden_size=256, num_attention_heads=8, seq_lengt
 VOCAB = 50304
 
 
-def model_args(shape: dict, tp: int, world: int, micro_batch: int, total: int, log_interval: int, bf16: bool):
+def model_args(shape: dict, tp: int, world: int, micro_batch: int, total: int, log_interval: int, bf16: bool,
+               parallel_residual: bool = True):
     from megatron.neox_arguments import NeoXArgs
 
     args = NeoXArgs.from_dict(dict(
         shape, pipe_parallel_size=0, model_parallel_size=tp, pos_emb="rotary", rotary_pct=0.25,
-        no_weight_tying=True, gpt_j_residual=True, init_method="small_init", output_layer_init_method="wang_init",
+        no_weight_tying=True, gpt_j_residual=parallel_residual, init_method="small_init", output_layer_init_method="wang_init",
         hidden_dropout=0.0, attention_dropout=0.0, USE_ORIGINAL_FULL_ATTEN=True, checkpoint_activations=False,
         bf16={"enabled": bf16}, optimizer={"type": "Adam", "params": {"lr": 2e-4, "betas": [0.9, 0.95], "eps": 1e-8}},
         min_lr=2e-5, lr_decay_style="cosine", warmup=0.01, lr_decay_iters=total, weight_decay=0.1,
@@ -73,14 +74,16 @@ class CountingDist:
         return getattr(self.real, name)
 
 
-def expected_counts(layers: int, batch: int, seq: int, hidden: int) -> dict:
+def expected_counts(layers: int, batch: int, seq: int, hidden: int, parallel_residual: bool) -> dict:
+    """Megatron's count; the parallel residual (GPT-J) sums both branches in one forward all-reduce per layer."""
     bsh, bs = batch * seq * hidden, batch * seq
-    big = 4 * layers + 2
+    per_layer = 3 if parallel_residual else 4
+    big = per_layer * layers + 2
     return {"all_reduce_calls": big + 3, "all_reduce_elements": big * bsh + 3 * bs, "all_gather_calls": 0,
-            "formula": f"(4 L + 2) x B*S*h + 3 x B*S = ({4 * layers} + 2) x {bsh} + 3 x {bs}"}
+            "formula": f"({per_layer} L + 2) x B*S*h + 3 x B*S = ({per_layer * layers} + 2) x {bsh} + 3 x {bs}"}
 
 
-def _count_worker(rank, world, port, micro_batch, out_path):
+def _count_worker(rank, world, port, micro_batch, parallel_residual, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     import deepspeed
@@ -93,7 +96,7 @@ def _count_worker(rank, world, port, micro_batch, out_path):
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     mpu.initialize_model_parallel(PipeModelDataParallelTopology(num_pp=1, num_mp=world, num_dp=1))
-    args = model_args(CPU_SHAPE, world, world, micro_batch, 1, 1, bf16=False)
+    args = model_args(CPU_SHAPE, world, world, micro_batch, 1, 1, bf16=False, parallel_residual=parallel_residual)
     torch.manual_seed(0)
     model = build_sequential_model(args, parallel_output=True)
     seq = int(args.seq_length)
@@ -122,26 +125,31 @@ def run_cpu(micro_batch: int) -> None:
     from megatron.net_ports import free_local_port
 
     layers, hidden, seq = CPU_SHAPE["num_layers"], CPU_SHAPE["hidden_size"], CPU_SHAPE["seq_length"]
-    want = expected_counts(layers, micro_batch, seq, hidden)
     print(f"CPU, gloo: {layers} layers, hidden {hidden}, {CPU_SHAPE['num_attention_heads']} heads, B={micro_batch}, "
-          f"S={seq}, vocab {VOCAB}; one micro-batch forward + backward")
-    print(f"formula: {want['formula']} = {want['all_reduce_elements']} elements in {want['all_reduce_calls']} "
-          "all-reduces, no all-gather")
-    print("| TP | all-reduces fwd | bwd | total | elements | expected | all-gathers | bytes (fp32) |")
-    print("|---|---|---|---|---|---|---|---|")
-    ok = True
-    for tp in (2, 4):
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "counts.json")
-            torch.multiprocessing.start_processes(_count_worker, args=(tp, free_local_port(), micro_batch, out),
-                                                  nprocs=tp, join=True, start_method="fork")
-            got = json.loads(Path(out).read_text())
-        match = (got["all_reduce_calls"] == want["all_reduce_calls"]
-                 and got["all_reduce_elements"] == want["all_reduce_elements"] and got["all_gather_calls"] == 0)
-        ok &= match
-        print(f"| {tp} | {got['forward_all_reduces']} | {got['backward_all_reduces']} | {got['all_reduce_calls']} | "
-              f"{got['all_reduce_elements']} | {want['all_reduce_elements']} | {got['all_gather_calls']} | "
-              f"{got['bytes_fp32']} |")
+          f"S={seq}, vocab {VOCAB}, untied; one micro-batch forward + backward")
+    print("| residual | TP | all-reduces fwd | bwd | total | elements | expected | all-gathers | bytes (fp32) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    ok, formulas = True, []
+    for parallel_residual in (False, True):
+        want = expected_counts(layers, micro_batch, seq, hidden, parallel_residual)
+        name = "parallel" if parallel_residual else "sequential"
+        formulas.append(f"{name}: {want['formula']} = {want['all_reduce_elements']} elements in "
+                        f"{want['all_reduce_calls']} all-reduces, no all-gather")
+        for tp in (2, 4):
+            with tempfile.TemporaryDirectory() as tmp:
+                out = os.path.join(tmp, "counts.json")
+                torch.multiprocessing.start_processes(
+                    _count_worker, args=(tp, free_local_port(), micro_batch, parallel_residual, out), nprocs=tp,
+                    join=True, start_method="fork")
+                got = json.loads(Path(out).read_text())
+            match = (got["all_reduce_calls"] == want["all_reduce_calls"]
+                     and got["all_reduce_elements"] == want["all_reduce_elements"] and got["all_gather_calls"] == 0)
+            ok &= match
+            print(f"| {name} | {tp} | {got['forward_all_reduces']} | {got['backward_all_reduces']} | "
+                  f"{got['all_reduce_calls']} | {got['all_reduce_elements']} | {want['all_reduce_elements']} | "
+                  f"{got['all_gather_calls']} | {got['bytes_fp32']} |")
+    for line in formulas:
+        print("formula, " + line)
     print("traffic matches the formula" if ok else "TRAFFIC DIFFERS FROM THE FORMULA")
     if not ok:
         raise SystemExit(1)

@@ -101,7 +101,8 @@ class ParallelSelfAttention(nn.Module):
         return (q.view(bsz, seq, heads, self.head_dim), k.view(bsz, seq, kv_heads, self.head_dim),
                 v.view(bsz, seq, kv_heads, self.head_dim))
 
-    def forward(self, x: torch.Tensor, meta) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta, partial: bool = False) -> torch.Tensor:
+        """``partial``: this rank's un-summed output projection without its bias (``RowParallelLinear.partial``)."""
         bsz, seq, _ = x.shape
         qkv, _ = self.query_key_value(x)
         q, k, v = self.split_qkv(qkv)
@@ -118,6 +119,8 @@ class ParallelSelfAttention(nn.Module):
         else:
             out = self.core_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), meta)
         out = out.transpose(1, 2).reshape(bsz, seq, self.hidden_size_local)
+        if partial:
+            return self.dense.partial(out)
         out, _ = self.dense(out)
         return out
 
@@ -148,8 +151,14 @@ class ParallelMLP(nn.Module):
         if neox_args.checkpoint_tensor_names == "current":
             self.register_state_dict_post_hook(_write_current_neox_names)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def output_layer(self):
+        return self.dense_4h_to_h
+
+    def forward(self, x: torch.Tensor, partial: bool = False) -> torch.Tensor:
         h, _ = self.dense_h_to_4h(x)
+        if partial:
+            return self.dense_4h_to_h.partial(self.activation_func(h))
         out, _ = self.dense_4h_to_h(self.activation_func(h))
         return out
 
@@ -171,9 +180,15 @@ class ParallelGatedMLP(nn.Module):
         self.linear2 = mpu.RowParallelLinear(neox_args, ffn, hidden, bias=use_bias, input_is_parallel=True,
                                              init_method=output_layer_init_method)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def output_layer(self):
+        return self.linear2
+
+    def forward(self, x: torch.Tensor, partial: bool = False) -> torch.Tensor:
         h, _ = self.linear1(x)
         up, gate = h.chunk(2, dim=-1)
+        if partial:
+            return self.linear2.partial(self.activation_func(gate) * up)
         out, _ = self.linear2(self.activation_func(gate) * up)
         return out
 
@@ -199,16 +214,31 @@ class ParallelTransformerLayer(nn.Module):
         self.attention = ParallelSelfAttention(neox_args, init_method, output_layer_init_method, layer_number)
         self.mlp = build_mlp(neox_args, init_method, output_layer_init_method)
         self.hidden_dropout = nn.Dropout(float(neox_args.hidden_dropout))
+        # Parallel residual across tensor-parallel ranks: the two branches' partial sums share one all-reduce,
+        # as GPT-NeoX's (the biases are still added once, after it). Dropout on each branch needs each branch
+        # summed first, so with residual dropout in training the branches are reduced one by one.
+        self.one_reduce = self.gpt_j_residual and mpu.get_model_parallel_world_size() > 1
 
     def forward(self, x: torch.Tensor, meta) -> torch.Tensor:
         if self.gpt_j_residual:
             x1 = self.input_layernorm(x)
             x2 = x1 if self.gpt_j_tied else self.post_attention_layernorm(x)
+            if self.one_reduce and not (self.training and self.hidden_dropout.p > 0):
+                return x + self._summed_branches(x1, x2, meta)
             attn = self.hidden_dropout(self.attention(x1, meta))
             mlp = self.hidden_dropout(self.mlp(x2))
             return x + attn + mlp
         y = x + self.hidden_dropout(self.attention(self.input_layernorm(x), meta))
         return y + self.hidden_dropout(self.mlp(self.post_attention_layernorm(y)))
+
+
+    def _summed_branches(self, x1: torch.Tensor, x2: torch.Tensor, meta) -> torch.Tensor:
+        """``attn(x1) + mlp(x2)`` with one all-reduce for both (its twin: the two layers' own reductions)."""
+        out = mpu.reduce_from_model_parallel_region(self.attention(x1, meta, partial=True) + self.mlp(x2, partial=True))
+        for bias in (self.attention.dense.bias, self.mlp.output_layer.bias):
+            if bias is not None:
+                out = out + bias
+        return out
 
 
 class ParallelTransformerLayerPipe(ParallelTransformerLayer):

@@ -131,6 +131,11 @@ class RowParallelLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's partial product ``X_r A_r^T`` (input already parallel): no sum over ranks, no bias. For a
+        caller that sums several row-parallel outputs in one all-reduce (the parallel residual)."""
+        return F.linear(x, self.weight)
+
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         if self.world == 1:
             if self.skip_bias_add:

@@ -110,3 +110,34 @@ def _untied_and_tied_gather(rank, world):
 
 def test_unparallel_output_is_gathered():
     h.run_ranks(_untied_and_tied_gather, 2)
+
+
+def _one_reduce_twin(rank, world):
+    """The parallel residual's single all-reduce (dropout off) against its twin, each branch reduced by its own
+    row-parallel layer: same logits and gradients on random weights and tokens."""
+    from megatron.model import build_sequential_model
+    from megatron.model.transformer import ParallelTransformerLayer
+
+    h.init_grid(world)
+    for keys in ({"USE_ORIGINAL_FULL_ATTEN": True, "use_bias_in_attn_linear": True},
+                 {**h.mode_keys("sepllm_mask"), "activation": "swiglu", "mlp_multiple_of": 16,
+                  "intermediate_size": 160, "num_kv_heads": 2}):
+        results = []
+        for one_reduce in (True, False):
+            torch.manual_seed(9)
+            model = build_sequential_model(h.make_args(world, world, **keys), parallel_output=True)
+            layers = [m for m in model.modules() if isinstance(m, ParallelTransformerLayer)]
+            assert layers and all(m.one_reduce for m in layers)
+            for m in layers:
+                m.one_reduce = one_reduce
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+            logits, loss = _forward_backward(model, h.tokens(2, 25, 128, seed=4), parallel=True)
+            results.append((logits, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        (a, ga), (b, gb) = results
+        assert h.rel_err(a, b) < 1e-5 and all(h.rel_err(x, y) < 1e-5 for x, y in zip(ga, gb))
+
+
+def test_parallel_residual_single_reduce_equals_two():
+    h.run_ranks(_one_reduce_twin, 2)
