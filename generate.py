@@ -12,25 +12,19 @@ Bad input (a missing model directory or prompt file, ``--maximum_tokens`` < 1, a
 top_p outside [0, 1] (0: off), a truncated ``model.safetensors``, SepCache sizes that do not fit) is one line on
 stderr and exit status 2, checked before any model is loaded where it can be.
 """
-import argparse
 import json
 import os
 import sys
 
-from megatron.cli import HelpFormatter
+from megatron.cli import OneLineParser
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other bad input
-        print(f"generate.py: error: {message} (--help lists the options)", file=sys.stderr)
-        sys.exit(2)
 
 
 def parse_args(argv):
-    parser = _Parser(description="SepLLM text generation, from an HF export (--model_dir) or, through deepy.py, "
-                                 "from a trainer checkpoint. Options left out take the config's text-generation "
-                                 "keys (docs/configuration.md), or those keys' defaults.",
-                     formatter_class=HelpFormatter)
+    parser = OneLineParser(tool="generate.py",
+                           description="SepLLM text generation, from an HF export (--model_dir) or, through "
+                                       "deepy.py, from a trainer checkpoint. Options left out take the config's "
+                                       "text-generation keys (docs/configuration.md), or those keys' defaults.")
     parser.add_argument("--neox_config_file", default=None, help="set by deepy.py (trainer checkpoint mode)")
     parser.add_argument("--model_dir", default=None, help="export directory (HF mode)")
     parser.add_argument("--text", nargs="*", default=None, help="prompt(s)")

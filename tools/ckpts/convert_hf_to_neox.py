@@ -8,28 +8,22 @@ checkpoint plus the YAML that describes it.
 The output is a save directory (``latest``, ``global_step0/``, ``model.yml``, the tokenizer) to name as ``load``
 with ``finetune: true``. The conversion is :mod:`megatron.hf.import_hf` (docs/hf_import.md).
 """
-import argparse
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run by path: the package it fronts sits two levels up
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megatron.cli import HelpFormatter  # noqa: E402
+from megatron.cli import OneLineParser  # noqa: E402
 from megatron.hf.export_config import ConversionError  # noqa: E402
 from megatron.hf.import_hf import LAYOUTS, import_hf  # noqa: E402
 
 __all__ = ["ConversionError", "import_hf", "main", "parse_args"]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other bad input of the converter
-        print(f"convert_hf_to_neox: error: {message} (--help lists the options)", file=sys.stderr)
-        sys.exit(2)
-
 
 def parse_args(argv=None):
-    parser = _Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser = OneLineParser(tool="convert_hf_to_neox", description=__doc__.split("\n\n")[0])
     parser.add_argument("--hf_dir", required=True, help="HuggingFace model directory (config.json, weights, "
                                                         "tokenizer)")
     parser.add_argument("--output_dir", required=True,

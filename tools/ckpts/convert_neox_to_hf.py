@@ -8,28 +8,22 @@
 The model is described by the checkpoint's own resolved config (``global_stepN/configs/resolved_config.yml``);
 ``--config_file`` is checked against it. The conversion is :mod:`megatron.hf.export` (docs/hf_export.md).
 """
-import argparse
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run by path: the package it fronts sits two levels up
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megatron.cli import HelpFormatter  # noqa: E402
+from megatron.cli import OneLineParser  # noqa: E402
 from megatron.hf.export import export  # noqa: E402
 from megatron.hf.export_config import ARCHITECTURES, PRECISIONS, ConversionError  # noqa: E402
 
 __all__ = ["ConversionError", "export", "main", "parse_args"]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other bad input of the converter
-        print(f"convert_neox_to_hf: error: {message} (--help lists the options)", file=sys.stderr)
-        sys.exit(2)
-
 
 def parse_args(argv=None):
-    parser = _Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser = OneLineParser(tool="convert_neox_to_hf", description=__doc__.split("\n\n")[0])
     parser.add_argument("--input_dir", required=True, help="<save>/global_stepN")
     parser.add_argument("--config_file", nargs="*", default=None,
                         help="YAML file(s) of the run, checked against the checkpoint's resolved config "

@@ -11,7 +11,6 @@ x N; it holds no optimizer state, so resume from it with no_load_optim: true (sa
 The conversion is megatron.checkpoint_reshard; the split rules are megatron.checkpoint_partition's
 (docs/training.md, "Tensor-parallel checkpoints").
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,20 +19,14 @@ if __package__ in (None, ""):  # run by path: the package it fronts sits two lev
 
 from megatron.checkpoint_io import CheckpointError  # noqa: E402
 from megatron.checkpoint_reshard import reshard  # noqa: E402
-from megatron.cli import HelpFormatter  # noqa: E402
+from megatron.cli import OneLineParser  # noqa: E402
 
 __all__ = ["CheckpointError", "main", "parse_args", "reshard"]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other bad input of the tool
-        print(f"reshard: error: {message} (--help lists the options)", file=sys.stderr)
-        sys.exit(2)
-
 
 def parse_args(argv=None):
-    parser = _Parser(description=__doc__,
-                     formatter_class=HelpFormatter)
+    parser = OneLineParser(tool="reshard", description=__doc__)
     parser.add_argument("--input_dir", required=True,
                         help="<save>/global_stepN, or a save directory (its 'latest' checkpoint); never modified")
     parser.add_argument("--output_dir", required=True,
