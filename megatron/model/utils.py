@@ -6,10 +6,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from megatron.mpu.random import checkpoint_contexts
+
 # Class names whose blocks may be recomputed in backward (DeepSpeed's rule for GPT2ModelPipe is the same).
 CHECKPOINTABLE_LAYERS = ("ParallelTransformerLayerPipe",)
 
-non_reentrant_checkpoint = partial(checkpoint, use_reentrant=False)
+# The model-parallel random stream is replayed in recomputation too (megatron/mpu/random.py).
+non_reentrant_checkpoint = partial(checkpoint, use_reentrant=False, context_fn=checkpoint_contexts)
 
 
 class Lambda(nn.Module):

@@ -79,6 +79,30 @@ class ModelParallelRNGTracker:
 _TRACKER = ModelParallelRNGTracker()
 
 
+def checkpoint_contexts():
+    """``torch.utils.checkpoint``'s ``context_fn``: the recomputation of a checkpointed block draws the attention
+    dropout masks its forward drew. torch restores the default generators for the recomputation itself; the
+    model-parallel stream has moved on by then, so its state at the forward is kept and put in place for the
+    recomputation (and the stream continues afterwards from where training left it)."""
+    kept = {}
+
+    @contextlib.contextmanager
+    def forward():
+        kept["state"] = _TRACKER.state
+        yield
+
+    @contextlib.contextmanager
+    def recompute():
+        current = _TRACKER.state
+        _TRACKER.state = kept.get("state")
+        try:
+            yield
+        finally:
+            _TRACKER.state = current
+
+    return forward(), recompute()
+
+
 def get_rng_tracker() -> ModelParallelRNGTracker:
     return _TRACKER
 

@@ -282,6 +282,8 @@ def derive_world(args, given, env, on_rank):
         resources = launch_resources(args, env)
         args._resources = resources
         args.global_num_gpus = sum(len(slots) for slots in resources.values())
+    if args.model_parallel_size < 1:
+        raise ConfigError(f"key 'model_parallel_size' must be >= 1, got {args.model_parallel_size}")
     model_ranks = args.pipe_stages * args.model_parallel_size
     if args.global_num_gpus % model_ranks:
         raise ConfigError(f"world size {args.global_num_gpus} (global_num_gpus) is not divisible by "

@@ -141,3 +141,27 @@ def _one_reduce_twin(rank, world):
 
 def test_parallel_residual_single_reduce_equals_two():
     h.run_ranks(_one_reduce_twin, 2)
+
+
+def _recompute(rank, world):
+    """Attention dropout at TP=2 under activation checkpointing: the recomputed blocks draw the masks their forward
+    drew: the same gradients as without checkpointing."""
+    from megatron import mpu
+    from megatron.model import build_sequential_model
+
+    h.init_grid(world)
+    grads = []
+    for interval in (0, 1):
+        keys = {"USE_ORIGINAL_FULL_ATTEN": True, "attention_dropout": 0.3, "gpt_j_residual": False,
+                "checkpoint_activations": interval > 0, "checkpoint_num_layers": max(interval, 1)}
+        torch.manual_seed(21)
+        mpu.model_parallel_seed(21, mpu.get_model_parallel_rank(), world, "cpu")
+        model = build_sequential_model(h.make_args(world, world, **keys), parallel_output=True)
+        model.train()
+        logits, loss = _forward_backward(model, h.tokens(2, 25, 128, seed=6), parallel=True)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_attention_dropout_replayed_in_recomputation():
+    h.run_ranks(_recompute, 2)

@@ -73,6 +73,7 @@ def test_pythia_12b_is_refused_for_its_per_parameter_logging_not_for_tp(tmp_path
     ({}, 6, r"world size 6 \(global_num_gpus\) is not divisible by pipe_parallel_size x model_parallel_size = 1 x 4"),
     ({"pipe_parallel_size": 2}, 4,
      r"world size 4 \(global_num_gpus\) is not divisible by pipe_parallel_size x model_parallel_size = 2 x 4"),
+    ({"model_parallel_size": 0}, 4, "key 'model_parallel_size' must be >= 1, got 0"),
     ({"output_layer_parallelism": "row"}, 4, "key 'output_layer_parallelism' is 'row', which is not supported"),
 ])
 def test_bad_tensor_parallel_input_is_refused_by_name(keys, n, message):
