@@ -332,7 +332,8 @@ def expected_files(ckpt_dir: str, saved: Optional[Layout], saved_config: Optiona
         return []
     layers = int(saved_config["num_layers"])
     names = []
-    for mp in range(saved.model_parallel_size):
+    tp = saved.model_parallel_size
+    for mp in range(tp):
         if saved.pipe_parallel_size >= 1:
             idx = [0] + list(range(2, layers + 2)) + [layers + 3]
             if saved_config.get("no_weight_tying"):
@@ -340,8 +341,10 @@ def expected_files(ckpt_dir: str, saved: Optional[Layout], saved_config: Optiona
             names += [f"layer_{i:02d}-model_{mp:02d}-model_states.pt" for i in idx]
         if saved.zero_stage == 3:
             names += [f"zero_pp_rank_{dp}_mp_rank_{mp:02d}_model_states.pt" for dp in range(saved.data_parallel_size)]
-        else:
-            names += [f"mp_rank_{mp:02d}_model_states.pt"]
+    if saved.zero_stage != 3:
+        # DeepSpeed's model rank runs over the pipeline stages times the tensor-parallel ranks (its grid's
+        # ds_model_rank): a TP=2 x PP=2 run writes mp_rank_00..03.
+        names += [f"mp_rank_{mp:02d}_model_states.pt" for mp in range(tp * max(saved.pipe_parallel_size, 1))]
     return [os.path.join(ckpt_dir, n) for n in names]
 
 

@@ -165,9 +165,22 @@ def first_tensor_mismatch(neox_args, ckpt_dir: str) -> Optional[str]:
         view.padded_vocab_size = record.get("padded_vocab_size")
         if view.padded_vocab_size is None:
             return None
+    from megatron.checkpoint_partition import tensor_rule
+
     reader = CheckpointReader(ckpt_dir, int(neox_args.num_layers))
-    for idx, module in expected_layer_modules(view).items():
-        own = {k: tuple(v.shape) for k, v in translate_layer_state(module, module.state_dict()).items()}
+
+    def shard_shape(key: str, shape: tuple) -> tuple:
+        """A full tensor's shape on one of the checkpoint's tensor-parallel ranks (the table's partition dim)."""
+        if reader.tp == 1:
+            return shape
+        dim = tensor_rule(key, view, gpt_neox=True).partition_dim
+        return shape if dim is None else shape[:dim] + (shape[dim] // reader.tp,) + shape[dim + 1:]
+
+    whole = copy.copy(view)
+    whole.model_parallel_size = 1  # the full tensors (the launcher has no tensor-parallel group), cut by the table
+    for idx, module in expected_layer_modules(whole).items():
+        own = {k: shard_shape(k, tuple(v.shape))
+               for k, v in translate_layer_state(module, module.state_dict()).items()}
         if not own:
             continue
         source = reader.source(idx)
@@ -181,8 +194,9 @@ def first_tensor_mismatch(neox_args, ckpt_dir: str) -> Optional[str]:
                 return (f"{source}: tensor '{key}' of layer {idx} is missing (the checkpoint has "
                         f"{', '.join(sorted(got[0])[:6]) or 'no tensors'})")
             if tuple(state[key].shape) != shape:
+                per_rank = f" on each of its {reader.tp} tensor-parallel ranks" if reader.tp > 1 else ""
                 return (f"{source}: tensor '{as_saved[key]}' of layer {idx} has shape {list(state[key].shape)} in "
-                        f"the checkpoint, but the model this config builds has {list(shape)}")
+                        f"the checkpoint, but the model this config builds has {list(shape)}{per_rank}")
         extra = sorted(as_saved[k] for k in set(state) - set(own))
         if extra:
             return (f"{source}: tensor '{extra[0]}' of layer {idx} (shape {list(got[0][extra[0]].shape)}) is in the "

@@ -60,6 +60,13 @@ def test_written_layout_config_and_client_state(tmp_path):
     assert out == tmp_path / "tp2" / "global_step3" and (tmp_path / "tp2" / "latest").read_text() == "global_step3"
     names = sorted(os.listdir(out))
     assert [n for n in names if n.startswith("mp_rank")] == [f"mp_rank_{i:02d}_model_states.pt" for i in range(4)]
+    from megatron import checkpoint_layout as cl
+
+    cl.check_files(str(out), cl.read_layout(str(out)), cl.read_saved_config(str(out)))  # what DeepSpeed writes
+    os.rename(out / "mp_rank_03_model_states.pt", tmp_path / "away.pt")
+    with pytest.raises(CheckpointError, match="missing checkpoint file .*mp_rank_03_model_states.pt"):
+        cl.check_files(str(out), cl.read_layout(str(out)), cl.read_saved_config(str(out)))
+    os.rename(tmp_path / "away.pt", out / "mp_rank_03_model_states.pt")
     assert "layer_05-model_01-model_states.pt" in names and "layer_06-model_01-model_states.pt" in names
     resolved = yaml.safe_load((out / "configs" / "resolved_config.yml").read_text())
     assert (resolved["model_parallel_size"], resolved["pipe_parallel_size"], resolved["padded_vocab_size"]) == (2, 2, 512)

@@ -111,12 +111,12 @@ def test_vocab_paddings_agree():
                                                  model_parallel_size=1))
 
 
-def _gpt_neox_tp2(tmp_path):
+def _gpt_neox_tp2(tmp_path, **vocab):
     """The source model as GPT-NeoX would write it at TP=2 with gpt_j_residual: no resolved config, layer files,
     each rank's row-parallel bias half of the model's (its ranks' copies are summed)."""
     from megatron import checkpoint_partition as cp
 
-    cfg, args, model = source_model(**VOCAB)
+    cfg, args, model = source_model(**(vocab or VOCAB))
     ckpt = tmp_path / "neox" / "global_step1"
     ckpt.mkdir(parents=True)
     layers = {}
@@ -158,3 +158,15 @@ def test_gpt_neox_tp2_parallel_residual_biases_are_converted(tmp_path):
     cl.load_weights_any_layout(types.SimpleNamespace(module=target, optimizer=None), ckpt, one)
     assert h.rel_err(logits(target), logits(model)) <= 1e-6
     shutil.rmtree(tmp_path / "neox")
+
+
+def test_gpt_neox_tp2_tensors_are_checked_per_rank_before_launch(tmp_path):
+    from megatron import checkpoint_neox
+
+    _, ckpt = _gpt_neox_tp2(tmp_path, make_vocab_size_divisible_by=128)
+    assert checkpoint_neox.first_tensor_mismatch(run_args(2, pipe_parallel_size=1, make_vocab_size_divisible_by=128),
+                                                 ckpt) is None
+    wider = run_args(2, pipe_parallel_size=1, make_vocab_size_divisible_by=128, hidden_size=64)
+    assert checkpoint_neox.first_tensor_mismatch(wider, ckpt) == (
+        f"{ckpt}/layer_00-model_00-model_states.pt: tensor 'word_embeddings.weight' of layer 0 has shape [256, 32] in "
+        "the checkpoint, but the model this config builds has [256, 64] on each of its 2 tensor-parallel ranks")
