@@ -241,7 +241,7 @@ def test_finetune_loads_weights_only_as_gpt_neox(tmp_path, pythia_tokenizer_path
     assert engine.calls == [dict(optimizer=False, scheduler=False, module_only=True)]
     assert torch.equal(torch.rand(2), fresh)  # the run's own RNG streams
     args.finetune = False
-    with pytest.raises(CheckpointError, match="without optimizer states.*finetune: true"):
+    with pytest.raises(CheckpointError, match="holds no optimizer state.*finetune: true"):
         ck.load_checkpoint(args, engine)
 
 
