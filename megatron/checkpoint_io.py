@@ -54,6 +54,10 @@ class CheckpointReader:
         self._seq_states: List[Dict] = []
         self.zero3 = self.sequential and not mp_files and any(self.ZERO3_FILE.match(n) for n in names)
         if self.zero3:
+            mp = {int(m.group(2)) for n in names for m in [self.ZERO3_FILE.match(n)] if m}
+            if mp != {0}:
+                raise CheckpointError(f"{input_dir}: ZeRO-3 shards of {len(mp)} model-parallel ranks; DeepSpeed's "
+                                      "consolidation gathers one model-parallel rank only")
             self._seq_states.append(self._gather_zero3(input_dir))
             self.tp = 1
         elif self.sequential:

@@ -170,3 +170,12 @@ def test_gpt_neox_tp2_tensors_are_checked_per_rank_before_launch(tmp_path):
     assert checkpoint_neox.first_tensor_mismatch(wider, ckpt) == (
         f"{ckpt}/layer_00-model_00-model_states.pt: tensor 'word_embeddings.weight' of layer 0 has shape [256, 32] in "
         "the checkpoint, but the model this config builds has [256, 64] on each of its 2 tensor-parallel ranks")
+
+
+def test_zero3_shards_of_several_tp_ranks_are_refused(tmp_path):
+    from megatron.checkpoint_io import CheckpointError, CheckpointReader
+
+    for mp in (0, 1):
+        (tmp_path / f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="ZeRO-3 shards of 2 model-parallel ranks"):
+        CheckpointReader(str(tmp_path), 2)
