@@ -179,3 +179,36 @@ def test_zero3_shards_of_several_tp_ranks_are_refused(tmp_path):
         (tmp_path / f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="ZeRO-3 shards of 2 model-parallel ranks"):
         CheckpointReader(str(tmp_path), 2)
+
+
+def _with_universal_info(ckpt: str, args) -> str:
+    """``ckpt`` as ds_to_universal leaves it for the launcher's check: the patterns in the client state, zero/."""
+    from megatron import checkpoint_partition as cp
+    from megatron.model.layer_list import build_sequential_model
+
+    names = [n for n, _ in build_sequential_model(args).named_parameters()]
+    for name in os.listdir(ckpt):
+        if name.startswith("mp_rank_"):
+            blob = torch.load(os.path.join(ckpt, name), weights_only=False)
+            blob["universal_checkpoint_info"] = cp.universal_checkpoint_info(args, names)
+            torch.save(blob, os.path.join(ckpt, name))
+    os.makedirs(os.path.join(ckpt, "zero"), exist_ok=True)
+    return ckpt
+
+
+def test_universal_checkpoint_into_another_tp_size_where_deepspeed_can(tmp_path):
+    src = _with_universal_info(str(source_checkpoint(tmp_path, **VOCAB)), run_args(1))
+    universal = dict(checkpoint={"load_universal": True})
+    assert cl.resume_plan(run_args(2, **universal), src)[0] is True  # 600 -> 800 rows: DeepSpeed pads
+    with pytest.raises(ConfigError, match=r"model_parallel_size=2, but DeepSpeed's universal checkpoint moves between "
+                                          r"tensor-parallel sizes here on the sequential model only"):
+        cl.resume_plan(run_args(2, pipe_parallel_size=1, **universal), src)
+    tp2 = _with_universal_info(reshard(src, str(tmp_path / "tp2"), 2, 0, log=lambda _: None), run_args(1))
+    blob_path = os.path.join(tp2, "mp_rank_00_model_states.pt")
+    blob = torch.load(blob_path, weights_only=False)
+    blob["universal_checkpoint_info"]["original_vocab_size"] = 800  # as a TP=2 run records it
+    torch.save(blob, blob_path)
+    os.unlink(os.path.join(tp2, "no_optimizer_states"))  # a trained run's, which has its optimizer state
+    with pytest.raises(ConfigError, match=r"its vocabulary is padded to 800 rows and this run pads to 600: DeepSpeed "
+                                          r"adds padding rows, never drops them"):
+        cl.resume_plan(run_args(1, **universal), tp2)
