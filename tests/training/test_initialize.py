@@ -18,7 +18,7 @@ def test_taken_port_is_picked_again_only_when_ours(monkeypatch):
     monkeypatch.setattr(deepspeed, "init_distributed", init_distributed)
     monkeypatch.setenv("MASTER_PORT", "1")
     ports = iter(["2", "3"])
-    monkeypatch.setattr(initialize, "_free_port", lambda: next(ports))
+    monkeypatch.setattr(initialize, "free_local_port", lambda: next(ports))
     initialize._init_process_group("gloo", own_port=True)
     assert calls == ["1", "2"]
     # A port the launcher or the user chose is theirs: the error is theirs to see.
