@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 SKIPPED = {
     "bash scripts/test.sh": "the test suite itself",
     "configs/data/pile-deduped.yml": "trains Pythia-160M on the Pile: a GPU and the Pile's download",
+    "configs/125M.yml": "GPT-NeoX's own 125M config trains in fp16: a CUDA GPU (refused on CPU by name)",
     "--hostfile": "needs the hosts of a hostfile (the multi-node test covers the launch)",
     "--eval_tasks piqa": "lm-eval downloads the task from the HuggingFace hub",
     "--tasks piqa": "lm-eval downloads the task from the HuggingFace hub",
