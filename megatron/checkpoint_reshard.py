@@ -158,6 +158,7 @@ def reshard(input_dir: str, output_dir: str, tp: int, pp: int, vocab_file: Optio
     returns the new ``global_stepN`` path. Bad input raises :class:`CheckpointError` before anything is written."""
     from megatron import checkpoint_layout
     from megatron.checkpoint_partition import split_layer
+    from megatron.atomic_files import install_directory
     from megatron.checkpointing import LATEST_FILE, NO_OPTIMIZER_MARKER, atomic_write_text, fsync_tree
 
     ckpt_dir = input_checkpoint(input_dir)
@@ -203,13 +204,7 @@ def reshard(input_dir: str, output_dir: str, tp: int, pp: int, vocab_file: Optio
         fsync_tree(str(tmp))
         atomic_write_text(str(tmp / LATEST_FILE), tag)
         check_output_dir(out, ckpt_dir)  # again: something may have appeared there meanwhile
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        install_directory(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -23,6 +23,8 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from megatron.atomic_files import fsync_dir
+
 LATEST_FILE = "latest"
 TAG_PATTERN = re.compile(r"^global_step(\d+)$")
 TMP_SUFFIX = ".tmp"  # global_step<N>.tmp: a checkpoint being written
@@ -57,7 +59,8 @@ def _rng_path(ckpt_dir: str, rank: int) -> str:
 
 # ------------------------------------------------------------------------------------ atomic helpers
 def atomic_write_text(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` so that readers see either the old content or the new, never half."""
+    """Writes ``text`` to ``path`` so that readers see either the old content or the new, never half. The
+    temporary name ``<path>.tmp.<pid>`` is one the interrupted-save cleanup recognises as this module's."""
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
@@ -141,14 +144,6 @@ def fsync_tree(path: str) -> None:
             finally:
                 os.close(fd)
         fsync_dir(root)
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class CheckpointSaveFailed(RuntimeError):

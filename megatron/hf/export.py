@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from megatron.checkpoint_io import CheckpointReader
+from megatron.atomic_files import install_directory
 from megatron.hf.export_config import (ARCHITECTURES, DTYPE_NAMES, ConversionError, export_args, export_dtype,
                                        make_neox_config, sepllm_config_dict, supported_by_gpt_neox)
 
@@ -240,17 +241,6 @@ def _public(tmp: Path) -> None:
             os.chmod(path, mode)
 
 
-def _install(tmp: Path, out: Path) -> None:
-    """Puts the finished ``tmp`` at ``out``; a replaced old directory is removed only after the rename."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = _private_name(out, "old")
-    os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old)
-
-
 # ---------------------------------------------------------------------------------------- export
 def export(input_dir: str, config_files: Optional[List[str]], output_dir: str, precision: str = "auto",
            architecture: str = "sepllm_gpt_neox", save_tokenizer: bool = True,
@@ -331,7 +321,7 @@ def export(input_dir: str, config_files: Optional[List[str]], output_dir: str, p
                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, handle, indent=2)
         _public(tmp)
         check_output_dir(out, input_dir, overwrite)  # again: something may have appeared there meanwhile
-        _install(tmp, out)
+        install_directory(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -34,6 +34,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import yaml
 
+from megatron.atomic_files import install_directory
 from megatron.hf.export_config import ConversionError
 from megatron.hf.import_config import (PRECISION_OF_DTYPE, architecture_of, choose_tokenizer, load_hf_config,
                                        model_keys, vocab_multiple)
@@ -238,20 +239,6 @@ def check_output_dir(out: Path, hf_dir: str, tokenizer_name: str) -> None:
                               f"(training output?); refusing to replace it: give a new directory")
 
 
-def _install(tmp: Path, out: Path) -> None:
-    """Puts the finished ``tmp`` at ``out``; a previous import is removed only after the rename."""
-    from megatron.checkpointing import fsync_dir
-
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
-    fsync_dir(str(out.parent))
-
-
 # ---------------------------------------------------------------------------------------- writing
 def _resolved_args(yaml_path: str, tokenizer_path: str, precision: str):
     """The YAML as the trainer resolves it on one rank, with the HF tokenizer (the copy is not in place yet) and
@@ -353,7 +340,7 @@ def import_hf(hf_dir: str, output_dir: str, layout: str = "pipeline", vocab_file
         fsync_tree(str(tmp))
         atomic_write_text(str(tmp / LATEST_FILE), checkpoint_tag(TAG_ITERATION))  # last, as the trainer does
         check_output_dir(out, hf_dir, tokenizer_name)  # again: something may have appeared there meanwhile
-        _install(tmp, out)
+        install_directory(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
