@@ -55,9 +55,13 @@ def rng_entries() -> dict:
 
     A run without CUDA has no CUDA stream; it records the state ``torch.cuda.manual_seed`` of this rank's seed
     gives (``torch.initial_seed()``, which initialize.set_random_seed set for every generator), so GPT-NeoX can
-    restore it on a GPU. This trainer keeps no model-parallel tracker; the tracker state recorded is the one
-    GPT-NeoX's seeding starts with (seed + 2718, tensor-parallel rank 0).
+    restore it on a GPU. The tracker state is the model-parallel stream's (``megatron.mpu.random``) where that is a
+    seeded CUDA stream (tensor-parallel size > 1 on GPU), else the one GPT-NeoX's seeding starts with (seed + 2718,
+    TP rank 0).
     """
+    from megatron.mpu.random import get_rng_tracker
+
+    tracker = get_rng_tracker()  # a CUDA stream only: GPT-NeoX restores it with torch.cuda.set_rng_state
     seed = torch.initial_seed()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         cuda = torch.cuda.get_rng_state()
@@ -65,7 +69,8 @@ def rng_entries() -> dict:
         cuda = cuda_generator_state(seed)
     return {"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
             "torch_rng_state": torch.get_rng_state(), "cuda_rng_state": cuda,
-            "rng_tracker_states": {TRACKER_NAME: cuda_generator_state(seed + TRACKER_SEED_OFFSET)}}
+            "rng_tracker_states": tracker.get_states() if tracker.device_type == "cuda" else
+            {TRACKER_NAME: cuda_generator_state(seed + TRACKER_SEED_OFFSET)}}
 
 
 def restore_rng(client_state: dict) -> bool:

@@ -39,18 +39,27 @@ def checkpoint_tag(iteration: int) -> str:
 
 # ----------------------------------------------------------------------------------------------- RNG
 def get_rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This rank's streams: python, numpy, torch, CUDA, and the model-parallel stream attention dropout draws from
+    at tensor-parallel size > 1 (per TP rank, so it is saved in the per-rank file)."""
+    from megatron.mpu.random import get_rng_tracker
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "model_parallel": get_rng_tracker().get_states()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    from megatron.mpu.random import get_rng_tracker
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+    if state.get("model_parallel"):  # absent in checkpoints written before tensor parallelism
+        get_rng_tracker().set_states(state["model_parallel"])
 
 
 def _rng_path(ckpt_dir: str, rank: int) -> str:

@@ -65,10 +65,11 @@ def tb_scalars(tb_dir, tag: str) -> dict:
 
 @pytest.mark.slow
 def test_tp2_exact_resume_and_kv_statistics(tmp_path):
-    """TP=2 with ZeRO 1 and dropout on the residual branches: resuming at step 4 reproduces steps 5-8 bitwise;
+    """TP=2 with ZeRO 1, dropout on the residual branches (default stream) and on the attention probabilities (the
+    model-parallel stream, per TP rank): resuming at step 4 reproduces steps 5-8 bitwise;
     the KV statistics logged at TP=2 are the TP=1 run's (each TP rank sees the same batch; rank 0 logs its own)."""
     keys = dict(model_parallel_size=2, pipe_parallel_size=0, zero_optimization={"stage": 1}, hidden_dropout=0.1,
-                train_iters=8, lr_decay_iters=8, checkpoint_factor=4, PRINT_KV_RATIO=True, print_ratio_intervals=1)
+                attention_dropout=0.1, train_iters=8, lr_decay_iters=8, checkpoint_factor=4, PRINT_KV_RATIO=True, print_ratio_intervals=1)
     full = train(tmp_path / "full", "sepllm_mask", 2, save=str(tmp_path / "full" / "ckpt"), **keys)
     resumed = train(tmp_path / "resumed", "sepllm_mask", 2, load=str(tmp_path / "full" / "ckpt" / "global_step4"),
                     **keys)
