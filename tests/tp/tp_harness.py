@@ -1,9 +1,10 @@
 """Multi-process helpers of the tensor-parallel tests: forked gloo ranks, DeepSpeed's grid, tiny models.
 
-``run_ranks(fn, world, *args)`` forks ``world`` processes (fork: the children reuse this process's imports), each
-starting DeepSpeed's gloo backend and calling ``fn(rank, world, *args)``; a failure in any rank fails the test
-with that rank's traceback. Functions must live in a module (picklable by name is not needed with fork, but
-they must not close over test fixtures).
+``run_ranks(fn, world, *args)`` spawns ``world`` processes, each starting DeepSpeed's gloo backend and calling
+``fn(rank, world, *args)``; a failure in any rank fails the test with that rank's traceback. Spawn, not fork: in
+the whole suite the pytest process already holds a gloo group (tests/model's ``ds_dist``), and a forked child
+that inherits it segfaulted in ``destroy_process_group``. Functions must therefore live at module level (pickled
+by name) and must not close over test fixtures.
 """
 import os
 import socket
@@ -52,7 +53,7 @@ def _entry(rank, world, port, fn, args):
 
 def run_ranks(fn, world: int, *args) -> None:
     torch.multiprocessing.start_processes(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True,
-                                          start_method="fork")
+                                          start_method="spawn")
 
 
 def make_args(tp: int, world: int, pp: int = 0, **overrides):
