@@ -140,7 +140,7 @@ def run_cpu(micro_batch: int) -> None:
                 out = os.path.join(tmp, "counts.json")
                 torch.multiprocessing.start_processes(
                     _count_worker, args=(tp, free_local_port(), micro_batch, parallel_residual, out), nprocs=tp,
-                    join=True, start_method="fork")
+                    join=True, start_method="spawn")  # fork inherits a caller's process group (pytest's)
                 got = json.loads(Path(out).read_text())
             match = (got["all_reduce_calls"] == want["all_reduce_calls"]
                      and got["all_reduce_elements"] == want["all_reduce_elements"] and got["all_gather_calls"] == 0)
