@@ -277,8 +277,9 @@ def stream_perplexity(model, tokens, cache, chunk: int = 1024, log=None, nll_fil
                    time_limit_s)
     if chunk_tokens > 1:
         return _stream_chunked(model, books, cache, rec, num_eval_tokens, chunk_tokens)
-    stock_shift = getattr(cache, "is_sep_cache", False) and cache.APPLY_PE_SHIFT and \
-        getattr(model.config, "model_type", "") != "sepllm_gpt_neox"
+    from megatron.hf.streaming_fast import uses_stock_shift
+
+    stock_shift = uses_stock_shift(model, cache)
     done = False
     for book in books:
         book = book.to(device)

@@ -7,26 +7,14 @@ import pytest
 import yaml
 
 import deepy
-from megatron.neox_arguments import ConfigError, Environment, NeoXArgs
+from megatron.neox_arguments import ConfigError, NeoXArgs
+from tests.neox_arguments.helpers import Recorder, gpus
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "gpt_neox"
 REPO = Path(__file__).resolve().parents[2]
 
 SMALL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32, padded_vocab_size=128,
              USE_ORIGINAL_FULL_ATTEN=True)
-
-
-def gpus(n: int) -> Environment:
-    return Environment(cuda_device_count=n, environ={})
-
-
-class Recorder:
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, argv):
-        self.calls.append(list(argv))
-        return 0
 
 
 @pytest.mark.parametrize("config,tp,pp,dp", [("20B.yml", 2, 4, 1), ("pythia/6-9B.yml", 2, 1, 4)])
