@@ -9,8 +9,8 @@ trained with, at lengths it never saw.
 tokens; every window predicts its next ``L`` tokens, so the three lengths score exactly the same tokens and
 differ only in how much context (and how far past the trained positions) the model gets.
 
-(c) ``streaming``: ``tools/streaming_eval.py``'s ``stream_perplexity`` feeds the held-out books one token at a
-time through a bounded cache (SepCache for SepLLM models, StreamingLLM's cache for StreamingLLM, a plain
+(c) ``streaming``: ``tools/streaming_eval.py``'s ``stream_perplexity`` feeds the held-out books through a
+bounded cache, in chunks that give the token-by-token stream's NLL (StreamingLLM's cache: one token at a time) (SepCache for SepLLM models, StreamingLLM's cache for StreamingLLM, a plain
 growing cache for full attention), with positions inside the cache (PE shift) for the bounded caches.
 """
 from __future__ import annotations
@@ -108,11 +108,13 @@ def streaming(model, books: List[torch.Tensor], kind: str, sizes: Optional[Dict[
     seps = streaming_separators(model, None) if kind == "sepcache" else None
     cache = make_cache(model, kind, pe_shift=kind != "full", separator_token_ids=seps, **sizes)
     threads = torch.get_num_threads()
-    if next(model.parameters()).device.type == "cpu":
+    if next(model.parameters()).device.type == "cpu" and kind == "streaming":
         # One token per forward: tiny ops, where a second thread only adds synchronisation.
         torch.set_num_threads(1)
     try:
-        records = stream_perplexity(model, books, cache, chunk=chunk, num_eval_tokens=tokens)
+        # Chunked forwards give the token-by-token stream's NLL and kept KVs (tests/hf/test_streaming_fast.py);
+        # StreamingLLM's cache still steps one token at a time on this model (ChunkedStepper's "single").
+        records = stream_perplexity(model, books, cache, chunk=chunk, num_eval_tokens=tokens, chunk_tokens=chunk)
     finally:
         torch.set_num_threads(threads)
     final = records[-1]
@@ -129,7 +131,7 @@ def streaming(model, books: List[torch.Tensor], kind: str, sizes: Optional[Dict[
     out = {"cache": kind, "sizes": sizes, "tokens": final["tokens"], "ppl": final["ppl"],
            "kv_slots_at_end": final["kv_slots"], "tokens_per_s": final["tokens_per_s"], "curve": curve,
            "ppl_beyond_trained": math.exp(beyond_nll / beyond_n) if beyond_n else None,
-           "tokens_beyond_trained": beyond_n}
+           "tokens_beyond_trained": beyond_n, "chunk_mode": final.get("chunk_mode")}
     if "kv_ratio" in final:
         out["kv_ratio"] = final["kv_ratio"]
     return out

@@ -83,12 +83,13 @@ PRESETS: Dict[str, Preset] = {
         tokens_per_run=8 * 512, lr=2e-3, min_lr=2e-4, warmup=0.1, precision="fp32", log_interval=2,
         eval_iters=2, long_spans=1, stream_tokens=384, stream_chunk=128, seeds=(1234,), max_minutes=10,
         notes="pipeline check only"),
-    # 18 runs on 2 CPU cores: about 115 s each when the cores are free (estimated from a probe under a load
-    # of 5, 445 s for 40 iterations and 4 spans: docs/fidelity.md), 30-35 minutes; the guard stops at 45.
+    # 18 runs on 2 CPU cores, sized from a first call with the cores free (docs/fidelity.md): 12.6k tokens/s for
+    # full attention, 10.0k for n64, ~15 s of start-up and ~14 s of evaluation a run; 192 iterations make
+    # about 110 s a run, 30-35 minutes in all; the guard stops at 45.
     "cpu": Preset(
         name="cpu", corpus="pg19_bpe4096", train_tokenizer=4096, max_books=None, held_out_books=4,
         num_layers=4, hidden_size=128, num_heads=4, seq_length=1024, micro_batch=4, grad_accum=1,
-        tokens_per_run=32 * 4096, lr=2e-3, min_lr=2e-4, warmup=0.05, precision="fp32", log_interval=4,
+        tokens_per_run=192 * 4096, lr=2e-3, min_lr=2e-4, warmup=0.05, precision="fp32", log_interval=4,
         eval_iters=8, long_spans=2, stream_tokens=2048, stream_chunk=256, seeds=(1234, 1235, 1236),
         max_minutes=45,
         notes="BPE 4096 trained on the train books: the 50k Pythia output layer is most of a CPU step"),

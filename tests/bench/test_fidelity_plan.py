@@ -254,3 +254,28 @@ def test_long_context_scores_the_same_tokens_at_every_length():
         assert abs(v["nll"] - np.log(50)) < 1e-6 and len(v["nll_by_position"]) == 4 * v["factor"]
     with pytest.raises(ValueError, match="spans"):
         fidelity_eval.long_spans(books, 4 * 32, 100)
+
+
+def test_streaming_eval_in_chunks_gives_the_token_by_token_figures():
+    """(c) runs in chunks: its perplexities and curve must be those of the reference's one-token-per-forward
+    stream over the same cache."""
+    import fidelity_eval
+
+    from tests.hf import training_free_models as tf
+    from tools.streaming_eval import make_cache, stream_perplexity
+
+    model = tf.tiny_model("llama", "sdpa", vocab=tf.VOCAB)
+    model.config.separator_token_ids = list(tf.SEPS)
+    books = [tf.random_ids(1, n, 5 + k)[0] for k, n in enumerate((90, 60))]
+    sizes = dict(init_cache_size=3, sep_cache_size=4, local_size=8, cache_size=20)
+    out = fidelity_eval.streaming(model, books, "sepcache", sizes, tokens=140, chunk=16, seq_length=32)
+    ref = stream_perplexity(model, books, make_cache(model, "sepcache", pe_shift=True,
+                                                     separator_token_ids=list(tf.SEPS), **sizes),
+                            chunk=16, num_eval_tokens=140)
+    assert out["tokens"] == ref[-1]["tokens"] == 140 and out["chunk_mode"] == "stretch"
+    assert out["ppl"] == pytest.approx(ref[-1]["ppl"], rel=1e-5)
+    ends = [r["tokens"] for r in ref if not r.get("final")]
+    assert [c["end"] for c in out["curve"]] == ends
+    for c, r in zip(out["curve"], (r for r in ref if not r.get("final"))):
+        assert c["nll"] == pytest.approx(np.log(r["ppl"]), rel=1e-5)
+    assert out["kv_slots_at_end"] == ref[-1]["kv_slots"]
