@@ -19,8 +19,11 @@ Two timing methods, the same for every path:
 The first table's kernel columns use the first backward of ``--backward``. A second table compares, on the same
 inputs, every backward of ``--backward`` (``split``: dQ + two dK/dV kernels; ``fused``: one pass, dQ by atomics;
 config key ``sep_attn_kernel_backward``), eager (b2b as above) and, with ``--graphs``, captured once as a CUDA
-graph of the whole fwd+bwd and replayed back to back (``graph``: no host work per call; SDPA graphed the same
-way), each as a ratio to SDPA eager b2b and (graphed) to SDPA graphed. ``--blocks`` takes the tile table of
+graph of the whole fwd+bwd and replayed back to back (``graph``: no host work per call), each as a ratio to
+SDPA eager b2b and (graphed) to SDPA graphed. SDPA's graph is captured through autograd; the kernel's captures
+the op's forward and backward functions (the launches its autograd Function issues, without the engine).
+``bench/graph_capture_probe.py`` captures the kernel each way (autograd Function, custom op, these functions):
+on an H200 all three captured and replayed in the same time (docs/sep_attention_kernel.md, round 4). ``--blocks`` takes the tile table of
 ``python -m megatron.model.sepllm.kernel.tune --json`` (the format of the key ``sep_attn_kernel_blocks``).
 
     python bench/bench_sep_attention.py --prepare-text data/sep_bench/tokens.npy \
@@ -44,6 +47,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron.model.sepllm.kernel import build_sep_metadata, dense_sep_mask, sep_attention, settings  # noqa: E402
+from megatron.model.sepllm.kernel.op import sep_backward, sep_forward  # noqa: E402
 from megatron.neox_arguments.kernel_knobs import BACKWARD_MODES, parse_blocks  # noqa: E402
 
 PYTHIA_SEPARATOR_IDS = (15, 13, 32, 2, 28, 27, 209, 186, 187)
@@ -185,6 +189,16 @@ def fwd_bwd(attn, q, k, v, dout):
     return run
 
 
+def op_fwd_bwd(q, k, v, dout, meta, window: int):
+    """The kernel's forward and backward launches without autograd (what ``_SepAttentionFn`` calls)."""
+    lo_off, scale = window - 1, 1.0 / math.sqrt(q.shape[-1])
+
+    def run():
+        out, lse = sep_forward(q, k, v, meta.positions, meta.cum, lo_off, scale)
+        sep_backward(dout, q, k, v, out, lse, meta.positions, meta.cum, lo_off, scale)
+    return run
+
+
 def _flex_functions():
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -220,7 +234,7 @@ def bench_case(case, flags, label, args, flex) -> dict:
         run = fwd_bwd(kernel, q, k, v, dout)
         row[f"{mode}_b2b"], row[f"{mode}_host_us"] = time_b2b_ms(run, args.warmup, args.b2b_iters)
         if args.graphs:
-            row[f"{mode}_graph"] = time_graphed_b2b_ms(run, args.b2b_iters)
+            row[f"{mode}_graph"] = time_graphed_b2b_ms(op_fwd_bwd(q, k, v, dout, meta, window), args.b2b_iters)
         out = kernel(q, k, v)
         grads[mode] = (out.detach(),) + torch.autograd.grad(out, (q, k, v), dout)
     first = args.backward[0]
