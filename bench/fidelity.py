@@ -76,12 +76,12 @@ def write_yaml(path: str, cfg: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------ environment
-def environment(argv: List[str]) -> dict:
+def environment(argv: List[str], script: str = "bench/fidelity.py") -> dict:
     import torch
 
     env = {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
            "cpus": os.cpu_count(), "torch": torch.__version__,
-           "command": "python bench/fidelity.py " + " ".join(shlex.quote(a) for a in argv)}
+           "command": f"python {script} " + " ".join(shlex.quote(a) for a in argv)}
     env["device"] = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
                      else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
     for name in ("transformers", "deepspeed"):
@@ -104,14 +104,16 @@ def environment(argv: List[str]) -> dict:
 _LOSS = re.compile(r"^iteration\s+(\d+)/\s*\d+ \| loss ([0-9.eE+-]+)")
 _TOKS = re.compile(r"\| tokens/s (\d+) \|")
 _CUM_KV = re.compile(r"sepllm/cum_kv_ratio ([0-9.eE+-]+)")
+_MFU = re.compile(r"\| MFU ([0-9.]+)% \|")
 _EVAL = re.compile(r"^(validation|test) results at iteration (\d+) \| lm_loss ([0-9.eE+-]+)")
 
 
 def parse_train_log(path: str, tokens_per_step: int) -> dict:
-    """Loss curve (tokens, loss), last cumulative KV ratio, final validation / test loss, median tokens/s.
-    A resumed run appends to the same log: the last value of each iteration counts."""
+    """Loss curve (tokens, loss), last cumulative KV ratio, final validation / test loss, median tokens/s, and
+    the tokens/s and MFU (%) of every logged interval in order (``rates``, ``mfu``). A resumed run appends to
+    the same log: the last value of each iteration counts."""
     curve: Dict[int, float] = {}
-    rates, out = [], {}
+    rates, mfu, out = [], [], {}
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             m = _LOSS.match(line)
@@ -120,6 +122,9 @@ def parse_train_log(path: str, tokens_per_step: int) -> dict:
                 t = _TOKS.search(line)
                 if t:
                     rates.append(int(t.group(1)))
+                u = _MFU.search(line)
+                if u:
+                    mfu.append(float(u.group(1)))
                 kv = _CUM_KV.search(line)
                 if kv:
                     out["kv_ratio"] = float(kv.group(1))
@@ -132,6 +137,7 @@ def parse_train_log(path: str, tokens_per_step: int) -> dict:
     out["loss_curve"] = [[it * tokens_per_step, loss] for it, loss in sorted(curve.items())]
     if rates:
         out["tokens_per_s_median"] = sorted(rates)[len(rates) // 2]
+    out["rates"], out["mfu"] = rates, mfu
     return out
 
 
@@ -162,8 +168,8 @@ LAUNCH = ("deepy.py", "train.py")  # python deepy.py train.py <config>, from the
 def train(run_dir: str, cfg: dict, deadline: float, launch=LAUNCH) -> dict:
     """``python deepy.py train.py config.yml``; resumes from the run's checkpoint when one exists. Returns
     ``{"rc", "stopped", "seconds"}``; the log is appended to ``train.log``."""
-    save = cfg["save"]
-    if latest_checkpoint(save):
+    save = cfg.get("save")
+    if save and latest_checkpoint(save):
         cfg = dict(cfg, load=save)
     cfg_path = os.path.join(run_dir, "config.yml")
     write_yaml(cfg_path, cfg)
