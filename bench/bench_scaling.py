@@ -25,6 +25,8 @@ tokens/s as the median of the intervals after ``--warmup-intervals`` (compilatio
 ``--preset cpu`` is the same harness on a 4 x 128 model at seq 256 (fp32, gloo), layouts up to 2 processes:
 it checks the layouts, the batch split and the exactness, not speed. Layouts needing more than ``--gpus``
 are listed as skipped. Results: ``results.json`` and ``table.md`` under ``--out``, with machine and versions.
+The same command again under the same ``--out`` keeps the finished runs and runs the rest (``--max-minutes``
+stops launching, so each call fits a time limit).
 """
 from __future__ import annotations
 
@@ -251,7 +253,7 @@ def summarize(results: dict, warmup_intervals: int) -> str:
             if r["layout"].startswith("dp1.tp1."):
                 continue
             ref = next((o for o in ex if o["layout"] == f"dp1.tp1.pp{r['pp']}"), None)
-            d = max_rel_diff(r["losses"], ref["losses"]) if ref else None
+            d = max_rel_diff(*({int(k): v for k, v in x["losses"].items()} for x in (r, ref))) if ref else None
             lines.append(f"| {r['layout']} | {ref['layout'] if ref else '-'} | {len(r['losses'])} | "
                          f"{'' if d is None else f'{d:.2e}'} |")
         lines.append("")
@@ -305,14 +307,18 @@ def main(argv=None) -> int:
     longest = max(r.iters * r.micro_batch * r.grad_accum * r.layout.dp * r.seq_length for r in runs)
     data = write_corpus(args.out, args.preset, args.tokens, min(max(longest + 4096, 1 << 16), 1 << 26),
                         os.path.abspath(args.vocab_file) if args.preset == "gpu" else None)
-    results = {"environment": environment(sys.argv[1:] if argv is None else list(argv)),
-               "runs": {}}
+    results = {"environment": environment(sys.argv[1:] if argv is None else list(argv)), "runs": {}}
+    previous = os.path.join(args.out, "results.json")
+    if os.path.exists(previous):  # a rerun under the same --out keeps the finished runs (calls of <= 10 minutes)
+        with open(previous) as f:
+            results["runs"] = {k: r for k, r in json.load(f)["runs"].items() if r["status"] == "done"}
     largest_done = False
     for run in runs:
         rec = {"suite": run.suite, "layout": run.layout.name, "world": run.layout.world, "pp": run.layout.pp,
                "shape": run.shape, "mode": run.mode, "micro_batch": run.micro_batch, "grad_accum": run.grad_accum,
                "global_batch": run.global_batch, "seq_length": run.seq_length}
         if run.name in results["runs"]:
+            largest_done = largest_done or run.suite == "largest"
             continue
         if run.layout.world > args.gpus:
             results["runs"][run.name] = dict(rec, status=f"skipped: needs {run.layout.world} GPUs")

@@ -82,3 +82,8 @@ def test_exact_suite_on_two_processes_reproduces_one_process(tmp_path, capsys):
         assert bs.max_rel_diff(got, ref) < 1e-5, layout
     table = (out / "table.md").read_text()
     assert "| dp2.tp1.pp1 | dp1.tp1.pp1 | 20 |" in table
+    # a rerun keeps the finished runs: nothing is launched again
+    before = {k: r["seconds"] for k, r in results["runs"].items()}
+    assert bs.main(["--preset", "cpu", "--gpus", "2", "--suite", "exact", "--out", str(out)]) == 0
+    again = json.loads((out / "results.json").read_text())["runs"]
+    assert {k: r["seconds"] for k, r in again.items()} == before
