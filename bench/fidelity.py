@@ -3,8 +3,8 @@
 evaluated three ways (docs/fidelity.md).
 
     python bench/fidelity.py --preset smoke   --source ../shared/data/pg19 --out runs/fidelity-smoke   # ~2 min
-    python bench/fidelity.py --preset cpu     --source ../shared/data/pg19 --out runs/fidelity-cpu     # ~30 min, 2 cores
-    python bench/fidelity.py --preset gpu160m --source ../shared/data/pg19 --out $OUT/fidelity         # ~20 min, one H200
+    python bench/fidelity.py --preset cpu     --source ../shared/data/pg19 --out runs/fidelity-cpu     # 27 min, 2 cores
+    python bench/fidelity.py --preset gpu160m --source ../shared/data/pg19 --out $OUT/fidelity         # 13 min, one H200
 
 Modes: full attention, SepLLM n64 (a=3), n128, n64HT, StreamingLLM and FixLLM at the KV budget SepLLM n64
 measured (the trainer's ``sepllm/cum_kv_ratio`` of the first n64 run). Every run is ``python deepy.py train.py

@@ -93,7 +93,7 @@ PRESETS: Dict[str, Preset] = {
         eval_iters=8, long_spans=2, stream_tokens=2048, stream_chunk=256, seeds=(1234, 1235, 1236),
         max_minutes=45,
         notes="BPE 4096 trained on the train books: the 50k Pythia output layer is most of a CPU step"),
-    # Pythia-160M shape at seq 2048 on one H200, about 20 minutes of device time. Budget from the measured
+    # Pythia-160M shape at seq 2048 on one H200: 770 s for the six runs (docs/fidelity.md). Planned from the
     # 160M throughput (docs/sep_attention_kernel.md, docs/training.md: 290-375k tokens/s on one H100 with
     # torch.compile; planned at 250k for full / kernel modes and 150k for the dense-mask modes StreamingLLM
     # and FixLLM) and the ~150 s per mode of start-up, compilation and evaluation measured on one H200.
