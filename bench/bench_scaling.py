@@ -48,7 +48,6 @@ import fidelity  # noqa: E402  (the launcher, the log parser, the environment re
 import fidelity_plan as plan  # noqa: E402  (the Pythia layout keys and the SepLLM mode keys)
 
 SUITES = ("dp", "tp", "pp", "exact", "largest")
-PYTHIA_SEPARATOR_IDS = (15, 13, 32, 2, 28, 27, 209, 186, 187)
 SHAPES = {  # Pythia's (layers, hidden, heads)
     "160m": (12, 768, 12), "410m": (24, 1024, 16), "1.4b": (24, 2048, 16), "2.8b": (32, 2560, 32),
     "6.9b": (32, 4096, 32), "cpu": (4, 128, 4),
@@ -110,7 +109,7 @@ def run_config(run: Run, preset: str, data: Dict[str, str]) -> dict:
                             seq_length=run.seq_length, micro_batch=run.micro_batch, grad_accum=run.grad_accum,
                             tokens_per_run=run.iters * run.micro_batch * run.grad_accum * run.seq_length,
                             log_interval=run.log_interval, eval_iters=0)
-    cfg = plan._model_keys(p)
+    cfg = plan.model_keys(p)
     cfg.update(plan.mode_keys(run.mode, p))
     cfg.pop("PRINT_KV_RATIO", None)  # statistics are not what is timed here
     cfg.pop("print_ratio_intervals", None)
@@ -126,36 +125,42 @@ def run_config(run: Run, preset: str, data: Dict[str, str]) -> dict:
     return cfg
 
 
-def write_corpus(out_dir: str, preset: str, tokens_path: Optional[str], n_tokens: int,
-                 vocab_file: Optional[str]) -> Dict[str, object]:
-    """The training corpus: real token ids (``--tokens``, Pythia-tokenised, repeated to ``n_tokens``) or random
-    ids with ~15 % separators; one document per 2048 tokens."""
+def tokenizer_keys(preset: str, vocab_file: Optional[str]) -> dict:
+    return {"tokenizer_type": "CharLevelTokenizer"} if preset == "cpu" else \
+        {"tokenizer_type": "HFTokenizer", "vocab_file": vocab_file}
+
+
+def corpus(out_dir: str, preset: str, tokens_path: Optional[str], n_tokens: int,
+           vocab_file: Optional[str]) -> Dict[str, object]:
+    """The corpus of ``out_dir``, written on the first call and reused by reruns (whose plan record matched):
+    real token ids (``--tokens``, Pythia-tokenised, repeated to ``n_tokens``) or random ids with ~15 %
+    separators (bytes for the CPU preset's character tokenizer); one document per 2048 tokens."""
     import numpy as np
 
     from megatron.data.indexed_dataset import MMapIndexedDatasetBuilder
+    from megatron.hf.configuration_sepllm_gpt_neox import DEFAULT_SEPARATOR_IDS
+    from megatron.tokenizer.separators import SEPARATOR_CHARS
 
     prefix = os.path.join(out_dir, "corpus", "scaling_text_document")
+    out = {"prefix": prefix, "tokenizer_keys": tokenizer_keys(preset, vocab_file)}
+    if os.path.exists(prefix + ".idx"):
+        return out
     os.makedirs(os.path.dirname(prefix), exist_ok=True)
     rng = np.random.default_rng(0)
-    if preset == "cpu":  # byte-level: letters, with the separator characters of the SepLLM rule
-        alphabet = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz" * 3 + b".,;:!? \n\t", dtype=np.uint8)
+    if preset == "cpu":
+        alphabet = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz" * 3 + "".join(SEPARATOR_CHARS).encode(), np.uint8)
         ids = alphabet[rng.integers(0, len(alphabet), n_tokens)].astype(np.int64)
-        tok = {"tokenizer_type": "CharLevelTokenizer"}
+    elif tokens_path:
+        ids = np.resize(np.load(tokens_path).astype(np.int64), n_tokens)
     else:
-        if tokens_path and os.path.exists(tokens_path):
-            src = np.load(tokens_path).astype(np.int64)
-            ids = np.resize(src, n_tokens)
-        else:
-            ids = rng.integers(0, 50000, n_tokens)
-            seps = np.array(PYTHIA_SEPARATOR_IDS)[rng.integers(0, len(PYTHIA_SEPARATOR_IDS), n_tokens)]
-            ids = np.where(rng.random(n_tokens) < 0.15, seps, ids)
-        tok = {"tokenizer_type": "HFTokenizer", "vocab_file": vocab_file}
+        seps = np.array(DEFAULT_SEPARATOR_IDS)[rng.integers(0, len(DEFAULT_SEPARATOR_IDS), n_tokens)]
+        ids = np.where(rng.random(n_tokens) < 0.15, seps, rng.integers(0, 50000, n_tokens))
     builder = MMapIndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
     for start in range(0, n_tokens, 2048):
         builder.add_item(ids[start:start + 2048].tolist())
         builder.end_document()
     builder.finalize(prefix + ".idx")
-    return {"prefix": prefix, "tokenizer_keys": tok}
+    return out
 
 
 def plan_runs(suites: List[str], preset: str, gpus: int) -> List[Run]:
@@ -216,6 +221,13 @@ def summarize(results: dict, warmup_intervals: int) -> str:
     def rate(r):
         return median_after(r.get("rates", []), warmup_intervals)
 
+    def mfu(r):
+        value = median_after(r.get("mfu", []), warmup_intervals)
+        return "" if value is None else f"{value:.2f}"
+
+    def num(x, fmt=",.0f"):
+        return "" if x is None else format(x, fmt)
+
     dp = [r for r in runs.values() if r["suite"] == "dp" and r["status"] == "done"]
     if dp:
         lines += ["| mode | GPUs | tokens/s | tokens/s per GPU | efficiency vs 1 GPU | MFU % |", "|---|---|---|---|---|---|"]
@@ -223,8 +235,8 @@ def summarize(results: dict, warmup_intervals: int) -> str:
             one = next((o for o in dp if o["mode"] == r["mode"] and o["world"] == 1), None)
             per = rate(r) / r["world"] if rate(r) else None
             eff = per / rate(one) if per and one and rate(one) else None
-            lines.append(f"| {r['mode']} | {r['world']} | {rate(r):,.0f} | {per:,.0f} | "
-                         f"{'' if eff is None else f'{100 * eff:.1f} %'} | {median_after(r.get('mfu', []), warmup_intervals)} |")
+            lines.append(f"| {r['mode']} | {r['world']} | {num(rate(r))} | {num(per)} | "
+                         f"{'' if eff is None else f'{100 * eff:.1f} %'} | {mfu(r)} |")
         lines.append("")
     tp = [r for r in runs.values() if r["suite"] == "tp" and r["status"] == "done"]
     if tp:
@@ -232,8 +244,8 @@ def summarize(results: dict, warmup_intervals: int) -> str:
         for r in sorted(tp, key=lambda r: (r["world"], r["layout"])):
             base = next((o for o in tp if o["world"] == r["world"] and o["layout"].startswith(f"dp{r['world']}.")), None)
             ratio = rate(r) / rate(base) if base and rate(base) and rate(r) else None
-            lines.append(f"| {r['layout']} | {r['world']} | {r['global_batch']} | {rate(r):,.0f} | "
-                         f"{'' if ratio is None else f'{ratio:.3f}'} | {median_after(r.get('mfu', []), warmup_intervals)} |")
+            lines.append(f"| {r['layout']} | {r['world']} | {r['global_batch']} | {num(rate(r))} | "
+                         f"{num(ratio, '.3f')} | {mfu(r)} |")
         lines.append("")
     pp = {r["layout"]: r for r in runs.values() if r["suite"] == "pp" and r["status"] == "done"}
     one = next((r for k, r in pp.items() if k.endswith("pp1")), None)
@@ -262,7 +274,7 @@ def summarize(results: dict, warmup_intervals: int) -> str:
         lines += ["| shape | layout | seq | status | tokens/s | MFU % |", "|---|---|---|---|---|---|"]
         for r in big:
             lines.append(f"| {r['shape']} | {r['layout']} | {r['seq_length']} | {r['status']} | "
-                         f"{'' if not rate(r) else f'{rate(r):,.0f}'} | {median_after(r.get('mfu', []), warmup_intervals) or ''} |")
+                         f"{num(rate(r))} | {mfu(r)} |")
         lines.append("")
     skipped = [f"{k} ({r['status']})" for k, r in runs.items() if r["status"] != "done" and r["suite"] != "largest"]
     if skipped:
@@ -301,17 +313,26 @@ def main(argv=None) -> int:
     if args.preset == "gpu":
         if not os.path.exists(args.vocab_file):
             raise SystemExit(f"--vocab-file {args.vocab_file}: not found (Pythia's 20B_tokenizer.json)")
-    os.makedirs(args.out, exist_ok=True)
-    deadline = time.time() + 60 * args.max_minutes
-    runs = plan_runs(suites, args.preset, args.gpus)
-    longest = max(r.iters * r.micro_batch * r.grad_accum * r.layout.dp * r.seq_length for r in runs)
-    data = write_corpus(args.out, args.preset, args.tokens, min(max(longest + 4096, 1 << 16), 1 << 26),
-                        os.path.abspath(args.vocab_file) if args.preset == "gpu" else None)
-    results = {"environment": environment(sys.argv[1:] if argv is None else list(argv)), "runs": {}}
+    vocab = os.path.abspath(args.vocab_file) if args.preset == "gpu" else None
+    tokens = os.path.abspath(args.tokens) if args.preset == "gpu" and os.path.exists(args.tokens) else None
+    record = {"preset": args.preset, "tokens": tokens, "vocab_file": vocab}
+    results = {"environment": environment(sys.argv[1:] if argv is None else list(argv)), "plan": record,
+               "runs": {}}
     previous = os.path.join(args.out, "results.json")
     if os.path.exists(previous):  # a rerun under the same --out keeps the finished runs (calls of <= 10 minutes)
         with open(previous) as f:
-            results["runs"] = {k: r for k, r in json.load(f)["runs"].items() if r["status"] == "done"}
+            old = json.load(f)
+        if not isinstance(old, dict) or old.get("plan") != record:
+            raise SystemExit(f"--out {args.out}: its results.json is not this bench's with --preset {args.preset}, "
+                             f"--tokens {tokens}, --vocab-file {vocab}; give another --out")
+        results["runs"] = {k: r for k, r in old["runs"].items() if r["status"] == "done"}
+    os.makedirs(args.out, exist_ok=True)
+    deadline = time.time() + 60 * args.max_minutes
+    runs = plan_runs(suites, args.preset, args.gpus)
+    # One corpus per --out, the same whatever --suite and --gpus a call names (kept runs trained on it).
+    longest = max(r.iters * r.micro_batch * r.grad_accum * r.layout.dp * r.seq_length
+                  for r in plan_runs(list(SUITES), args.preset, 4))
+    data = corpus(args.out, args.preset, tokens, min(longest + 4096, 1 << 26), vocab)
     largest_done = False
     for run in runs:
         rec = {"suite": run.suite, "layout": run.layout.name, "world": run.layout.world, "pp": run.layout.pp,
@@ -330,7 +351,10 @@ def main(argv=None) -> int:
             continue
         run_dir = os.path.join(args.out, "runs", run.name)
         os.makedirs(run_dir, exist_ok=True)
-        fidelity.log(f"[scaling] {run.name}: {run.layout.world} process(es)")
+        log_path = os.path.join(run_dir, "train.log")
+        if os.path.exists(log_path):  # an unfinished earlier attempt: its rates must not mix with this one's
+            os.replace(log_path, log_path + ".previous")
+        print(f"[scaling] {run.name}: {run.layout.world} process(es)", flush=True)
         got = fidelity.train(run_dir, run_config(run, args.preset, data), deadline)
         parsed = fidelity.parse_train_log(os.path.join(run_dir, "train.log"), run.global_batch * run.seq_length)
         ok = got["rc"] == 0 and not got["stopped"]

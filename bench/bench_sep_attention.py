@@ -47,7 +47,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron.model.sepllm.kernel import build_sep_metadata, dense_sep_mask, sep_attention, settings  # noqa: E402
-from megatron.model.sepllm.kernel.op import sep_backward, sep_forward  # noqa: E402
+from megatron.model.sepllm.kernel.op import launch_constants, sep_backward, sep_forward  # noqa: E402
 from megatron.neox_arguments.kernel_knobs import BACKWARD_MODES, parse_blocks  # noqa: E402
 
 PYTHIA_SEPARATOR_IDS = (15, 13, 32, 2, 28, 27, 209, 186, 187)
@@ -191,7 +191,7 @@ def fwd_bwd(attn, q, k, v, dout):
 
 def op_fwd_bwd(q, k, v, dout, meta, window: int):
     """The kernel's forward and backward launches without autograd (what ``_SepAttentionFn`` calls)."""
-    lo_off, scale = window - 1, 1.0 / math.sqrt(q.shape[-1])
+    lo_off, scale = launch_constants(window, q.shape[-1])
 
     def run():
         out, lse = sep_forward(q, k, v, meta.positions, meta.cum, lo_off, scale)

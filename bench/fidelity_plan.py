@@ -162,7 +162,7 @@ def sep_cache_sizes(kv_ratio: float, seq_length: int, window: int, num_init: int
 
 
 # ------------------------------------------------------------------------------------------ configs
-def _model_keys(p: Preset) -> dict:
+def model_keys(p: Preset) -> dict:
     """Pythia's layout (SEPLLM_REFERENCE section 8) at the preset's size."""
     keys = {
         "num_layers": p.num_layers, "hidden_size": p.hidden_size, "num_attention_heads": p.num_heads,
@@ -229,7 +229,7 @@ def run_config(mode: str, seed: int, p: Preset, data: Dict[str, str], save_dir: 
                streaming_w: Optional[int] = None, fixllm_int: Optional[int] = None) -> dict:
     """The complete trainer config of one run: the same model, data, seed and token budget for every mode;
     only the mode keys differ. ``data``: the corpus's ``train``/``valid``/``test`` prefixes and ``tokenizer``."""
-    cfg = _model_keys(p)
+    cfg = model_keys(p)
     cfg.update({
         "train_data_paths": [data["train"]], "valid_data_paths": [data["valid"]], "test_data_paths": [data["test"]],
         "data_impl": "mmap", "num_workers": 0, "tokenizer_type": "HFTokenizer", "vocab_file": data["tokenizer"],

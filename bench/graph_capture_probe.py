@@ -19,7 +19,6 @@ call, or the first line of the error. Variants:
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import subprocess
 import sys
@@ -33,7 +32,7 @@ def run_variant(name: str) -> str:
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from megatron.model.sepllm.kernel import build_sep_metadata, sep_attention, settings
-    from megatron.model.sepllm.kernel.op import sep_attn_fwd_op, sep_backward, sep_forward
+    from megatron.model.sepllm.kernel.op import launch_constants, sep_attn_fwd_op, sep_backward, sep_forward
 
     if name == "autograd_fused":
         settings.configure(settings.KernelSettings(backward="fused"))
@@ -45,7 +44,7 @@ def run_variant(name: str) -> str:
     flags = torch.rand(bsz, seq, device="cuda", generator=gen) < 0.15
     init_start = torch.zeros(bsz, dtype=torch.long, device="cuda")
     meta = build_sep_metadata(flags, init_start, n_init)
-    lo_off, scale = window - 1, 1.0 / math.sqrt(dim)
+    lo_off, scale = launch_constants(window, dim)
     grads = [torch.empty_like(t) for t in (q, k, v)]
 
     def autograd_run(attn):

@@ -25,7 +25,7 @@ def _resolve(cfg, tmp_path, name):
 
 def test_every_gpu_launch_resolves_to_its_layout_and_batch(tmp_path, pythia_tokenizer_path):
     runs = bs.plan_runs(list(bs.SUITES), "gpu", 4)
-    data = bs.write_corpus(str(tmp_path), "gpu", None, 1 << 16, str(pythia_tokenizer_path))
+    data = bs.corpus(str(tmp_path), "gpu", None, 1 << 16, str(pythia_tokenizer_path))
     names = [r.name for r in runs]
     assert len(set(names)) == len(names)
     for run in runs:
@@ -65,6 +65,12 @@ def test_layouts_beyond_the_gpus_are_skipped_and_bad_options_refused(tmp_path, c
         bs.main(["--gpus", "2", "--suite", "dp,bogus", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--vocab-file"):
         bs.main(["--gpus", "2", "--suite", "dp", "--out", str(tmp_path), "--vocab-file", str(tmp_path / "no.json")])
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "results.json").write_text('{"runs": {}}')  # not this bench's: never resumed into or overwritten
+    with pytest.raises(SystemExit, match="--out .*results.json is not this bench's"):
+        bs.main(["--preset", "cpu", "--gpus", "2", "--suite", "exact", "--out", str(other)])
+    assert (other / "results.json").read_text() == '{"runs": {}}' and not (other / "corpus").exists()
 
 
 @pytest.mark.slow

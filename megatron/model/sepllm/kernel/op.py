@@ -532,6 +532,13 @@ def _check_inputs(q, k, v, sep_flags, init_start, n_init, window, exclude_diagon
                          "the local window must hold at least the query itself (window >= 1)")
 
 
+def launch_constants(window: int, dim: int, exclude_diagonal: bool = True,
+                     scale: Optional[float] = None) -> tuple[int, float]:
+    """``(lo_off, scale)`` of :func:`sep_forward` / :func:`sep_backward` for a window and head dim: the band
+    reaches ``lo_off = window - E`` keys back; the softmax scale defaults to ``1 / sqrt(dim)``."""
+    return window - int(exclude_diagonal), 1.0 / math.sqrt(dim) if scale is None else float(scale)
+
+
 def sep_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -560,8 +567,7 @@ def sep_attention(
     """
     _check_inputs(q, k, v, sep_flags, init_start, n_init, window, exclude_diagonal)
     bsz, heads, seq, dim = q.shape
-    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
-    lo_off = window - int(exclude_diagonal)
+    lo_off, scale = launch_constants(window, dim, exclude_diagonal, scale)
     if not q.is_cuda:
         return sep_attention_reference(q, k, v, sep_flags, init_start, n_init, window, exclude_diagonal, scale)
     if lo_off >= seq - 1:
